@@ -1,0 +1,1235 @@
+"""model.py: the two networks CLO needs, written from scratch in PyTorch.
+
+1. A Llama-family decoder-only chat model (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM), the model CLO adapts.
+2. The M2M100 / NLLB-200 encoder-decoder, the machine translator that builds the target-language data.
+
+Plus what both need: safetensors loading from a folder or a Hugging Face hub id (never pickle), the tokenizer and a
+sandboxed chat template, KV-cached generation, and LoRA adapters written by hand.
+
+Parameter names follow the Hugging Face checkpoints exactly (model.layers.0.self_attn.q_proj.weight, ...), so a
+checkpoint loads with no renaming and what we save loads back into transformers and peft.
+
+Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator -> CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import glob
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama-family config
+
+SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class LlamaConfig:
+    model_type: str = "llama"        # llama | mistral | qwen2: the same network up to the switches below
+    vocab_size: int = 32000          # rows of the embedding and of the output projection
+    hidden_size: int = 4096          # d_model, the width of the residual stream
+    intermediate_size: int = 11008   # width of the SwiGLU MLP
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32    # fewer than num_attention_heads = grouped-query attention
+    head_dim: int = 0                # 0: hidden_size // num_attention_heads (SmolLM and Mistral-Nemo set it)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0      # base of the rotary frequencies
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ...}; None = plain RoPE
+    max_position_embeddings: int = 4096  # informational: caches are sized by the actual request, never by this
+    tie_word_embeddings: bool = False  # output projection shares the embedding matrix (SmolLM, Llama 3.2 1B/3B)
+    attention_bias: bool = False     # Llama's switch: a bias on q, k, v and o
+    qkv_bias: bool = False           # Qwen2's layout: a bias on q, k, v only
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous positions
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "LlamaConfig":
+        """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_DECODERS:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported decoder types: "
+                             f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported; Llama-family models use 'silu'.")
+        rope = dict(cfg.get("rope_parameters") or {})  # transformers v5 keeps theta and scaling together here
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "linear", "default"):
+                raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (llama3, linear).")
+            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        sliding = None
+        if model_type == "mistral":
+            sliding = cfg.get("sliding_window")
+        if model_type == "qwen2" and cfg.get("use_sliding_window"):
+            raise ValueError(f"{source}: Qwen2 with use_sliding_window=true is not supported (Qwen2.5 releases "
+                             "ship it off).")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in names and k not in ("rope_scaling", "sliding_window")}
+        kwargs.update(model_type=model_type, rope_scaling=scaling, sliding_window=sliding,
+                      rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                      qkv_bias=model_type == "qwen2", head_dim=cfg.get("head_dim") or 0)
+        kwargs.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+        if kwargs["num_key_value_heads"] is None:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama-family layers
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as the reference implementation does, then cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """theta_i = base^(-2i/d) for i < d/2, then the checkpoint's context-extension rule, if any.
+
+    linear (position interpolation): every frequency divided by `factor`.
+    llama3 (Llama 3.1/3.2): long wavelengths (> original_ctx / low_freq_factor) divided by `factor`, short ones
+    (< original_ctx / high_freq_factor) kept, and a smooth blend between the two.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x):
+    """The rotate-half layout of HF checkpoints: pairs are (x_i, x_{i+d/2}), not adjacent elements."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, n_heads, T, head_dim); cos, sin: (B, 1, T, head_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Static per-layer key/value buffers sized for one request: (B, n_kv_heads, prompt_len + max_new_tokens, hd)."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, length, head_dim, dtype, device):
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    def update(self, layer, start, k, v):
+        """Writes k, v at slots [start, start+T) and returns the keys/values of slots [0, start+T)."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        B, T, _ = x.shape  # (B, T, d_model)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, n_kv, start+T, hd)
+        # mask None: plain causal attention (no padding, no cache offset) lets SDPA take its fastest kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family decoder. `model(input_ids, attention_mask)` returns logits (B, T, vocab)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~30% more compute
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self):
+        """Recomputes the rotary frequencies in float32 (after building on the meta device or casting to bf16)."""
+        self.inv_freq = rope_inverse_frequencies(self.config).to(self.model.embed_tokens.weight.device)
+
+    def new_kv_cache(self, batch: int, length: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        attention_mask (B, S) marks real tokens (1) and padding (0) over every key position from slot 0: the T inputs
+        without a cache, or all slots of the cache with one (the inputs then sit at slots [start, start+T)).
+        None means no padding. Padding may sit on the left (generation) or the right (training): positions count
+        real tokens only, so a padded row computes what the same row computes alone.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        end = start + T
+        if attention_mask is None:
+            positions = torch.arange(start, end, device=device).expand(B, T)
+            mask = None
+            window = self.config.sliding_window
+            if (start > 0 and T > 1) or (window is not None and end > window):
+                mask = self._mask(torch.ones(B, end, dtype=torch.bool, device=device), start, end)
+        else:
+            key_valid = attention_mask[:, :end].bool()
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
+            mask = self._mask(key_valid, start, end)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
+        x = self.model.embed_tokens(input_ids)                # (B, T, d_model)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def _mask(self, key_valid, start, end):
+        """(B, 1, T, S) boolean: query slot q may see key slot k when k <= q, k is a real token, and (Mistral) q - k
+        < window. Each slot may always see itself so that a padding query's row is never empty (which would be NaN);
+        padding rows are never read by real tokens."""
+        q = torch.arange(start, end, device=key_valid.device)[:, None]  # (T, 1)
+        k = torch.arange(end, device=key_valid.device)[None, :]         # (1, S)
+        allowed = k <= q
+        if self.config.sliding_window is not None:
+            allowed = allowed & (q - k < self.config.sliding_window)
+        allowed = (allowed[None] & key_valid[:, None, :]) | (k == q)[None]
+        return allowed[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA, by hand
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, "LoRA", eq. 3):
+
+        y = x W^T + b + (alpha / r) * dropout(x) A^T B^T,     A: (r, in), B: (out, r)
+
+    A starts random (Kaiming-uniform, as peft does) and B at zero, so a fresh adapter changes nothing: the model at
+    step 0 is exactly the base model, which is what makes pi_ref = pi at the start of CLO training.
+    merge() folds the update into W (W += (alpha/r) B A) for inference at the base model's speed.
+    Parameter names (lora_A.weight, lora_B.weight) are peft's, so the saved adapter loads in peft and vLLM.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        w = base.weight
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return y
+
+    def merged_linear(self) -> nn.Linear:
+        """The base Linear with the update folded in: W + (alpha / r) B A."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        with torch.no_grad():
+            self.base.weight.copy_((self.base.weight.float() + delta).to(self.base.weight.dtype))
+        return self.base
+
+
+def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,
+               alpha: float = 32.0, dropout: float = 0.0) -> list[str]:
+    """Wraps every nn.Linear whose attribute name is in `targets`; freezes everything else. Returns wrapped names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"LoRA targets {list(targets)} match no linear layer of the model.")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Within the block the model is the base model (adapters bypassed); e.g. for reference log-probs."""
+    mods = lora_modules(model).values()
+    states = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, states):
+            m.enabled = s
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its base weight and puts the plain nn.Linear back (in place)."""
+    for name, m in lora_modules(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.merged_linear())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under peft's names: base_model.model.<module>.lora_A.weight (no adapter name in the key)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"):
+    mods = lora_modules(model)
+    for key, t in state.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.[\w-]+)?\.weight", key)
+        if m is None or m.group(1) not in mods:
+            raise ValueError(f"{source}: tensor {key!r} matches no LoRA layer of this model; was the adapter "
+                             "trained with other --lora-targets or on another model?")
+        with torch.no_grad():
+            getattr(mods[m.group(1)], m.group(2)).weight.copy_(t)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading checkpoints: a local folder or a hub id; safetensors only
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "chat_template.json", "adapter_config.json"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_checkpoint(path_or_id: str) -> str:
+    """A local folder as is; anything else is taken as a hub id and fetched (config, weights, tokenizer only)."""
+    path = os.path.expanduser(str(path_or_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"{path_or_id}: not a checkpoint folder. Give a folder holding config.json and "
+                                "*.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id=path, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unknown repo, gated repo: one message that names the id
+        raise OSError(f"{path_or_id}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      "Check the id and your network, log in with `hf auth login` for gated models, or pass a local "
+                      "folder.") from e
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from e
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The weight files of a checkpoint folder: the shards an index names, or model.safetensors, or refuse."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+        if missing:
+            raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}.")
+        return [os.path.join(folder, s) for s in shards]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    files = [f for f in files if not os.path.basename(f).startswith("adapter_")]
+    if files:
+        return files
+    pickles = [os.path.basename(f) for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt")
+               for f in glob.glob(os.path.join(folder, pat))]
+    if pickles:
+        raise ValueError(f"{folder}: has only pickle weights ({', '.join(sorted(pickles))}). clo never unpickles: "
+                         "a pickle file can run arbitrary code when loaded. Convert it once, in an environment you "
+                         "trust, to safetensors (e.g. `AutoModel.from_pretrained(folder).save_pretrained(out, "
+                         "safe_serialization=True)` in transformers), or use a hub release that has .safetensors.")
+    raise FileNotFoundError(f"{folder}: no *.safetensors weights found.")
+
+
+def load_weights(model: nn.Module, folder: str, ignore=()):
+    """Copies each tensor of the checkpoint into the (already allocated) parameter of the same name, one tensor at a
+    time, so memory never holds a second copy of the model. Every parameter must be found."""
+    from safetensors import safe_open
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
+    buffers = dict(model.named_buffers())
+    seen = set()
+    for path in safetensors_files(folder):
+        with safe_open(path, framework="pt", device="cpu") as st:
+            for key in st.keys():
+                target = params.get(key, buffers.get(key))
+                if target is None:
+                    if any(re.search(p, key) for p in ignore):
+                        continue
+                    raise ValueError(f"{path}: tensor {key!r} has no place in this model; is config.json the one "
+                                     "that belongs to these weights?")
+                t = st.get_tensor(key)
+                if t.shape != target.shape:
+                    raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(target.shape)} (from config.json).")
+                with torch.no_grad():
+                    target.copy_(t)
+                seen.add(key)
+    loaded = {id(params[k]) for k in seen if k in params}
+    missing = [k for k in params if id(params[k]) not in loaded]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
+
+
+def build_on_meta(cls, cfg, dtype, device):
+    """Builds the module without allocating or initialising weights, then allocates them once on `device`."""
+    with torch.device("meta"):
+        model = cls(cfg).to(dtype)
+    return model.to_empty(device=device)
+
+
+def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
+    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode."""
+    folder = resolve_checkpoint(path_or_id)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
+    raw = read_json(cfg_path)
+    if raw.get("model_type") == "m2m_100":
+        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with load_translator().")
+    cfg = LlamaConfig.from_hf(raw, cfg_path)
+    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device)
+    model.tie_weights()
+    load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
+    model.reset_rope()
+    model.source = folder
+    return model.eval(), Tokenizer(folder, raw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+
+def _token_str(value):
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_environment():
+    """jinja2's immutable sandbox (templates cannot touch Python internals or mutate inputs), configured as
+    transformers renders chat templates, with the helpers checkpoints' templates call."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer.json through `tokenizers`, plus its special tokens and chat template.
+
+    encode(text) returns the text's tokens only (no BOS/EOS): chat formatting, including any BOS, is the template's
+    job, exactly as transformers' apply_chat_template tokenizes the rendered text.
+    """
+
+    def __init__(self, folder: str, model_config: dict | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder}: no tokenizer.json. clo reads fast-tokenizer files only; save one with "
+                                    "transformers' `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`.")
+        self.tok = HFTokenizer.from_file(path)
+        tcfg_path = os.path.join(folder, "tokenizer_config.json")
+        tcfg = read_json(tcfg_path) if os.path.exists(tcfg_path) else {}
+        gen_path = os.path.join(folder, "generation_config.json")
+        gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+        model_config = model_config or {}
+        self.bos_token = _token_str(tcfg.get("bos_token"))
+        self.eos_token = _token_str(tcfg.get("eos_token"))
+        self.unk_token = _token_str(tcfg.get("unk_token"))
+        self.pad_token = _token_str(tcfg.get("pad_token"))
+        # Generation stops on any of these: chat models often end turns with a token other than the tokenizer's eos
+        # (Llama 3: <|eot_id|>), which generation_config.json lists.
+        eos_ids = []
+        for source in (gen.get("eos_token_id"), model_config.get("eos_token_id"),
+                       self.token_to_id(self.eos_token)):
+            for i in source if isinstance(source, list) else [source]:
+                if i is not None and i not in eos_ids:
+                    eos_ids.append(int(i))
+        self.eos_ids = eos_ids
+        self.bos_id = self.token_to_id(self.bos_token)
+        pad = self.token_to_id(self.pad_token)
+        if pad is None:
+            pad = gen.get("pad_token_id", model_config.get("pad_token_id"))
+        self.pad_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+        self.chat_template = self._find_template(folder, tcfg)
+
+    @staticmethod
+    def _find_template(folder, tcfg):
+        jinja_path = os.path.join(folder, "chat_template.jinja")
+        if os.path.exists(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                return f.read()
+        json_path = os.path.join(folder, "chat_template.json")
+        if os.path.exists(json_path):
+            return read_json(json_path).get("chat_template")
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+        return template
+
+    def token_to_id(self, token):
+        return None if token is None else self.tok.token_to_id(token)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
+                             "chat_template.jinja); clo needs a chat model.")
+        if not hasattr(self, "_template"):
+            self._template = _chat_environment().from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     unk_token=self.unk_token or "", pad_token=self.pad_token or "", **extra)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt, **extra))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation: prefill the prompt into a static KV cache, then decode one token at a time
+
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """logits (B, vocab) -> token ids (B,). temperature 0 is greedy; otherwise softmax(logits / T) restricted to the
+    smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # mass before this token already reached top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+    """Continues each prompt (a list of token ids); returns only the new tokens of each, without the stop token.
+
+    Prompts are left-padded into one batch; positions and the attention mask skip the padding, so each row equals
+    its own unbatched generation. The KV cache holds exactly max prompt length + max_new_tokens slots.
+    """
+    device = model.model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: every prompt needs at least one token.")
+    ids = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)
+    valid[:, P:] = True  # generated slots are always real tokens
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        valid[i, P - len(p):P] = True
+    ids, valid = ids.to(device), valid.to(device)
+    mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path
+    cache = model.new_kv_cache(B, P + max_new_tokens)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(ids, mask, cache=cache, start=0, last_only=True)  # prefill: (B, 1, vocab)
+    for step in range(max_new_tokens):
+        token = sample_next(logits[:, -1], temperature, top_p, generator)
+        token = torch.where(done, torch.full_like(token, tokenizer.pad_id), token)
+        out.append(token)
+        done = done | torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(token[:, None], mask, cache=cache, start=P + step, last_only=True)  # decode: one token
+    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
+    eos_set = set(tokenizer.eos_ids)
+    results = []
+    for row in tokens:
+        cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
+        results.append(row[:cut])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The M2M100 / NLLB-200 encoder-decoder translator
+
+
+@dataclass
+class M2M100Config:
+    vocab_size: int = 256206        # NLLB-200: SentencePiece pieces + 202 language codes + <mask>
+    d_model: int = 1024             # width of the residual stream
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    activation_function: str = "relu"
+    scale_embedding: bool = True    # token embeddings are multiplied by sqrt(d_model)
+    pad_token_id: int = 1           # also the offset of the sinusoidal positions (fairseq's convention)
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2  # decoding starts from </s>, then the forced target-language code
+    max_position_embeddings: int = 1024
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "M2M100Config":
+        if cfg.get("model_type") != "m2m_100":
+            raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not a translator; clo translates "
+                             "with M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').")
+        if cfg.get("activation_function", "relu") not in ACTIVATIONS:
+            raise ValueError(f"{source}: activation_function {cfg['activation_function']!r} is not supported "
+                             f"({', '.join(ACTIVATIONS)}).")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
+
+
+def sinusoidal_positions(n_positions: int, dim: int, padding_idx: int) -> torch.Tensor:
+    """fairseq's table (tensor2tensor variant): [sin(p w_i) | cos(p w_i)] with w_i = 10000^(-i / (dim/2 - 1)),
+    halves concatenated rather than interleaved; the padding row is zero."""
+    half = dim // 2
+    w = torch.exp(torch.arange(half, dtype=torch.float32, device="cpu") * -(math.log(10000) / (half - 1)))
+    angles = torch.arange(n_positions, dtype=torch.float32, device="cpu")[:, None] * w[None]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(n_positions, 1)], dim=1)
+    table[padding_idx] = 0
+    return table
+
+
+class SeqAttention(nn.Module):
+    """Multi-head attention with biases, for self-attention (encoder, decoder) and cross-attention."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def heads(self, x):  # (B, T, d_model) -> (B, n_heads, T, hd)
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x):
+        return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+
+    def forward(self, x, k, v, mask=None, is_causal=False):
+        B, T, D = x.shape
+        y = F.scaled_dot_product_attention(self.heads(self.q_proj(x)), k, v, attn_mask=mask, is_causal=is_causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class TranslatorEncoderLayer(nn.Module):
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.self_attn = SeqAttention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.act = ACTIVATIONS[cfg.activation_function]
+
+    def forward(self, x, mask):
+        h = self.self_attn_layer_norm(x)  # pre-LayerNorm
+        x = x + self.self_attn(h, *self.self_attn.project_kv(h), mask=mask)
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class TranslatorDecoderLayer(nn.Module):
+    """Decoder layer: causal self-attention (KV cached), cross-attention to the encoder, feed-forward."""
+
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.self_attn = SeqAttention(cfg.d_model, cfg.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_attn = SeqAttention(cfg.d_model, cfg.decoder_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.decoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.act = ACTIVATIONS[cfg.activation_function]
+
+    def forward(self, x, self_kv, cross_kv, cross_mask, start):
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        k_all, v_all = self_kv.update(start, k, v)
+        x = x + self.self_attn(h, k_all, v_all, is_causal=x.shape[1] > 1)
+        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, mask=cross_mask)
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class LayerKV:
+    """One decoder layer's self-attention cache: (B, n_heads, max_len, hd) buffers, reorderable for beam search."""
+
+    def __init__(self, batch, n_heads, length, head_dim, dtype, device):
+        self.k = torch.zeros(batch, n_heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start, k, v):
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index):
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class M2M100Stack(nn.Module):
+    def __init__(self, cfg: M2M100Config, n_layers: int, layer_cls):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model)
+
+
+class M2M100Body(nn.Module):
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.encoder = M2M100Stack(cfg, cfg.encoder_layers, TranslatorEncoderLayer)
+        self.decoder = M2M100Stack(cfg, cfg.decoder_layers, TranslatorDecoderLayer)
+
+
+class M2M100ForConditionalGeneration(nn.Module):
+    """The encoder-decoder. encode() once per source, then decode() one step at a time over a KV cache."""
+
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.config = cfg
+        self.model = M2M100Body(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.register_buffer("positions", torch.zeros(0), persistent=False)
+
+    def tie_weights(self):
+        """One matrix serves as encoder and decoder embeddings and as the output projection."""
+        m = self.model
+        m.encoder.embed_tokens.weight = m.shared.weight
+        m.decoder.embed_tokens.weight = m.shared.weight
+        self.lm_head.weight = m.shared.weight
+
+    def position_table(self, n):
+        """Sinusoidal positions, grown on demand (fairseq numbers real tokens from pad_token_id + 1)."""
+        need = n + self.config.pad_token_id + 1
+        if self.positions.shape[0] < need:
+            w = self.model.shared.weight
+            table = sinusoidal_positions(max(need, 256), self.config.d_model, self.config.pad_token_id)
+            self.positions = table.to(device=w.device, dtype=w.dtype)
+        return self.positions
+
+    def encode(self, input_ids, attention_mask):
+        """input_ids (B, S) left- or right-padded -> encoder states (B, S, d_model)."""
+        pad = self.config.pad_token_id
+        real = attention_mask.bool()
+        positions = (real.long().cumsum(-1) * real) + pad  # padding sits at row pad_token_id, which is zero
+        x = self.model.shared(input_ids) * self.embed_scale + self.position_table(input_ids.shape[1])[positions]
+        mask = real[:, None, None, :]  # (B, 1, 1, S): every token may see every real token
+        for layer in self.model.encoder.layers:
+            x = layer(x, mask)
+        return self.model.encoder.layer_norm(x)
+
+    def cross_kv(self, enc):
+        """Keys/values of the encoder states for every decoder layer's cross-attention: computed once per source."""
+        return [layer.encoder_attn.project_kv(enc) for layer in self.model.decoder.layers]
+
+    def new_cache(self, batch, length):
+        w = self.model.shared.weight
+        c = self.config
+        hd = c.d_model // c.decoder_attention_heads
+        return [LayerKV(batch, c.decoder_attention_heads, length, hd, w.dtype, w.device)
+                for _ in range(c.decoder_layers)]
+
+    def decode(self, tokens, start, cache, cross, cross_mask, last_only=True):
+        """tokens (B, T) at decoder positions [start, start+T) -> logits (B, vocab) of the last one, or (B, T, vocab)."""
+        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device) + self.config.pad_token_id + 1
+        x = self.model.shared(tokens) * self.embed_scale + self.position_table(start + tokens.shape[1])[pos]
+        for layer, kv, ckv in zip(self.model.decoder.layers, cache, cross):
+            x = layer(x, kv, ckv, cross_mask, start)
+        return self.lm_head(self.model.decoder.layer_norm(x[:, -1] if last_only else x))
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        """Teacher-forced logits (B, T, vocab), for tests and scoring; generation uses encode + decode."""
+        enc = self.encode(input_ids, attention_mask)
+        cache = self.new_cache(input_ids.shape[0], decoder_input_ids.shape[1])
+        cross_mask = attention_mask.bool()[:, None, None, :]
+        return self.decode(decoder_input_ids, 0, cache, self.cross_kv(enc), cross_mask, last_only=False)
+
+
+@torch.inference_mode()
+def seq2seq_greedy(model, input_ids, attention_mask, forced_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding from [decoder_start, forced_id]; returns the tokens after forced_id, without eos."""
+    cfg = model.config
+    B = input_ids.shape[0]
+    cross = model.cross_kv(model.encode(input_ids, attention_mask))
+    cross_mask = attention_mask.bool()[:, None, None, :]
+    cache = model.new_cache(B, max_new_tokens + 2)
+    prefix = torch.tensor([[cfg.decoder_start_token_id, forced_id]], device=input_ids.device).expand(B, 2)
+    logits = model.decode(prefix, 0, cache, cross, cross_mask)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for step in range(max_new_tokens):
+        token = torch.where(done, cfg.pad_token_id, logits.argmax(-1))
+        out.append(token)
+        done |= token == cfg.eos_token_id
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model.decode(token[:, None], 2 + step, cache, cross, cross_mask)
+    return _strip(torch.stack(out, 1).tolist() if out else [[]] * B, cfg)
+
+
+def _strip(rows, cfg):
+    return [[t for t in row[:row.index(cfg.eos_token_id)] if t != cfg.pad_token_id] if cfg.eos_token_id in row
+            else [t for t in row if t != cfg.pad_token_id] for row in rows]
+
+
+@torch.inference_mode()
+def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_beams: int = 4,
+                        max_new_tokens: int = 200, length_penalty: float = 1.0, early_stopping=False):
+    """Beam search as transformers (v4.50+) runs it, so that both return the same tokens.
+
+    Each step scores every continuation of every running beam by its summed log-probability and keeps the best
+    2 * num_beams candidates. Candidates ending in eos among the top num_beams become finished hypotheses, scored
+    sum_logprob / generated_length ** length_penalty; the best num_beams candidates that did not end go on running.
+    A source is done when no running beam can beat its worst kept hypothesis (early_stopping False: judged at the
+    current length; "never": at the longest possible length; True: as soon as num_beams hypotheses exist).
+    """
+    cfg = model.config
+    device = input_ids.device
+    B, K = input_ids.shape[0], num_beams
+    NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
+    enc = model.encode(input_ids, attention_mask).repeat_interleave(K, 0)     # (B*K, S, d_model)
+    cross = model.cross_kv(enc)
+    cross_mask = attention_mask.bool().repeat_interleave(K, 0)[:, None, None, :]
+    max_len = 2 + max_new_tokens  # decoder_start + forced language code + new tokens
+    cache = model.new_cache(B * K, max_len)
+    running = torch.full((B, K, max_len), cfg.pad_token_id, dtype=torch.long, device=device)
+    running[:, :, 0], running[:, :, 1] = cfg.decoder_start_token_id, forced_id
+    running_scores = torch.zeros(B, K, device=device)
+    running_scores[:, 1:] = NEG  # all beams start identical: only the first may expand at the first step
+    hyps, hyp_scores = running.clone(), torch.full((B, K), NEG, device=device)
+    hyp_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    in_top_k = torch.arange(2 * K, device=device) < K
+    logits = model.decode(running[:, :, :2].reshape(B * K, 2), 0, cache, cross, cross_mask)
+    cur = 2  # the position being generated
+    while True:
+        V = logits.shape[-1]
+        logp = F.log_softmax(logits.float(), dim=-1).view(B, K, V) + running_scores[:, :, None]
+        top_scores, top_index = logp.view(B, K * V).topk(2 * K)            # (B, 2K)
+        from_beam, token = top_index // V, top_index % V
+        cand = running.gather(1, from_beam[:, :, None].expand(B, 2 * K, max_len)).clone()
+        cand[:, :, cur] = token
+        ends = (token == cfg.eos_token_id) | (cur + 1 >= max_len)
+        # the best K candidates that did not end keep running
+        go_on = (top_scores + ends.float() * NEG).topk(K).indices
+        running = cand.gather(1, go_on[:, :, None].expand(B, K, max_len))
+        running_scores = (top_scores + ends.float() * NEG).gather(1, go_on)
+        parent = from_beam.gather(1, go_on) + torch.arange(B, device=device)[:, None] * K
+        # candidates that ended in the top K join the hypotheses, scored with the length penalty
+        new_scores = top_scores / ((cur + 1 - 1) ** length_penalty)
+        closed = (hyp_done.all(-1, keepdim=True) & (early_stopping is True)) | ~improvable
+        new_done = ends & in_top_k
+        new_scores = new_scores + closed.float() * NEG + (~new_done).float() * NEG
+        best = torch.cat((hyp_scores, new_scores), 1).topk(K).indices
+        hyps = torch.cat((hyps, cand), 1).gather(1, best[:, :, None].expand(B, K, max_len))
+        hyp_scores = torch.cat((hyp_scores, new_scores), 1).gather(1, best)
+        hyp_done = torch.cat((hyp_done, new_done), 1).gather(1, best)
+        cur += 1
+        best_len = (max_len - 1) if (early_stopping == "never" and length_penalty > 0) else (cur - 1)
+        best_possible = running_scores[:, :1] / (best_len ** length_penalty)
+        worst_kept = torch.where(hyp_done, hyp_scores.min(1, keepdim=True).values, NEG)
+        improvable = improvable & (best_possible > worst_kept).any(-1, keepdim=True)
+        all_closed = bool(hyp_done.all()) and early_stopping is True
+        if not bool(improvable.any()) or all_closed or bool(ends.all()):
+            break
+        for kv in cache:
+            kv.reorder(parent.view(-1))
+        logits = model.decode(running[:, :, cur - 1].reshape(B * K, 1), cur - 1, cache, cross, cross_mask)
+    return _strip(hyps[:, 0, 2:].tolist(), cfg)
+
+
+# ISO 639-1 -> FLORES-200 code (NLLB's language tokens). M2M100 checkpoints use __xx__ tokens instead.
+FLORES_CODES = {
+    "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
+    "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
+    "ja": "jpn_Jpan", "ru": "rus_Cyrl", "uk": "ukr_Cyrl", "pl": "pol_Latn", "cs": "ces_Latn", "ar": "arb_Arab",
+    "fa": "pes_Arab", "he": "heb_Hebr", "tr": "tur_Latn", "hi": "hin_Deva", "bn": "ben_Beng", "ur": "urd_Arab",
+    "ta": "tam_Taml", "te": "tel_Telu", "th": "tha_Thai", "vi": "vie_Latn", "ms": "zsm_Latn", "tl": "tgl_Latn",
+    "el": "ell_Grek", "sv": "swe_Latn", "da": "dan_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "ro": "ron_Latn",
+    "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
+}
+
+
+def language_token(vocab: dict, code: str) -> tuple[str, int]:
+    """Accepts an ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang); returns the checkpoint's language token."""
+    for token in (FLORES_CODES.get(code), code, f"__{code}__"):
+        if token is not None and token in vocab:
+            return token, vocab[token]
+    known = sorted(t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__", t))
+    names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
+    close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ValueError(f"language {code!r} is not supported by this translator.{hint} Use an ISO 639-1 code "
+                     f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=\S)")
+LINE_PREFIX = re.compile(r"^(\s*(?:[-*+]\s+|\d+[.)]\s+|#{1,6}\s+|>\s*)*)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+INLINE_CODE = re.compile(r"`[^`\n]+`")
+
+
+def split_for_translation(text: str):
+    """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
+
+    Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
+    kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
+    translation). Returns (plan, sentences): plan is a list of lines, each either a verbatim string or
+    (prefix, [(sentence_index, code_spans, separator), ...]).
+    """
+    plan, sentences, in_fence = [], [], False
+    for line in text.split("\n"):
+        if FENCE.match(line):
+            in_fence = not in_fence
+            plan.append(line)
+            continue
+        if in_fence or not line.strip():
+            plan.append(line)
+            continue
+        prefix = LINE_PREFIX.match(line).group(1)
+        body = line[len(prefix):]
+        if not re.search(r"[^\W\d_]", body):  # nothing to translate: numbers, symbols, code-only lines
+            plan.append(line)
+            continue
+        parts = []
+        for sentence in SENTENCE_END.split(body):
+            spans = INLINE_CODE.findall(sentence)
+            for i, span in enumerate(spans):
+                sentence = sentence.replace(span, f"<{i}>", 1)
+            parts.append((len(sentences), spans))
+            sentences.append(sentence)
+        plan.append((prefix, parts))
+    return plan, sentences
+
+
+def join_translation(plan, translated: list[str]) -> str:
+    lines = []
+    for entry in plan:
+        if isinstance(entry, str):
+            lines.append(entry)
+            continue
+        prefix, parts = entry
+        out = []
+        for index, spans in parts:
+            sentence = translated[index]
+            for i, span in enumerate(spans):
+                if f"<{i}>" in sentence:
+                    sentence = sentence.replace(f"<{i}>", span, 1)
+                else:  # the model dropped the placeholder: keep the code span, at the end, rather than lose it
+                    sentence = f"{sentence} {span}"
+            out.append(sentence)
+        lines.append(prefix + " ".join(out))
+    return "\n".join(lines)
+
+
+def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
+    """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
+    if len(output_ids) > 3 * len(source_ids) + 10:
+        return True
+    n = len(output_ids)
+    for size in range(1, 9):
+        for start in range(0, n - 4 * size + 1):
+            unit = output_ids[start:start + size]
+            if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
+                return True
+    return False
+
+
+class Translator:
+    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids."""
+
+    def __init__(self, model: M2M100ForConditionalGeneration, tokenizer, source: str = ""):
+        self.model, self.tok, self.source = model, tokenizer, source
+        self.vocab = tokenizer.get_vocab()
+        self.flagged: list[tuple[int, str]] = []  # (text index, sentence) still degenerate after a retry
+
+    def lang_id(self, code: str) -> int:
+        return language_token(self.vocab, code)[1]
+
+    def encode_source(self, text: str, src: str) -> list[int]:
+        """NLLB's current layout: [src_lang_code] tokens [eos]."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.lang_id(src)] + ids + [self.model.config.eos_token_id]
+
+    def pad_batch(self, sources: list[list[int]]):
+        """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
+        device = self.model.lm_head.weight.device
+        S = max(len(s) for s in sources)
+        ids = torch.full((len(sources), S), self.model.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(sources), S, dtype=torch.long)
+        for i, s in enumerate(sources):
+            ids[i, S - len(s):] = torch.tensor(s)
+            mask[i, S - len(s):] = 1
+        return ids.to(device), mask.to(device)
+
+    def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4, max_new_tokens: int = 200,
+                 length_penalty: float = 1.0, early_stopping=False) -> list[list[int]]:
+        """Raw decoding of laid-out sources; returns the ids after the forced target-language token (no eos, no pad)."""
+        forced = self.lang_id(tgt)
+        if num_beams <= 1:
+            return seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
+        return seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens,
+                                   length_penalty, early_stopping)
+
+    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
+        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens."""
+        from tqdm import tqdm
+        sources = []
+        for s in sentences:
+            ids = self.encode_source(s, src)
+            if len(ids) > max_input_tokens:  # keep [lang] ... [eos]; NLLB degrades well before 512 tokens
+                ids = ids[:max_input_tokens - 1] + [ids[-1]]
+            sources.append(ids)
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[list[int]] = [[] for _ in sources]
+        bar = tqdm(total=len(sources), desc=f"translate {src}->{tgt}", unit="sent", disable=not progress)
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            ids, mask = self.pad_batch([sources[i] for i in idx])
+            longest = max(len(sources[i]) for i in idx)
+            for i, gen in zip(idx, self.generate(ids, mask, tgt, num_beams, 2 * longest + 10)):
+                out[i] = gen
+            bar.update(len(idx))
+        bar.close()
+        return sources, out
+
+    def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
+                  batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
+        """Translates real texts: markdown lines, lists and code survive; degenerate outputs are retried with the other
+        decoding (beam <-> greedy) and, if still degenerate, kept but listed in self.flagged."""
+        self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
+        plans, sentences, owner = [], [], []
+        for t_index, text in enumerate(texts):
+            plan, sents = split_for_translation(text)
+            plan = [(e[0], [(i + len(sentences), spans) for i, spans in e[1]]) if isinstance(e, tuple) else e
+                    for e in plan]
+            plans.append(plan)
+            sentences += sents
+            owner += [t_index] * len(sents)
+        unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
+        sources, outputs = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
+                                                     progress)
+        bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)]
+        if bad:
+            _, retried = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
+                                                   batch_size, max_input_tokens, False)
+            for i, r in zip(bad, retried):
+                if not is_degenerate(sources[i], r):
+                    outputs[i] = r
+        by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
+        still_bad = {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}
+        self.flagged += [(t, sent) for t, sent in zip(owner, sentences) if sent in still_bad]
+        translated = [by_text[sent] for sent in sentences]
+        return [join_translation(plan, translated) for plan in plans]
+
+
+def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
+    """Loads an M2M100 / NLLB-200 checkpoint (same loader rules as load_model) -> Translator."""
+    from tokenizers import Tokenizer as HFTokenizer
+    folder = resolve_checkpoint(path_or_id)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
+    cfg = M2M100Config.from_hf(read_json(cfg_path), cfg_path)
+    model = build_on_meta(M2M100ForConditionalGeneration, cfg, dtype, device)
+    model.tie_weights()
+    load_weights(model, folder, ignore=(r"embed_positions",))
+    model.positions = torch.zeros(0, device=device)
+    tok_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (NLLB checkpoints on the hub ship one).")
+    return Translator(model.eval(), HFTokenizer.from_file(tok_path), folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI: chat once, or translate
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Chat once with a Llama-family model, or translate with M2M100/NLLB.")
+    p.add_argument("--model", help="chat model: local folder or hub id")
+    p.add_argument("--prompt", help="user message to answer")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--translate", action="store_true", help="translate TEXT (or stdin lines) instead of chatting")
+    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M")
+    p.add_argument("--src", default="en")
+    p.add_argument("--tgt", default="ko")
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("text", nargs="*", help="text to translate (default: one text per stdin line)")
+    a = p.parse_args(argv)
+    if a.translate:
+        translator = load_translator(a.translator, DTYPES[a.dtype], a.device)
+        texts = [" ".join(a.text)] if a.text else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        for out in translator.translate(texts, a.src, a.tgt, num_beams=a.num_beams, progress=len(texts) > 1):
+            print(out)
+        return
+    if not a.model or a.prompt is None:
+        p.error("give --model and --prompt to chat, or --translate")
+    model, tok = load_model(a.model, DTYPES[a.dtype], a.device)
+    ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}])
+    new = generate(model, tok, [ids], a.max_new_tokens, a.temperature, a.top_p, a.seed)[0]
+    print(tok.decode(new))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""model.py's Llama-family decoder, loader, tokenizer and generation against transformers on the same checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import tiny
+from conftest import ROOT, smollm2_path
+
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {
+    "llama": dict(model_type="llama"),
+    "llama_tied": dict(model_type="llama", tie=True),
+    "llama3_rope": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 32}),
+    "linear_rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama_bias_headdim": dict(model_type="llama", attention_bias=True, head_dim=24),
+    "mistral_window": dict(model_type="mistral", sliding_window=8),
+    "qwen2_bias": dict(model_type="qwen2", tie=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    folder = tiny.make_llama(str(tmp_path_factory.mktemp(request.param)), **VARIANTS[request.param])
+    ours, tok = M.load_model(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return request.param, folder, ours, tok, ref
+
+
+def prompt_ids(tok, text="Explain gravity in simple words."):
+    return tok.apply_chat_template([{"role": "user", "content": text}])
+
+
+def test_logits_match_transformers(variant):
+    name, _, ours, tok, ref = variant
+    ids = torch.tensor([prompt_ids(tok) * 2])  # 30+ tokens: longer than the Mistral window and llama3's short context
+    assert ids.shape[1] > 16
+    with torch.no_grad():
+        diff = (ours(ids) - ref(ids).logits).abs().max().item()
+    assert diff < 1e-4, f"{name}: max |logit difference| {diff}"
+
+
+def test_qwen2_has_qkv_bias_and_no_o_bias(tmp_path):
+    ours, _ = M.load_model(tiny.make_llama(str(tmp_path), model_type="qwen2"))
+    attn = ours.model.layers[0].self_attn
+    assert attn.q_proj.bias is not None and attn.v_proj.bias is not None and attn.o_proj.bias is None
+
+
+def test_greedy_20_tokens_match_transformers(variant):
+    name, _, ours, tok, ref = variant
+    ids = prompt_ids(tok)
+    new = M.generate(ours, tok, [ids], max_new_tokens=20)[0]
+    out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
+    theirs = out[0, len(ids):].tolist()
+    cut = next((i for i, t in enumerate(theirs) if t in tok.eos_ids), len(theirs))
+    assert new == theirs[:cut], name
+    assert len(new) > 0
+
+
+def test_batched_left_padded_equals_one_at_a_time(variant):
+    name, _, ours, tok, ref = variant
+    prompts = [prompt_ids(tok, t) for t in ("Hi", "Write a short poem about the sea, please.", "What is 1+1?")]
+    assert len({len(p) for p in prompts}) == 3
+    batched = M.generate(ours, tok, prompts, max_new_tokens=12)
+    alone = [M.generate(ours, tok, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone, name
+    # and transformers' own batched generation (its left padding) agrees
+    P = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_ids,
+                       pad_token_id=tok.pad_id)[:, P:].tolist()
+    theirs = [row[:next((i for i, t in enumerate(row) if t in tok.eos_ids), len(row))] for row in out]
+    assert batched == theirs, name
+
+
+@pytest.mark.parametrize("template_file", [False, True])
+def test_chat_template_matches_transformers(tmp_path, template_file):
+    folder = tiny.make_llama(str(tmp_path), template_file=template_file)
+    _, tok = M.load_model(folder)
+    ref = transformers.AutoTokenizer.from_pretrained(folder)
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hello there!  "},
+             {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Translate 'dog' to German."}]
+    for gen_prompt in (True, False):
+        expected = ref.apply_chat_template(convo, add_generation_prompt=gen_prompt, tokenize=False)
+        assert tok.render_chat(convo, gen_prompt) == expected
+        expected_ids = ref.apply_chat_template(convo, add_generation_prompt=gen_prompt, tokenize=True)
+        expected_ids = expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids
+        assert tok.apply_chat_template(convo, gen_prompt) == list(expected_ids)
+    ids = tok.apply_chat_template(convo)
+    assert ids[0] == tok.bos_id and ids[1] != tok.bos_id  # the template's BOS, once
+
+
+def test_chat_template_is_sandboxed_and_raise_exception_works(llama_dir):
+    _, tok = M.load_model(llama_dir)
+    with pytest.raises(Exception, match="unknown role robot"):
+        tok.render_chat([{"role": "robot", "content": "x"}])
+    tok.chat_template = "{{ messages.__class__.__mro__ }}"
+    del tok._template
+    with pytest.raises(Exception, match="unsafe|not safely|access"):
+        tok.render_chat([{"role": "user", "content": "x"}])
+
+
+def test_special_tokens_from_configs(llama_dir):
+    _, tok = M.load_model(llama_dir)
+    vocab = tok.tok.get_vocab()
+    assert tok.bos_id == vocab["<s>"]
+    assert set(tok.eos_ids) == {vocab["<|im_end|>"], vocab["</s>"]}  # generation_config's list, and the tokenizer's
+    assert tok.pad_id == vocab["<unk>"]
+    assert tok.decode(tok.encode("Hello, how are you today?")) == "Hello, how are you today?"
+
+
+def test_sharded_checkpoint_and_bf16(tmp_path):
+    folder = tiny.make_llama(str(tmp_path), shard=True)
+    assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
+    ours, tok = M.load_model(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(tok)])
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+    half, _ = M.load_model(folder, dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16 and half.inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        assert (half(ids).float() - ref(ids).logits).abs().max() < 0.5
+
+
+def test_sampling_is_seeded_and_top_p_restricts(llama_dir):
+    ours, tok = M.load_model(llama_dir)
+    ids = prompt_ids(tok)
+    a = M.generate(ours, tok, [ids], 10, temperature=1.0, seed=7)
+    b = M.generate(ours, tok, [ids], 10, temperature=1.0, seed=7)
+    assert a == b
+    # top_p so small that only the most likely token survives: sampling equals greedy
+    assert M.generate(ours, tok, [ids], 10, temperature=1.0, top_p=1e-6, seed=3) == M.generate(ours, tok, [ids], 10)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    probs = torch.softmax(logits, -1)[0]  # 0.032, 0.087, 0.237, 0.644: top_p 0.8 keeps tokens 3 and 2 only
+    draws = {M.sample_next(logits, 1.0, 0.8, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert draws == {2, 3} and probs[3] < 0.8 < probs[3] + probs[2]
+
+
+def test_kv_cache_is_sized_by_the_request(llama_dir):
+    ours, tok = M.load_model(llama_dir)
+    sizes = []
+    orig = ours.new_kv_cache
+    ours.new_kv_cache = lambda b, n: sizes.append((b, n)) or orig(b, n)
+    M.generate(ours, tok, [[1, 2, 3], [1, 2, 3, 4, 5]], max_new_tokens=7)
+    assert sizes == [(2, 12)]
+
+
+def _hub_layout(src, cache, repo="tiny-org/tiny-llama"):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    shutil.copytree(src, os.path.join(base, "snapshots", sha))
+    os.makedirs(os.path.join(base, "refs"))
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(sha)
+    return repo
+
+
+def test_load_by_hub_id_offline(llama_dir, tmp_path):
+    repo = _hub_layout(llama_dir, str(tmp_path / "hub"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": ROOT}
+    code = (f"import model, torch; m, t = model.load_model({repo!r}); "
+            f"print(m(torch.tensor([t.encode('Hello')])).shape[-1], m.source)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    vocab, source = out.stdout.split()
+    assert int(vocab) == json.load(open(os.path.join(llama_dir, "config.json")))["vocab_size"]
+    assert source.startswith(str(tmp_path / "hub"))
+    code = "import model; model.load_model('tiny-org/not-there')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "tiny-org/not-there: could not fetch it from the Hugging Face hub" in out.stderr
+
+
+def _copy(src, dst, skip=()):
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        if f not in skip:
+            shutil.copy(os.path.join(src, f), dst)
+    return dst
+
+
+def test_loader_errors(llama_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        M.load_model(str(tmp_path / "nowhere"))
+    pickled = _copy(llama_dir, str(tmp_path / "pickled"), skip=("model.safetensors",))
+    torch.save({}, os.path.join(pickled, "pytorch_model.bin"))
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*never unpickles"):
+        M.load_model(pickled)
+    noconfig = _copy(llama_dir, str(tmp_path / "noconfig"), skip=("config.json",))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        M.load_model(noconfig)
+    gpt2 = _copy(llama_dir, str(tmp_path / "gpt2"))
+    cfg = json.load(open(os.path.join(gpt2, "config.json")))
+    json.dump({**cfg, "model_type": "gpt2"}, open(os.path.join(gpt2, "config.json"), "w"))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, mistral, qwen2"):
+        M.load_model(gpt2)
+    wide = _copy(llama_dir, str(tmp_path / "wide"))
+    json.dump({**cfg, "intermediate_size": 100}, open(os.path.join(wide, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"mlp\.\w+_proj.weight' has shape \((128, 64|64, 128)\), the model expects \((100, 64|64, 100)\)"):
+        M.load_model(wide)
+    deep = _copy(llama_dir, str(tmp_path / "deep"))
+    json.dump({**cfg, "num_hidden_layers": 3}, open(os.path.join(deep, "config.json"), "w"))
+    with pytest.raises(ValueError, match="lacks .* tensors the model needs.*layers.2"):
+        M.load_model(deep)
+    broken = _copy(llama_dir, str(tmp_path / "broken"))
+    open(os.path.join(broken, "config.json"), "w").write('{"model_type": "llama",\n oops}')
+    with pytest.raises(ValueError, match=r"config.json: line 2: not valid JSON"):
+        M.load_model(broken)
+    notok = _copy(llama_dir, str(tmp_path / "notok"), skip=("tokenizer.json",))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        M.load_model(notok)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct not available (run ../shared/tools/smollm2.sh)")
+    return path
+
+
+def test_smollm2_parity_and_coherent_answer(smollm2):
+    ours, tok = M.load_model(smollm2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    reft = transformers.AutoTokenizer.from_pretrained(smollm2)
+    convo = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(convo)
+    expected = reft.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+    assert ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    with torch.no_grad():
+        assert (ours(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max() < 1e-4
+    new = M.generate(ours, tok, [ids], max_new_tokens=20)[0]
+    theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert new == theirs[:len(new)]
+    assert "Paris" in tok.decode(new)
