@@ -41,7 +41,7 @@ def _randomize(model, std, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
@@ -80,7 +80,7 @@ def make_llama(folder, model_type="llama", tie=False, seed=0, template_file=Fals
 NLLB_CODES = ["eng_Latn", "kor_Hang", "deu_Latn", "zho_Hans", "swh_Latn", "yor_Latn", "ind_Latn"]
 
 
-def make_m2m100(folder, seed=0, eos_boost=0.0):
+def make_m2m100(folder, seed=0, eos_bias=0.0):
     """A 2+2-layer M2M100 checkpoint with NLLB-style language-code tokens. Returns the folder."""
     import transformers
     tok = make_tokenizer(folder, ["<s>", "<pad>", "</s>", "<unk>"], NLLB_CODES + ["<mask>"])
@@ -93,8 +93,14 @@ def make_m2m100(folder, seed=0, eos_boost=0.0):
     model = transformers.M2M100ForConditionalGeneration(cfg)
     _randomize(model, 0.15, seed)
     with torch.no_grad():
+        # small tied embeddings: otherwise each token's own embedding dominates the residual stream and a random model
+        # just repeats its last token
+        model.model.shared.weight.mul_(0.2)
         model.model.shared.weight[1] = 0  # the padding row, as trained checkpoints have it
-        model.model.shared.weight[2] *= 1 + eos_boost  # makes eos likely enough for beams to finish early
+        # a final-norm bias along the eos embedding raises eos's logit by about eos_bias at every step, so that
+        # random weights stop at varied lengths and the tests exercise finished-hypothesis bookkeeping
+        eos = model.model.shared.weight[2]
+        model.model.decoder.layer_norm.bias += eos_bias * eos / eos.dot(eos)
     model.save_pretrained(folder)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
