@@ -248,7 +248,14 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False):
-        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only. See hidden_states()."""
+        x = self.hidden_states(input_ids, attention_mask, cache, start)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0):
+        """input_ids (B, T) -> final normed hidden states (B, T, d_model), before the output projection.
+        Training projects only the positions it scores onto the vocabulary (clo.py), which saves most of the
+        vocabulary-sized work on long prompts.
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over every key position from slot 0: the T inputs
         without a cache, or all slots of the cache with one (the inputs then sit at slots [start, start+T)).
@@ -277,9 +284,7 @@ class LlamaForCausalLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i, start)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     def _mask(self, key_valid, start, end):
         """(B, 1, T, S) boolean: query slot q may see key slot k when k <= q, k is a real token, and (Mistral) q - k

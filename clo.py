@@ -1,0 +1,422 @@
+"""clo.py: Cross-Lingual Optimization (Lee, Hong, Moon, Lim; ACL 2025; arXiv 2505.14297), end to end.
+
+    python clo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --lang ko --out runs/ko
+
+English SFT data -> translated by an NLLB/M2M100 model -> cross-lingual preference pairs -> the CLO loss on a LoRA
+adapter (or on the attention projections, the paper's setting) -> a PEFT adapter and, with --merge, a full checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data as D
+import model as M
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLO loss
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor         # what is minimised
+    nll: torch.Tensor          # mean per-token NLL of the responses in the SFT term (0 if none in the batch)
+    pair_loss: torch.Tensor    # mean -log sigmoid(beta * margin) over the batch's pairs
+    reward_acc: torch.Tensor   # share of pairs with margin > 0
+    margin: torch.Tensor       # mean beta * margin (the DPO implicit reward of chosen minus rejected)
+
+
+def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nll_sum, chosen_tokens, target,
+             beta: float = 0.1, lam: float = 0.5, method: str = "clo", sft_target_only: bool = False) -> LossParts:
+    """The CLO objective (paper Sec. 3, eq. for L_CLO), one value per batch of B pairs:
+
+        L = lam * NLL(y_l | x_l) + (1 - lam) * L_CL
+        L_CL = -mean_pairs log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+
+    log pi(y|x) is the sum of the response tokens' log-probabilities (B,). L_CL runs over both kinds of pair (x_en:
+    y_en > y_l and x_l: y_l > y_en). NLL covers the chosen responses of target-language pairs only (`target`, a 1.0/0.0
+    (B,)), averaged per token: chosen_nll_sum (B,) and chosen_tokens (B,) are each chosen response's summed token NLL
+    and its length.
+
+    method "sft": the NLL alone, over the chosen responses of both kinds of pair (or target-language ones only with
+    sft_target_only); "dpo": L_CL alone. So clo at lam=1 is sft with sft_target_only, and clo at lam=0 is dpo.
+    """
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
+    pair_loss = -F.logsigmoid(margin).mean()
+    in_nll = target if (method == "clo" or sft_target_only) else torch.ones_like(target)
+    tokens = (chosen_tokens * in_nll).sum()
+    nll = (chosen_nll_sum * in_nll).sum() / tokens.clamp(min=1)
+    if method == "clo":
+        loss = lam * nll + (1 - lam) * pair_loss
+    elif method == "sft":
+        loss = nll
+    elif method == "dpo":
+        loss = pair_loss
+    else:
+        raise ValueError(f"--method {method!r}: expected clo, sft or dpo.")
+    return LossParts(loss, nll.detach(), pair_loss.detach(), (margin > 0).float().mean().detach(),
+                     margin.mean().detach())
+
+
+def sequence_logps(model, input_ids, targets):
+    """Summed log pi(response | prompt) per sequence, and its token count: (N,), (N,).
+
+    Only response positions are projected onto the vocabulary: (n_response_tokens, vocab) logits instead of
+    (N, T, vocab). Right padding needs no attention mask: pads sit after every real token, which a causal model
+    never looks ahead to."""
+    hidden = model.hidden_states(input_ids)            # (N, T, d_model)
+    scored = targets != -100                           # (N, T)
+    logits = model.lm_head(hidden[scored])             # (n_scored, vocab)
+    token_logp = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (n_scored,)
+    row = scored.nonzero()[:, 0]
+    sums = torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, row, token_logp)
+    return sums, scored.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parameters to train
+
+
+def set_trainable(model, tune: str, targets, r: int, alpha: float, dropout: float) -> list[str]:
+    """--tune lora: LoRA adapters on `targets`; attn: the full Q/K/V/O weights (the paper's setting); full: all."""
+    if tune == "lora":
+        return M.apply_lora(model, targets, r, alpha, dropout)
+    for name, p in model.named_parameters():
+        p.requires_grad_(tune == "full" or any(f".{t}." in name for t in ATTENTION_PROJECTIONS))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, written to a temporary folder and renamed into place (atomic)
+
+
+def save_checkpoint(folder, model, optimizer, step, epoch_batches_done):
+    from safetensors.torch import save_file
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param/{n}": t.contiguous().clone() for n, t in trainable_state(model).items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                tensors[f"optim/{k}/{names[id(p)]}"] = v.detach().reshape(-1).clone() if v.dim() == 0 else v.clone()
+    tensors["rng/cpu"] = torch.get_rng_state()
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "state.safetensors"))
+    with open(os.path.join(tmp, "progress.json"), "w") as f:
+        json.dump({"step": step, "batches_done": epoch_batches_done}, f)
+    old = folder + ".old"
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder, model, optimizer):
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(folder, "state.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key.startswith("param/"):
+                params[key[6:]].copy_(t)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = next(n for n, q in params.items() if q is p)
+            state = {}
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                t = tensors.get(f"optim/{k}/{name}")
+                if t is not None:
+                    state[k] = t.reshape(()) if k == "step" else t
+            if state:
+                optimizer.state[p] = state
+    torch.set_rng_state(tensors["rng/cpu"])
+    return M.read_json(os.path.join(folder, "progress.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output: a PEFT adapter, and a merged Hugging Face checkpoint
+
+
+def save_adapter(out, model, args, wrapped):
+    from safetensors.torch import save_file
+    save_file(M.lora_state_dict(model), os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": args.model,
+              "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+              "target_modules": sorted(set(args.lora_targets)), "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+              "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+              "alpha_pattern": {}, "revision": None}
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def save_merged(folder, model, source):
+    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    M.merge_lora(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warmup to `peak`, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, batch_size, pad_id, device, progress=True):
+    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
+    no second copy of the model is ever held. Returns (P, 2): [chosen, rejected]."""
+    from tqdm import tqdm
+    model.eval()
+    out = torch.zeros(len(pairs), 2)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
+    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress):
+        idx = order[b:b + batch_size]
+        ids, targets = D.collate([pairs[i] for i in idx], pad_id)
+        with autocast(device):
+            sums, _ = sequence_logps(model, ids.to(device), targets.to(device))
+        sums = sums.float().cpu()
+        out[idx, 0], out[idx, 1] = sums[:len(idx)], sums[len(idx):]
+    return out
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; exact fp32 on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train(args, model, tok, pairs, ref, out, log=print):
+    device = args.device
+    batches_per_epoch = len(D.length_grouped_batches(pairs, args.batch_size, args.seed, 0))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    total = args.max_steps or steps_per_epoch * args.epochs
+    warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    ckpt = os.path.join(out, "checkpoint")
+    step, done_batches = 0, 0
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if args.resume and os.path.exists(ckpt):
+        progress = load_checkpoint(ckpt, model, optimizer)
+        step, done_batches = progress["step"], progress["batches_done"]
+        log(f"resumed from {ckpt} at step {step}")
+        if os.path.exists(metrics_path):  # drop metrics of steps after the checkpoint: they are redone
+            rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
+            D.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not args.progress)
+    model.train()
+    last = {}
+    t0 = time.perf_counter()
+    pairs_seen = 0
+    while step < total:
+        epoch = done_batches // batches_per_epoch
+        batches = D.length_grouped_batches(pairs, args.batch_size, args.seed, epoch)
+        micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "nll": 0.0, "pair_loss": 0.0, "reward_acc": 0.0, "margin": 0.0}
+        for idx in micro:
+            ids, targets = D.collate([pairs[i] for i in idx], tok.pad_id)
+            ids, targets = ids.to(device), targets.to(device)
+            with autocast(device):
+                logp, n_tokens = sequence_logps(model, ids, targets)  # (2B,)
+            B = len(idx)
+            r = ref[idx].to(device)
+            parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], -logp[:B], n_tokens[:B].float(),
+                             torch.tensor([pairs[i].target for i in idx], device=device, dtype=torch.float),
+                             args.beta, args.lam, args.method, args.sft_target_only)
+            if not torch.isfinite(parts.loss):
+                raise FloatingPointError(
+                    f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
+                    f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {ckpt} (if one was "
+                    "written). Try a lower --lr, or --dtype float32.")
+            (parts.loss / len(micro)).backward()
+            for k in sums:
+                sums[k] += getattr(parts, k).item() / len(micro)
+            pairs_seen += B
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        lr = lr_at(step, total, warmup, args.lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+        step += 1
+        done_batches += len(micro)
+        last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), **{k: round(v, 5) for k, v in
+                sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4),
+                "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['reward_acc']:.2f}", margin=f"{sums['margin']:.3f}",
+                        nll=f"{sums['nll']:.3f}")
+        bar.update(1)
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(ckpt, model, optimizer, step, done_batches)
+        if args.stop_after and step >= args.stop_after:  # for tests of --resume: a run killed after N steps
+            save_checkpoint(ckpt, model, optimizer, step, done_batches)
+            os._exit(17)
+    bar.close()
+    return last
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.")
+    p.add_argument("--model", required=True, help="chat model to adapt: local folder or hub id")
+    p.add_argument("--lang", required=True, help="target language(s), ISO 639-1 or FLORES-200: ko, or ko,sw")
+    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<lang>-<method>)")
+    p.add_argument("--data", default=None, help="English SFT data: Alpaca JSON/JSONL, chat JSONL, or 'oasst1' "
+                   "(default: the Alpaca seed tasks shipped in data/)")
+    p.add_argument("--num-samples", type=int, default=None, help="use the first N items (paper: 3200 or 6400)")
+    p.add_argument("--translations", default=None, help="pre-translated parallel JSONL (skips the MT model)")
+    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB checkpoint")
+    p.add_argument("--num-beams", type=int, default=4, help="translation beam width")
+    p.add_argument("--method", default="clo", choices=("clo", "sft", "dpo"))
+    p.add_argument("--sft-target-only", action="store_true", help="sft: NLL on target-language responses only")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature of the pair term")
+    p.add_argument("--lam", type=float, default=0.5, help="weight of the NLL term (1 - lam on the pair term)")
+    p.add_argument("--tune", default="lora", choices=("lora", "attn", "full"))
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default=",".join(ATTENTION_PROJECTIONS))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run --epochs)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 lora, 5e-6 attn/full)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup: a fraction of steps (<1) or a step count")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + response (see data.py)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--merge", action="store_true", help="also write a full merged checkpoint to RUN_DIR/merged")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
+    a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
+    if a.lr is None:
+        a.lr = 1e-4 if a.tune == "lora" else 5e-6
+    if a.dtype is None:
+        a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
+    if a.out is None:
+        a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k != "stop_after"}, f, indent=2)
+    torch.manual_seed(args.seed)
+    log = print
+    model, tok = M.load_model(args.model, args.dtype, args.device)
+    # English items: --data, else the English side of --translations, else the shipped sample
+    if args.translations and not args.data:
+        items = D.items_from_translations(args.translations, args.langs)
+        if args.num_samples:
+            items = items[:args.num_samples]
+        if not items:
+            raise ValueError(f"{args.translations}: no rows found; the file is empty.")
+    else:
+        items = D.load_sft(args.data, args.num_samples)
+
+    def get_translator():
+        try:
+            return M.load_translator(args.translator, args.dtype, args.device)
+        except Exception as e:
+            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
+                             "with pre-translated data to train without an MT model.") from e
+
+    for lang in args.langs:  # fail before any work on a language the pipeline cannot handle
+        if not (lang in M.FLORES_CODES or "_" in lang):
+            raise ValueError(f"--lang {lang!r}: unknown language code. Use ISO 639-1 codes "
+                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+    rows = D.translate_items(items, args.langs, os.path.join(out, "translations.jsonl"), get_translator,
+                             args.translations, num_beams=args.num_beams, log=log)
+    pairs = D.build_pairs(rows, args.langs)
+    D.write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
+    tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
+    log(f"pairs: {report['kept']} kept of {report['pairs']} ({report['dropped_empty']} dropped for empty text, "
+        f"{report['dropped_long_prompt']} for a prompt over half of --max-len {args.max_len}, "
+        f"{report['truncated']} responses truncated)")
+    if not tokenized:
+        raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
+    ref_path = os.path.join(out, "reference_logps.safetensors")
+    from safetensors.torch import load_file, save_file
+    if args.resume and os.path.exists(ref_path):
+        ref = load_file(ref_path)["logps"]
+    else:
+        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress)
+        save_file({"logps": ref.contiguous()}, ref_path)
+    wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+    model.gradient_checkpointing = args.grad_checkpoint
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"training {n_train:,} parameters ({args.tune}: {len(wrapped)} tensors/modules), {len(tokenized)} pairs")
+    last = train(args, model, tok, tokenized, ref, out, log)
+    model.eval()
+    if args.tune == "lora":
+        save_adapter(out, model, args, wrapped)
+    if args.merge or args.tune != "lora":
+        save_merged(os.path.join(out, "merged"), model, model.source)
+    shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+    summary = {"run": out, "steps": last.get("step"), "final": last, "pairs": report}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
+        f"margin {last.get('margin')}  nll {last.get('nll')}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

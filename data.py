@@ -1,0 +1,334 @@
+"""data.py: English SFT data -> machine translation -> cross-lingual preference pairs -> token batches.
+
+CLO (Lee et al., ACL 2025, Sec. 3) needs, for each English SFT item (x_en, y_en) and target language l, its
+translation (x_l, y_l). Each item then gives two preference pairs:
+
+    (prompt x_en, chosen y_en, rejected y_l)    answer English in English
+    (prompt x_l,  chosen y_l,  rejected y_en)   answer language l in language l
+
+Every bad input raises one ValueError naming the file and line (or the value) and what to do.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "alpaca_seed_en.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# English SFT data
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """A JSONL file (or a JSON array file) -> list of dicts; a malformed line is an error naming file and line."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file.")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # Alpaca's own release is one JSON array
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from e
+        lines = list(enumerate(rows, 1))
+    else:
+        lines = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
+                                 "object.") from e
+    for number, row in lines:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
+    return [dict(row, _line=number) for number, row in lines]
+
+
+def sft_item(row: dict, path: str) -> dict:
+    """One row of Alpaca format (instruction, input, output) or chat format (messages) -> {instruction, response}."""
+    where = f"{path}: line {row.get('_line', '?')}"
+    if "messages" in row:
+        msgs = row["messages"]
+        user = next((m for m in msgs if m.get("role") == "user"), None)
+        if user is None:
+            raise ValueError(f"{where}: 'messages' has no user turn.")
+        reply = next((m for m in msgs[msgs.index(user) + 1:] if m.get("role") == "assistant"), None)
+        if reply is None:
+            raise ValueError(f"{where}: 'messages' has no assistant turn after the first user turn.")
+        return {"instruction": user.get("content") or "", "response": reply.get("content") or ""}
+    missing = [k for k in ("instruction", "output") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}. Expected Alpaca format (instruction, input, output) "
+                         "or chat format (messages: [{role: user, ...}, {role: assistant, ...}]).")
+    instruction = row["instruction"]
+    if row.get("input"):
+        instruction = f"{instruction}\n\n{row['input']}"
+    return {"instruction": instruction, "response": row["output"]}
+
+
+def load_oasst1(cache_dir: str | None = None) -> list[dict]:
+    """The paper's source data: OpenAssistant oasst1, English prompts with their top-ranked (rank 0) assistant reply.
+
+    Reads the release's message trees from the hub (one gzip JSONL file, no `datasets` needed); best first means
+    replies ordered by their human quality label, then by the number of +1 votes.
+    """
+    from huggingface_hub import hf_hub_download
+    try:
+        path = hf_hub_download("OpenAssistant/oasst1", "2023-04-12_oasst_ready.trees.jsonl.gz", repo_type="dataset",
+                               cache_dir=cache_dir)
+    except Exception as e:
+        raise ValueError(f"oasst1: could not fetch OpenAssistant/oasst1 from the hub ({type(e).__name__}: {e}); "
+                         "pass --data with a local file instead.") from e
+    return oasst1_pairs(path)
+
+
+def oasst1_pairs(trees_path: str) -> list[dict]:
+    scored = []
+    for tree in read_jsonl(trees_path):
+        prompt = tree.get("prompt") or {}
+        if prompt.get("lang") != "en" or prompt.get("role") != "prompter":
+            continue
+        best = [r for r in prompt.get("replies") or [] if r.get("role") == "assistant" and r.get("rank") == 0]
+        if not best:
+            continue
+        reply = best[0]
+        quality = ((reply.get("labels") or {}).get("quality") or {}).get("value", 0.0)
+        votes = (reply.get("emojis") or {}).get("+1", 0)
+        scored.append(((quality, votes), {"instruction": prompt["text"], "response": reply["text"]}))
+    scored.sort(key=lambda s: s[0], reverse=True)  # stable: ties keep the release's order
+    return [item for _, item in scored]
+
+
+def load_sft(source: str | None = None, num_samples: int | None = None) -> list[dict]:
+    """--data: an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', or None for the shipped English sample."""
+    if source == "oasst1":
+        items = load_oasst1()
+        path = "oasst1"
+    else:
+        path = source or DEFAULT_DATA
+        items = [sft_item(row, path) for row in read_jsonl(path)]
+    if not items:
+        raise ValueError(f"{path}: no SFT items found; the file is empty.")
+    if num_samples is not None:
+        items = items[:num_samples]
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Translation, cached: the same JSONL format as --translations (en_instruction, en_response, ko_instruction, ...)
+
+
+def item_key(item: dict, lang: str) -> str:
+    """Hash of the English source text and the target language: the cache's key for one translation."""
+    raw = json.dumps([lang, item["instruction"], item["response"]], ensure_ascii=False)
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
+
+
+def read_translations(path: str, langs: list[str]) -> dict[tuple[str, str], dict]:
+    """A parallel JSONL file -> {(english instruction, english response): row}. A run's cache may end in a line cut
+    short by a crash: that line is dropped (and truncated away by the next append), never half-used."""
+    table = {}
+    if not os.path.exists(path):
+        return table
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1] if not data.endswith(b"\n") else data
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}).") from e
+        missing = [k for k in ("en_instruction", "en_response") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
+                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
+        key = (row["en_instruction"], row["en_response"])
+        table[key] = {**table.get(key, {}), **row}
+    return table
+
+
+def _append_lines(path: str, rows: list[dict]):
+    """Appends whole lines and fsyncs, after cutting off a partial last line a crash may have left."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None,
+                    translations_file: str | None = None, chunk: int = 8, log=print, **translate_kwargs) -> list[dict]:
+    """Returns one row per item with en_* and <lang>_* fields for every language in langs.
+
+    Rows come from --translations when given (then no MT model is loaded), else from the run's cache, else from the
+    translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run loses at most
+    one chunk, a rerun translates only what is missing, and no item is ever written twice.
+    `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
+    """
+    if translations_file:
+        table = read_translations(translations_file, langs)
+        rows = []
+        for item in items:
+            row = table.get((item["instruction"], item["response"]))
+            if row is None:
+                raise ValueError(f"{translations_file}: has no row for the English item {item['instruction'][:60]!r}; "
+                                 "with --translations, --data must hold the same English items (or leave --data "
+                                 "out to train on the translations file's own English side).")
+            lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response") if f"{l}_{f}" not in row]
+            if lacking:
+                raise ValueError(f"{translations_file}: the row for {item['instruction'][:60]!r} lacks {lacking}.")
+            rows.append(row)
+        return rows
+    cached = read_translations(cache_path, langs)
+    for lang in langs:
+        todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
+        if todo:
+            log(f"translating {len(todo)} items to {lang} ({len(items) - len(todo)} already in {cache_path})")
+            if not hasattr(translator, "translate"):
+                translator = translator()
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            texts = [t for it in part for t in (it["instruction"], it["response"])]
+            out = translator.translate(texts, "en", lang, progress=False, **translate_kwargs)
+            new = []
+            for k, it in enumerate(part):
+                row = {"key": item_key(it, lang), "en_instruction": it["instruction"], "en_response": it["response"],
+                       f"{lang}_instruction": out[2 * k], f"{lang}_response": out[2 * k + 1]}
+                new.append(row)
+                key = (it["instruction"], it["response"])
+                cached[key] = {**cached.get(key, {}), **row}
+            _append_lines(cache_path, new)
+    return [cached[(it["instruction"], it["response"])] for it in items]
+
+
+def items_from_translations(path: str, langs: list[str]) -> list[dict]:
+    """The English side of a translations file, as SFT items (for --translations without --data)."""
+    return [{"instruction": r["en_instruction"], "response": r["en_response"]}
+            for r in read_translations(path, langs).values()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cross-lingual pairs (CLO, Sec. 3)
+
+
+def build_pairs(rows: list[dict], langs: list[str]) -> list[dict]:
+    """Two pairs per item and language. `target` marks the pair whose chosen answer is in the target language: only
+    those responses enter CLO's NLL term."""
+    pairs = []
+    for row in rows:
+        x_en, y_en = row["en_instruction"], row["en_response"]
+        for lang in langs:
+            x_l, y_l = row[f"{lang}_instruction"], row[f"{lang}_response"]
+            pairs.append({"lang": lang, "target": False, "prompt": x_en, "chosen": y_en, "rejected": y_l})
+            pairs.append({"lang": lang, "target": True, "prompt": x_l, "chosen": y_l, "rejected": y_en})
+    return pairs
+
+
+def write_jsonl(path: str, rows: list[dict]):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenization and batching
+
+
+@dataclass
+class TokenizedPair:
+    prompt: list[int]     # chat-templated user turn + assistant header
+    chosen: list[int]     # response tokens, up to and including the end-of-turn token
+    rejected: list[int]
+    target: bool          # chosen is in the target language (CLO's NLL term)
+    index: int            # position in pairs.jsonl
+
+
+def response_tokens(tok, prompt_text: str, prompt_ids: list[int], messages: list[dict]) -> list[int]:
+    """The assistant turn as the template writes it, end-of-turn token included, trailing text after it dropped."""
+    full = tok.render_chat(messages, add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise ValueError("the chat template renders the conversation's prefix differently from the prompt; "
+                         "clo needs a template whose generation prompt is a prefix of the full conversation.")
+    ids = tok.encode(full[len(prompt_text):])
+    ends = [i for i, t in enumerate(ids) if t in tok.eos_ids]
+    return ids[:ends[-1] + 1] if ends else ids
+
+
+def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[TokenizedPair], dict]:
+    """Truncation policy (--max-len, in tokens of prompt + response):
+    - a pair with an empty prompt or response is dropped;
+    - a pair whose prompt alone takes more than half of max_len is dropped: cutting a prompt changes the task;
+    - otherwise chosen and rejected responses are each cut to max_len - len(prompt) tokens (as TRL's DPO does);
+      a cut response loses its end-of-turn token, which is what a length-limited answer is.
+    Returns the kept pairs and counts of what was dropped or cut."""
+    kept, report = [], {"pairs": len(pairs), "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0}
+    for index, p in enumerate(pairs):
+        if not (p["prompt"].strip() and p["chosen"].strip() and p["rejected"].strip()):
+            report["dropped_empty"] += 1
+            continue
+        user = [{"role": "user", "content": p["prompt"]}]
+        prompt_text = tok.render_chat(user, add_generation_prompt=True)
+        prompt_ids = tok.encode(prompt_text)
+        if len(prompt_ids) > max_len // 2:
+            report["dropped_long_prompt"] += 1
+            continue
+        room = max_len - len(prompt_ids)
+        responses = []
+        for text in (p["chosen"], p["rejected"]):
+            ids = response_tokens(tok, prompt_text, prompt_ids, user + [{"role": "assistant", "content": text}])
+            if len(ids) > room:
+                report["truncated"] += 1
+                ids = ids[:room]
+            responses.append(ids)
+        kept.append(TokenizedPair(prompt_ids, responses[0], responses[1], p["target"], index))
+    report["kept"] = len(kept)
+    return kept, report
+
+
+def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of pairs in batches of similar length (little padding), the batch order shuffled per epoch with a
+    seed so that a rerun, or a resumed run, sees exactly the same batches."""
+    length = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: (length[i], i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed * 1000 + epoch).shuffle(batches)
+    return batches
+
+
+def collate(pairs: list[TokenizedPair], pad_id: int):
+    """B pairs -> one right-padded batch of 2B sequences: chosen_1..chosen_B then rejected_1..rejected_B, so both
+    halves go through one forward pass.
+        input_ids (2B, T); targets (2B, T): the next token where it is a response token, else -100."""
+    seqs, resp = [], []
+    for half in ("chosen", "rejected"):
+        for p in pairs:
+            seqs.append(p.prompt + getattr(p, half))
+            resp.append(len(getattr(p, half)))
+    T = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, resp)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        # position t predicts token t+1: the response tokens s[-n:] are predicted at positions len(s)-n-1 ... len(s)-2
+        targets[i, len(s) - n - 1:len(s) - 1] = torch.tensor(s[len(s) - n:])
+    return input_ids, targets

@@ -1,0 +1,283 @@
+"""clo.py and data.py: the CLO loss worked by hand, LoRA against peft and transformers, the pipeline end to end,
+resuming, the translation cache, and the error messages of bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import clo
+import data as D
+import model as M
+import tiny
+from conftest import ROOT
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_clo_loss_worked_by_hand():
+    """Two pairs, beta = 0.5, lam = 0.25.
+
+    pair 1: (log pi - log ref) chosen = -3.0 - -3.5 = 0.5, rejected = -4.0 - -3.5 = -0.5; margin = 0.5 * 1.0 = 0.5;
+            -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077
+    pair 2: chosen = -5.0 - -5.0 = 0, rejected = -4.0 - -4.5 = 0.5; margin = 0.5 * -0.5 = -0.25;
+            -log sigmoid(-0.25) = log(1 + e^0.25) = 0.825939
+    L_CL = (0.474077 + 0.825939) / 2 = 0.650008; reward accuracy 1/2; mean margin (0.5 - 0.25) / 2 = 0.125.
+    NLL: only pair 2 is a target-language pair: its chosen response has summed NLL 10 over 4 tokens -> 2.5.
+    L = 0.25 * 2.5 + 0.75 * 0.650008 = 1.112506.
+    sft over both languages: (6 + 10) / (3 + 4) = 2.285714; dpo: 0.650008.
+    """
+    args = (torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-3.5, -5.0]),
+            torch.tensor([-3.5, -4.5]), torch.tensor([6.0, 10.0]), torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0]))
+    parts = clo.clo_loss(*args, beta=0.5, lam=0.25)
+    assert parts.loss.item() == pytest.approx(1.112506, abs=1e-6)
+    assert parts.pair_loss.item() == pytest.approx(0.650008, abs=1e-6)
+    assert parts.nll.item() == pytest.approx(2.5)
+    assert parts.reward_acc.item() == 0.5 and parts.margin.item() == pytest.approx(0.125)
+    assert clo.clo_loss(*args, beta=0.5, method="sft").loss.item() == pytest.approx(2.285714, abs=1e-6)
+    assert clo.clo_loss(*args, beta=0.5, method="sft", sft_target_only=True).loss.item() == pytest.approx(2.5)
+    assert clo.clo_loss(*args, beta=0.5, method="dpo").loss.item() == pytest.approx(0.650008, abs=1e-6)
+    # the reductions: clo at lam 1 is target-only sft, clo at lam 0 is dpo
+    assert clo.clo_loss(*args, beta=0.5, lam=1.0).loss == clo.clo_loss(*args, beta=0.5, method="sft",
+                                                                        sft_target_only=True).loss
+    assert clo.clo_loss(*args, beta=0.5, lam=0.0).loss == clo.clo_loss(*args, beta=0.5, method="dpo").loss
+
+
+PARALLEL = [
+    {"en_instruction": "Say hello.", "en_response": "Hello!", "ko_instruction": "안녕이라고 말해.",
+     "ko_response": "안녕하세요!", "sw_instruction": "Sema habari.", "sw_response": "Habari!"},
+    {"en_instruction": "Name a color.", "en_response": "Blue.", "ko_instruction": "색깔 하나.",
+     "ko_response": "파란색.", "sw_instruction": "Taja rangi.", "sw_response": "Bluu."},
+    {"en_instruction": "Count to three.", "en_response": "1, 2, 3.", "ko_instruction": "셋까지 세어.",
+     "ko_response": "하나, 둘, 셋.", "sw_instruction": "Hesabu hadi tatu.", "sw_response": "Moja, mbili, tatu."},
+]
+
+
+@pytest.fixture()
+def parallel_file(tmp_path):
+    path = tmp_path / "parallel.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
+    return str(path)
+
+
+def run_clo(*argv, check=True):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "clo.py"), "--no-progress", *argv],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_pair_loss_is_log2_at_step_0(llama_dir, parallel_file):
+    model, tok = M.load_model(llama_dir)
+    pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
+    ref = clo.reference_logps(model, pairs, 8, tok.pad_id, "cpu", progress=False)
+    M.apply_lora(model, r=4, alpha=8)
+    ids, targets = D.collate(pairs, tok.pad_id)
+    logp, n = clo.sequence_logps(model, ids, targets)
+    B = len(pairs)
+    parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], -logp[:B], n[:B].float(),
+                         torch.tensor([float(p.target) for p in pairs]), beta=0.1, lam=0.0)
+    assert abs(parts.loss.item() - math.log(2)) < 1e-6
+
+
+def test_sequence_logps_equals_full_log_softmax(llama_dir):
+    model, tok = M.load_model(llama_dir)
+    pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
+    ids, targets = D.collate(pairs[:2], tok.pad_id)
+    sums, n = clo.sequence_logps(model, ids, targets)
+    logp = torch.log_softmax(model(ids), -1)
+    for i in range(ids.shape[0]):
+        positions = (targets[i] != -100).nonzero()[:, 0]
+        expected = logp[i, positions, targets[i, positions]].sum()
+        assert torch.allclose(sums[i], expected, atol=1e-4)
+        seq = pairs[i % 2].chosen if i < 2 else pairs[i % 2].rejected
+        assert n[i] == len(seq) and targets[i, positions].tolist() == seq
+
+
+def test_tokenized_response_ends_with_end_of_turn_and_prompt_is_masked(llama_dir):
+    _, tok = M.load_model(llama_dir)
+    pairs, report = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
+    p = pairs[0]
+    assert p.chosen[-1] in tok.eos_ids and tok.decode(p.chosen) == "Hello!"
+    assert tok.decode(p.prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert report == {"pairs": 6, "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0, "kept": 6}
+    long_pair = {"prompt": "Say hello.", "chosen": "hello " * 50, "rejected": "Hi.", "target": True}
+    limit = 2 * len(p.prompt) + 2
+    short, report = D.tokenize_pairs([long_pair, {**long_pair, "prompt": "x " * limit}, {**long_pair, "chosen": " "}],
+                                     tok, limit)
+    assert report == {"pairs": 3, "dropped_empty": 1, "dropped_long_prompt": 1, "truncated": 1, "kept": 1}
+    assert len(short[0].prompt) + len(short[0].chosen) == limit and short[0].chosen[-1] not in tok.eos_ids
+
+
+def test_lora_merge_and_peft_and_transformers_agree(llama_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = M.load_model(llama_dir)
+    M.apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for m in M.lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.05)  # a trained-looking adapter: B != 0
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Explain gravity."}])])
+    with torch.no_grad():
+        ours = model(ids)
+        with M.lora_disabled(model):
+            base = model(ids)
+    assert (ours - base).abs().max() > 1e-3  # the adapter matters, so the comparisons below mean something
+    args = clo.parse_args(["--model", llama_dir, "--lang", "ko", "--lora-r", "4", "--lora-alpha", "8"])
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    clo.save_adapter(out, model, args, None)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        peft_logits = peft.PeftModel.from_pretrained(ref, out).eval()(ids).logits
+    assert (peft_logits - ours).abs().max() < 1e-4
+    clo.save_merged(os.path.join(out, "merged"), model, llama_dir)
+    with torch.no_grad():
+        assert (model(ids) - ours).abs().max() < 1e-4  # merge() in place: same function
+        merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()
+        assert (merged(ids).logits - ours).abs().max() < 1e-4
+    assert not M.lora_modules(model)
+
+
+def test_end_to_end_with_translator_writes_every_output(tmp_path):
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    m2m = tiny.make_m2m100(str(tmp_path / "m2m"), seed=0)  # no eos bias: outputs are never empty
+    out = str(tmp_path / "run")
+    r = run_clo("--model", llama, "--translator", m2m, "--lang", "ko,sw", "--num-samples", "3", "--out", out,
+                "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--merge", "--num-beams", "2",
+                "--max-len", "8192")
+    for name in ("args.json", "translations.jsonl", "pairs.jsonl", "metrics.jsonl", "adapter_model.safetensors",
+                 "adapter_config.json", "summary.json", "merged/model.safetensors", "merged/config.json",
+                 "merged/tokenizer.json", "merged/tokenizer_config.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert "pairs: 12 kept of 12" in r.stdout and "done:" in r.stdout
+    pairs = [json.loads(l) for l in open(os.path.join(out, "pairs.jsonl"))]
+    cache = [json.loads(l) for l in open(os.path.join(out, "translations.jsonl"))]
+    assert len(cache) == 6 and {c["key"] for c in cache} == {D.item_key({"instruction": c["en_instruction"],
+                                                                        "response": c["en_response"]}, l)
+                                                             for c in cache for l in ("ko", "sw") if f"{l}_response" in c}
+    en = D.load_sft(None, 3)
+    assert pairs[0] == {"lang": "ko", "target": False, "prompt": en[0]["instruction"], "chosen": en[0]["response"],
+                        "rejected": cache[0]["ko_response"]}
+    assert pairs[1]["prompt"] == cache[0]["ko_instruction"] and pairs[1]["chosen"] == cache[0]["ko_response"]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"))
+    assert merged.config.vocab_size > 0
+
+
+def test_reward_accuracy_reaches_one(tmp_path, parallel_file):
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    out = str(tmp_path / "run")
+    run_clo("--model", llama, "--translations", parallel_file, "--lang", "ko", "--out", out, "--max-steps", "25",
+            "--batch-size", "6", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "0")
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert rows[0]["pair_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["reward_acc"] == 1.0 and rows[-1]["pair_loss"] < rows[0]["pair_loss"] / 2
+    assert rows[-1]["nll"] < rows[0]["nll"]
+
+
+@pytest.mark.parametrize("tune", ["lora", "attn"])
+def test_killed_and_resumed_run_gives_the_same_weights(tmp_path, parallel_file, tune):
+    from safetensors.torch import load_file
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    common = ["--model", llama, "--translations", parallel_file, "--lang", "ko,sw", "--max-steps", "6",
+              "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--tune", tune, "--save-every", "2"]
+    run_clo(*common, "--out", str(tmp_path / "straight"))
+    killed = run_clo(*common, "--out", str(tmp_path / "resumed"), "--stop-after", "3", check=False)
+    assert killed.returncode == 17 and os.path.exists(tmp_path / "resumed" / "checkpoint" / "progress.json")
+    r = run_clo(*common, "--out", str(tmp_path / "resumed"), "--resume")
+    assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    name = "adapter_model.safetensors" if tune == "lora" else "merged/model.safetensors"
+    a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+class FlakyTranslator:
+    """Translates by tagging; dies after `fail_after` calls, as a killed process would."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def translate(self, texts, src, tgt, progress=False, **kw):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt
+        return [f"[{tgt}] {t}" for t in texts]
+
+
+def test_translation_cache_resumes_with_every_item_once(tmp_path):
+    items = D.load_sft(None, 20)
+    cache = str(tmp_path / "translations.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        D.translate_items(items, ["ko"], cache, FlakyTranslator(fail_after=2), chunk=4, log=lambda *_: None)
+    assert len(open(cache).readlines()) == 8
+    with open(cache, "a") as f:
+        f.write('{"key": "half a line')  # a crash in the middle of a write
+    counting = FlakyTranslator()
+    rows = D.translate_items(items, ["ko", "sw"], cache, counting, chunk=4, log=lambda *_: None)
+    assert counting.calls == 3 + 5  # 12 ko items left in chunks of 4, then 20 sw items
+    lines = [json.loads(l) for l in open(cache)]
+    keys = [l["key"] for l in lines]
+    assert len(keys) == len(set(keys)) == 40
+    assert [r["ko_response"] for r in rows] == [f"[ko] {it['response']}" for it in items]
+    again = FlakyTranslator(fail_after=0)  # nothing left to translate: never called
+    assert D.translate_items(items, ["ko", "sw"], cache, again, log=lambda *_: None) == rows
+
+
+def test_oasst1_parser_takes_english_rank0_best_first(tmp_path):
+    trees = [
+        {"prompt": {"role": "prompter", "lang": "en", "text": "Q1", "replies": [
+            {"role": "assistant", "rank": 1, "text": "worse"},
+            {"role": "assistant", "rank": 0, "text": "A1", "labels": {"quality": {"value": 0.5}}}]}},
+        {"prompt": {"role": "prompter", "lang": "de", "text": "Frage", "replies": [
+            {"role": "assistant", "rank": 0, "text": "Antwort"}]}},
+        {"prompt": {"role": "prompter", "lang": "en", "text": "Q2", "replies": [
+            {"role": "assistant", "rank": 0, "text": "A2", "labels": {"quality": {"value": 0.9}}}]}},
+    ]
+    path = tmp_path / "trees.jsonl"
+    path.write_text("\n".join(json.dumps(t) for t in trees))
+    assert D.oasst1_pairs(str(path)) == [{"instruction": "Q2", "response": "A2"}, {"instruction": "Q1",
+                                                                                     "response": "A1"}]
+
+
+def test_chat_format_and_alpaca_input(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                             {"role": "assistant", "content": "a"}, {"role": "user",
+                                                                                     "content": "u2"}]}) + "\n"
+                    + json.dumps({"instruction": "Sum", "input": "1 2", "output": "3"}) + "\n")
+    assert D.load_sft(str(path)) == [{"instruction": "u", "response": "a"}, {"instruction": "Sum\n\n1 2",
+                                                                              "response": "3"}]
+
+
+def test_bad_input_messages(tmp_path, llama_dir, parallel_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", oops}\n')
+    r = run_clo("--model", llama_dir, "--lang", "ko", "--data", str(bad), "--out", str(tmp_path / "r1"), check=False)
+    assert r.returncode == 2 and f"error: {bad}: line 2: not valid JSON" in r.stderr
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"instruction": "a"}\n')
+    r = run_clo("--model", llama_dir, "--lang", "ko", "--data", str(missing), "--out", str(tmp_path / "r2"),
+                check=False)
+    assert r.returncode == 2 and f"{missing}: line 1: missing field(s) ['output']" in r.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = run_clo("--model", llama_dir, "--lang", "ko", "--data", str(empty), "--out", str(tmp_path / "r3"), check=False)
+    assert r.returncode == 2 and f"{empty}: no SFT items found; the file is empty." in r.stderr
+    r = run_clo("--model", llama_dir, "--lang", "xx", "--out", str(tmp_path / "r4"), check=False)
+    assert r.returncode == 2 and "--lang 'xx': unknown language code" in r.stderr
+    r = run_clo("--model", str(tmp_path / "no-model"), "--lang", "ko", "--out", str(tmp_path / "r5"), check=False)
+    assert r.returncode == 2 and "no-model: not a checkpoint folder" in r.stderr
+    r = run_clo("--model", llama_dir, "--lang", "ko", "--num-samples", "2", "--translator", str(tmp_path / "no-mt"),
+                "--out", str(tmp_path / "r6"), check=False)
+    assert r.returncode == 2 and "--translator" in r.stderr and "could not load it" in r.stderr \
+        and "--translations FILE" in r.stderr
+    r = run_clo("--model", llama_dir, "--lang", "de", "--translations", parallel_file, "--out", str(tmp_path / "r7"),
+                check=False)
+    assert r.returncode == 2 and "lacks ['de_instruction', 'de_response']" in r.stderr
