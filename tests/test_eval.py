@@ -1,0 +1,156 @@
+"""eval.py: every metric on tiny models, the multiple-choice scorer on a hand-built model, the judge client against a
+local stub server, and the language ID on real FLORES sentences."""
+import csv
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import eval as E
+import model as M
+import tiny
+from conftest import ROOT
+
+SIB = os.path.join(ROOT, "..", "shared", "data", "sib200")
+
+
+class PrefersTokens(torch.nn.Module):
+    """A hand-built 'language model' whose next-token logits are +8 on a fixed set of token ids, 0 elsewhere."""
+
+    def __init__(self, vocab, preferred):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, vocab)
+        self.bias = torch.zeros(vocab)
+        self.bias[list(preferred)] = 8.0
+
+    def forward(self, ids):
+        return self.bias.expand(ids.shape[0], ids.shape[1], -1)
+
+
+def test_multiple_choice_picks_what_the_model_prefers(llama_dir):
+    _, tok = M.load_model(llama_dir)
+    rows = [{"context": "The sky is", "choices": ["green grass", "blue sea", "red fox"], "answer": 1, "lang": "en"},
+            {"context": "The sky is", "choices": ["green grass", "blue sea", "red fox"], "answer": 2, "lang": "de"}]
+    liked = set(tok.encode(" blue sea")) - set(tok.encode(" green grass")) - set(tok.encode(" red fox"))
+    fake = PrefersTokens(tok.vocab_size, liked)
+    assert E.multiple_choice_accuracy(fake, tok, rows, progress=False) == {"en": 1.0, "de": 0.0}
+
+
+def test_xcopa_and_generic_multiple_choice_files(tmp_path):
+    x = tmp_path / "val.sw.jsonl"
+    x.write_text(json.dumps({"premise": "Mtu alianguka.", "choice1": "A", "choice2": "B", "question": "cause",
+                             "label": 1, "idx": 0}) + "\n")
+    assert E.read_multiple_choice(str(x)) == [{"context": "Mtu alianguka kwa sababu", "choices": ["A", "B"],
+                                               "answer": 1, "lang": "sw"}]
+    g = tmp_path / "mc.jsonl"
+    g.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"mc.jsonl: line 1: 'answer' must be the index"):
+        E.read_multiple_choice(str(g))
+
+
+class StubJudge(http.server.BaseHTTPRequestHandler):
+    mode = "content"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        StubJudge.auth = self.headers.get("Authorization")
+        a = prompt.split("[Answer A]")[1].split("[Answer B]")[0]
+        if StubJudge.mode == "content":
+            verdict = "A" if "GOOD" in a else "B"
+        elif StubJudge.mode == "always-a":
+            verdict = "A"
+        elif StubJudge.mode == "tie":
+            verdict = "Tie."
+        if StubJudge.mode == "garbage":
+            payload = b"<html>oops</html>"
+        elif StubJudge.mode == "chatty":
+            payload = json.dumps({"choices": [{"message": {"content": "I think both are fine but"}}]}).encode()
+        else:
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def judge_url(monkeypatch):
+    server = http.server.HTTPServer(("127.0.0.1", 0), StubJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_judge_win_rate_both_orders(judge_url):
+    ask = E.http_judge(judge_url, "stub", key_env="TEST_JUDGE_KEY")
+    qs, langs = ["q1", "q2"], ["ko", "ko"]
+    StubJudge.mode = "content"
+    w = E.win_rate(ask, qs, langs, ["GOOD one", "GOOD two"], ["meh", "meh"])
+    assert w == {"win_rate": 1.0, "wins": 4, "ties": 0, "losses": 0}
+    assert StubJudge.auth == "Bearer sk-test"
+    StubJudge.mode = "always-a"  # pure position bias cancels out
+    assert E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])["win_rate"] == 0.5
+    StubJudge.mode = "tie"
+    assert E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"]) == {"win_rate": 0.5, "wins": 0, "ties": 4, "losses": 0}
+    StubJudge.mode = "garbage"
+    with pytest.raises(E.JudgeError, match="not an OpenAI chat completion"):
+        E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
+    StubJudge.mode = "chatty"
+    with pytest.raises(E.JudgeError, match="is not one of A, B, tie"):
+        E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
+    with pytest.raises(E.JudgeError, match="cannot connect"):
+        E.http_judge("http://127.0.0.1:9", "stub")("hi")
+
+
+@pytest.mark.skipif(not os.path.isdir(SIB), reason="../shared/data/sib200 not present")
+def test_language_id_on_flores_sentences():
+    for lang, code in (("en", "eng_Latn"), ("ko", "kor_Hang"), ("zh", "zho_Hans"), ("de", "deu_Latn"),
+                       ("id", "ind_Latn")):
+        rows = list(csv.DictReader(open(os.path.join(SIB, code, "dev.tsv")), delimiter="\t"))[:20]
+        right = sum(E.detect_language(r["text"]) == lang for r in rows)
+        assert right >= 18, (lang, right)
+    ko = list(csv.DictReader(open(os.path.join(SIB, "kor_Hang", "dev.tsv")), delimiter="\t"))[0]["text"]
+    en = list(csv.DictReader(open(os.path.join(SIB, "eng_Latn", "dev.tsv")), delimiter="\t"))[0]["text"]
+    assert E.switches_language(f"{ko}\n{en}") and not E.switches_language(f"{ko}\n{ko}")
+
+
+def test_eval_cli_on_base_and_clo_run(tmp_path):
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    par = tmp_path / "par.jsonl"
+    par.write_text("".join(json.dumps({"en_instruction": f"Say {w}.", "en_response": f"{w}!",
+                                       "ko_instruction": f"{w} 말해.", "ko_response": f"{w}요!"}) + "\n"
+                           for w in ("hello", "yes", "blue")))
+    run = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "clo.py"), "--no-progress", "--model", llama, "--lang",
+                        "ko", "--translations", str(par), "--out", run, "--max-steps", "3", "--lr", "5e-3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    base, _ = M.load_model(llama)
+    tuned, tok = E.load_for_eval(run)
+    ids = torch.tensor([tok.encode("Say hello.")])
+    with torch.no_grad():
+        assert (tuned(ids) - base(ids)).abs().max() > 1e-4  # the adapter was applied
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "The sky is", "choices": ["blue", "green"], "answer": 0, "lang": "ko"}) + "\n")
+    out = str(tmp_path / "eval")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--no-progress", "--models", f"base={llama}",
+                        f"clo={run}", "--langs", "ko", "--num-prompts", "2", "--max-new-tokens", "8", "--heldout",
+                        str(par), "--mc", str(mc), "--out", out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(os.path.join(out, "results.json")))["results"]
+    for name in ("base", "clo"):
+        assert set(res[name]) == {"in_lang_en", "in_lang_ko", "confused_en", "confused_ko", "nll_en", "nll_ko",
+                                  "mc_acc_ko"}
+        assert all(0 <= res[name][k] <= 1 for k in res[name] if not k.startswith("nll"))
+    assert res["clo"]["nll_ko"] < res["base"]["nll_ko"]  # it trained on exactly these Korean answers
+    assert "| clo |" in r.stdout and os.path.exists(os.path.join(out, "results.md"))
