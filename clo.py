@@ -113,7 +113,8 @@ def save_checkpoint(folder, model, optimizer, step, epoch_batches_done):
     for group in optimizer.param_groups:
         for p in group["params"]:
             for k, v in optimizer.state.get(p, {}).items():
-                tensors[f"optim/{k}/{names[id(p)]}"] = v.detach().reshape(-1).clone() if v.dim() == 0 else v.clone()
+                v = v.detach()
+                tensors[f"optim/{k}/{names[id(p)]}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
     tensors["rng/cpu"] = torch.get_rng_state()
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
