@@ -8,6 +8,7 @@ adapter (or on the attention projections, the paper's setting) -> a PEFT adapter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,25 +40,30 @@ class LossParts:
 
 
 def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nll_sum, chosen_tokens, target,
-             beta: float = 0.1, lam: float = 0.5, method: str = "clo", sft_target_only: bool = False) -> LossParts:
+             beta: float = 0.1, lam: float = 0.5, method: str = "clo", sft_target_only: bool = False,
+             n_pairs=None, n_nll_tokens=None) -> LossParts:
     """The CLO objective (paper Sec. 3, eq. for L_CLO), one value per batch of B pairs:
 
         L = lam * NLL(y_l | x_l) + (1 - lam) * L_CL
         L_CL = -mean_pairs log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
 
     log pi(y|x) is the sum of the response tokens' log-probabilities (B,). L_CL runs over both kinds of pair (x_en:
-    y_en > y_l and x_l: y_l > y_en). NLL covers the chosen responses of target-language pairs only (`target`, a 1.0/0.0
+    y_en > y_l and x_l: y_l > y_en). NLL covers the chosen responses of target-language pairs only (`target`, 1.0/0.0
     (B,)), averaged per token: chosen_nll_sum (B,) and chosen_tokens (B,) are each chosen response's summed token NLL
     and its length.
 
     method "sft": the NLL alone, over the chosen responses of both kinds of pair (or target-language ones only with
     sft_target_only); "dpo": L_CL alone. So clo at lam=1 is sft with sft_target_only, and clo at lam=0 is dpo.
+
+    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own. Data-parallel ranks pass the
+    global batch's counts instead: each rank's value is then its share of the global loss, and the shares sum to it.
     """
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
-    pair_loss = -F.logsigmoid(margin).mean()
     in_nll = target if (method == "clo" or sft_target_only) else torch.ones_like(target)
-    tokens = (chosen_tokens * in_nll).sum()
-    nll = (chosen_nll_sum * in_nll).sum() / tokens.clamp(min=1)
+    n_pairs = len(margin) if n_pairs is None else n_pairs
+    n_nll_tokens = (chosen_tokens * in_nll).sum() if n_nll_tokens is None else n_nll_tokens
+    pair_loss = -F.logsigmoid(margin).sum() / n_pairs
+    nll = (chosen_nll_sum * in_nll).sum() / max(float(n_nll_tokens), 1.0)
     if method == "clo":
         loss = lam * nll + (1 - lam) * pair_loss
     elif method == "sft":
@@ -66,22 +72,20 @@ def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nl
         loss = pair_loss
     else:
         raise ValueError(f"--method {method!r}: expected clo, sft or dpo.")
-    return LossParts(loss, nll.detach(), pair_loss.detach(), (margin > 0).float().mean().detach(),
-                     margin.mean().detach())
+    return LossParts(loss, nll.detach(), pair_loss.detach(), (margin > 0).float().sum().detach() / n_pairs,
+                     margin.sum().detach() / n_pairs)
 
 
 def sequence_logps(model, input_ids, targets):
     """Summed log pi(response | prompt) per sequence, and its token count: (N,), (N,).
 
-    Only response positions are projected onto the vocabulary: (n_response_tokens, vocab) logits instead of
-    (N, T, vocab). Right padding needs no attention mask: pads sit after every real token, which a causal model
-    never looks ahead to."""
-    hidden = model.hidden_states(input_ids)            # (N, T, d_model)
+    Right padding needs no attention mask: pads sit after every real token, which a causal model
+    never looks ahead to. Only response positions are projected onto the vocabulary."""
     scored = targets != -100                           # (N, T)
-    logits = model.lm_head(hidden[scored])             # (n_scored, vocab)
+    logits = model(input_ids, score_mask=scored)       # (n_scored, vocab); through DDP's wrapper when distributed
     token_logp = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (n_scored,)
     row = scored.nonzero()[:, 0]
-    sums = torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, row, token_logp)
+    sums = torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, row, token_logp)
     return sums, scored.sum(1)
 
 
@@ -106,16 +110,20 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 # Checkpoints: safetensors + JSON, written to a temporary folder and renamed into place (atomic)
 
 
-def save_checkpoint(folder, model, optimizer, step, epoch_batches_done):
+def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None):
+    """Trainable weights, AdamW state, RNG and progress. Every rank holds the same values (FSDP: gathered here);
+    rank 0 writes."""
     from safetensors.torch import save_file
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    tensors = {f"param/{n}": t.contiguous().clone() for n, t in trainable_state(model).items()}
+    tensors = {f"param/{n}": full_tensor(t).cpu().contiguous().clone() for n, t in trainable_state(model).items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for k, v in optimizer.state.get(p, {}).items():
-                v = v.detach()
+                v = full_tensor(v.detach()).cpu()
                 tensors[f"optim/{k}/{names[id(p)]}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
     tensors["rng/cpu"] = torch.get_rng_state()
+    if dist is not None and not dist.main:
+        return
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -195,22 +203,88 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Data parallelism (torchrun): PyTorch's DDP or FSDP2 (fully_shard); one process = the same code with world = 1
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a no-op alone)."""
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(args) -> Dist:
+    """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs (one per process, by LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import datetime
+    if args.device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    # long enough for rank 0 to translate the data while the others wait at a barrier
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(minutes=args.dist_timeout))
+    return Dist(torch.distributed.get_rank(), world)
+
+
+def wrap_for_training(model, args, dist: Dist):
+    """DDP (trainable parameters replicated, gradients averaged) or, with --fsdp, FSDP2 (each decoder layer's
+    parameters sharded across ranks, gathered per layer on use). Alone: the model itself."""
+    if dist.world == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
+
+
+def full_tensor(t):
+    """A parameter's whole value, also when FSDP holds only this rank's shard of it (a DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
 @torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, progress=True):
+def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist = Dist()):
     """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
-    no second copy of the model is ever held. Returns (P, 2): [chosen, rejected]."""
+    no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
+    table is then summed across ranks. Returns (P, 2): [chosen, rejected]."""
     from tqdm import tqdm
     model.eval()
-    out = torch.zeros(len(pairs), 2)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
-    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress):
+    out = torch.zeros(len(pairs), 2, device=device)
+    mine = [i for i in range(len(pairs)) if i % dist.world == dist.rank]
+    order = sorted(mine, key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
+    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.main)):
         idx = order[b:b + batch_size]
         ids, targets = D.collate([pairs[i] for i in idx], pad_id)
         with autocast(device):
             sums, _ = sequence_logps(model, ids.to(device), targets.to(device))
-        sums = sums.float().cpu()
-        out[idx, 0], out[idx, 1] = sums[:len(idx)], sums[len(idx):]
-    return out
+        out[idx, 0], out[idx, 1] = sums[:len(idx)].float(), sums[len(idx):].float()
+    return dist.sum(out).cpu()
 
 
 def autocast(device):
@@ -220,76 +294,103 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
-def train(args, model, tok, pairs, ref, out, log=print):
+def global_batches(pairs, args, dist: Dist, epoch: int) -> list[list[int]]:
+    """Length-grouped batches of batch_size x world pairs; rank r trains on every world-th pair of each. A last batch
+    with fewer pairs than ranks is dropped (every rank must take part in every step)."""
+    batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch)
+    return [b for b in batches if len(b) >= dist.world]
+
+
+def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
+    """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
+    grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks."""
     device = args.device
-    batches_per_epoch = len(D.length_grouped_batches(pairs, args.batch_size, args.seed, 0))
+    batches_per_epoch = len(global_batches(pairs, args, dist, 0))
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     total = args.max_steps or steps_per_epoch * args.epochs
     warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    engine = wrap_for_training(model, args, dist)  # before the optimizer: FSDP replaces the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ckpt = os.path.join(out, "checkpoint")
     step, done_batches = 0, 0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if args.resume and os.path.exists(ckpt):
+        if args.fsdp:
+            raise ValueError("--resume is not supported with --fsdp yet (the checkpoint holds full tensors); rerun "
+                             "without --resume, or train with DDP (no --fsdp).")
         progress = load_checkpoint(ckpt, model, optimizer)
         step, done_batches = progress["step"], progress["batches_done"]
         log(f"resumed from {ckpt} at step {step}")
-        if os.path.exists(metrics_path):  # drop metrics of steps after the checkpoint: they are redone
+        if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
             rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
             D.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])
-    elif os.path.exists(metrics_path):
+    elif dist.main and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    dist.barrier()
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not args.progress)
+    bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not (args.progress and dist.main))
     model.train()
     last = {}
     t0 = time.perf_counter()
     pairs_seen = 0
     while step < total:
         epoch = done_batches // batches_per_epoch
-        batches = D.length_grouped_batches(pairs, args.batch_size, args.seed, epoch)
+        batches = global_batches(pairs, args, dist, epoch)
         micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "nll": 0.0, "pair_loss": 0.0, "reward_acc": 0.0, "margin": 0.0}
-        for idx in micro:
+        logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
+        for k, global_idx in enumerate(micro):
+            idx = global_idx[dist.rank::dist.world]
+            target = torch.tensor([float(pairs[i].target) for i in idx], device=device)
             ids, targets = D.collate([pairs[i] for i in idx], tok.pad_id)
             ids, targets = ids.to(device), targets.to(device)
-            with autocast(device):
-                logp, n_tokens = sequence_logps(model, ids, targets)  # (2B,)
             B = len(idx)
-            r = ref[idx].to(device)
-            parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], -logp[:B], n_tokens[:B].float(),
-                             torch.tensor([pairs[i].target for i in idx], device=device, dtype=torch.float),
-                             args.beta, args.lam, args.method, args.sft_target_only)
+            chosen_tokens = (targets[:B] != -100).sum(1).float()
+            in_nll = target if (args.method == "clo" or args.sft_target_only) else torch.ones_like(target)
+            # the global micro-batch's denominators, so that the ranks' losses are shares of one global loss
+            n_nll_tokens = dist.sum((chosen_tokens * in_nll).sum()).item()
+            sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
+            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device):
+                logp, n_tokens = sequence_logps(engine, ids, targets)  # (2B,)
+                r = ref[idx].to(device)
+                parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], -logp[:B], chosen_tokens, target,
+                                 args.beta, args.lam, args.method, args.sft_target_only,
+                                 n_pairs=len(global_idx), n_nll_tokens=n_nll_tokens)
+                # DDP and FSDP average gradients over ranks: scale by world so that they add up the shares
+                (parts.loss * dist.world / len(micro)).backward()
             if not torch.isfinite(parts.loss):
                 raise FloatingPointError(
                     f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
                     f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {ckpt} (if one was "
                     "written). Try a lower --lr, or --dtype float32.")
-            (parts.loss / len(micro)).backward()
-            for k in sums:
-                sums[k] += getattr(parts, k).item() / len(micro)
-            pairs_seen += B
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            logged += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
+                                   parts.margin]).float() / len(micro)
+            pairs_seen += len(global_idx)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = full_tensor(grad_norm).item()
         lr = lr_at(step, total, warmup, args.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
         step += 1
         done_batches += len(micro)
-        last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), **{k: round(v, 5) for k, v in
-                sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4),
+        loss, nll, pair_loss, acc, margin = dist.sum(logged).tolist()
+        last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), "loss": round(loss, 5),
+                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
+                "margin": round(margin, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                 "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['reward_acc']:.2f}", margin=f"{sums['margin']:.3f}",
-                        nll=f"{sums['nll']:.3f}")
+        if dist.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
         bar.update(1)
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(ckpt, model, optimizer, step, done_batches)
+        checkpoint_now = (args.save_every and step % args.save_every == 0 and step < total) or \
+            (args.stop_after and step >= args.stop_after)
+        if checkpoint_now:
+            save_checkpoint(ckpt, model, optimizer, step, done_batches, dist)
         if args.stop_after and step >= args.stop_after:  # for tests of --resume: a run killed after N steps
-            save_checkpoint(ckpt, model, optimizer, step, done_batches)
+            dist.barrier()
             os._exit(17)
     bar.close()
     return last
@@ -336,6 +437,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--merge", action="store_true", help="also write a full merged checkpoint to RUN_DIR/merged")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
+    p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
+                   "(rank 0 translates while the others wait)")
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
@@ -351,12 +455,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for lang in args.langs:  # fail before any work on a language the pipeline cannot handle
+        if not (lang in M.FLORES_CODES or "_" in lang):
+            raise ValueError(f"--lang {lang!r}: unknown language code. Use ISO 639-1 codes "
+                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+    dist = setup_distributed(args)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k != "stop_after"}, f, indent=2)
+    log = print if dist.main else (lambda *a, **k: None)
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "stop_after"}, f, indent=2)
     torch.manual_seed(args.seed)
-    log = print
     model, tok = M.load_model(args.model, args.dtype, args.device)
     # English items: --data, else the English side of --translations, else the shipped sample
     if args.translations and not args.data:
@@ -369,20 +479,24 @@ def main(argv=None):
         items = D.load_sft(args.data, args.num_samples)
 
     def get_translator():
+        if not dist.main:
+            raise RuntimeError(f"rank {dist.rank}: translations missing from the cache that rank 0 wrote.")
         try:
             return M.load_translator(args.translator, args.dtype, args.device)
         except Exception as e:
             raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
                              "with pre-translated data to train without an MT model.") from e
 
-    for lang in args.langs:  # fail before any work on a language the pipeline cannot handle
-        if not (lang in M.FLORES_CODES or "_" in lang):
-            raise ValueError(f"--lang {lang!r}: unknown language code. Use ISO 639-1 codes "
-                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
-    rows = D.translate_items(items, args.langs, os.path.join(out, "translations.jsonl"), get_translator,
-                             args.translations, num_beams=args.num_beams, log=log)
+    cache = os.path.join(out, "translations.jsonl")
+    if dist.main:  # only rank 0 translates and writes the cache; the others read it once it is complete
+        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations,
+                                 num_beams=args.num_beams, log=log)
+    dist.barrier()
+    if not dist.main:
+        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=log)
     pairs = D.build_pairs(rows, args.langs)
-    D.write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
+    if dist.main:
+        D.write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
     tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
     log(f"pairs: {report['kept']} kept of {report['pairs']} ({report['dropped_empty']} dropped for empty text, "
         f"{report['dropped_long_prompt']} for a prompt over half of --max-len {args.max_len}, "
@@ -394,25 +508,39 @@ def main(argv=None):
     if args.resume and os.path.exists(ref_path):
         ref = load_file(ref_path)["logps"]
     else:
-        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress)
-        save_file({"logps": ref.contiguous()}, ref_path)
+        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress, dist)
+        if dist.main:
+            save_file({"logps": ref.contiguous()}, ref_path)
     wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
     model.gradient_checkpointing = args.grad_checkpoint
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training {n_train:,} parameters ({args.tune}: {len(wrapped)} tensors/modules), {len(tokenized)} pairs")
-    last = train(args, model, tok, tokenized, ref, out, log)
+    log(f"training {n_train:,} parameters ({args.tune}: {len(wrapped)} tensors/modules), {len(tokenized)} pairs"
+        + (f", {dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""))
+    last = train(args, model, tok, tokenized, ref, out, log, dist)
     model.eval()
-    if args.tune == "lora":
-        save_adapter(out, model, args, wrapped)
-    if args.merge or args.tune != "lora":
-        save_merged(os.path.join(out, "merged"), model, model.source)
-    shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
-    summary = {"run": out, "steps": last.get("step"), "final": last, "pairs": report}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    log(f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
-        f"margin {last.get('margin')}  nll {last.get('nll')}")
-    return summary
+    trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if dist.main:
+        if args.fsdp and dist.world > 1:  # rebuild an unsharded copy on rank 0 from the gathered weights
+            model, _ = M.load_model(args.model, args.dtype, "cpu")
+            set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for n, t in trained.items():
+                    params[n].copy_(t)
+        if args.tune == "lora":
+            save_adapter(out, model, args, wrapped)
+        if args.merge or args.tune != "lora":
+            save_merged(os.path.join(out, "merged"), model, model.source)
+        shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+        summary = {"run": out, "steps": last.get("step"), "final": last, "pairs": report, "ranks": dist.world}
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log(f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
+            f"margin {last.get('margin')}  nll {last.get('nll')}")
+    dist.barrier()
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return last
 
 
 if __name__ == "__main__":

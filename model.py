@@ -247,15 +247,17 @@ class LlamaForCausalLM(nn.Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False):
-        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only. See hidden_states()."""
+                last_only: bool = False, score_mask=None):
+        """input_ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) with last_only; (n, vocab) for the n positions
+        where score_mask (B, T) is True: training projects only the positions it scores onto the vocabulary, which
+        saves most of the vocabulary-sized work on prompts. See hidden_states() for the masks."""
         x = self.hidden_states(input_ids, attention_mask, cache, start)
+        if score_mask is not None:
+            return self.lm_head(x[score_mask])
         return self.lm_head(x[:, -1:] if last_only else x)
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0):
         """input_ids (B, T) -> final normed hidden states (B, T, d_model), before the output projection.
-        Training projects only the positions it scores onto the vocabulary (clo.py), which saves most of the
-        vocabulary-sized work on long prompts.
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over every key position from slot 0: the T inputs
         without a cache, or all slots of the cache with one (the inputs then sit at slots [start, start+T)).

@@ -1,0 +1,142 @@
+"""Training speed and peak memory of clo's CLO step against TRL's DPOTrainer + PEFT LoRA on the same pairs.
+
+    pip install -r requirements-bench.txt
+    python bench/train.py MODEL [--pairs 4] [--steps 2] [--max-len 512]
+
+Both sides: the same preference pairs (real German/Korean data from data/mtbench_parallel_en_de_ko.jsonl, built into
+CLO pairs), LoRA r=16 alpha=32 on q,k,v,o, batch = all pairs in one step, fp32 on CPU, loss = (1 - lam) * sigmoid DPO
++ lam * NLL (TRL: loss_type ["sigmoid", "sft"], whose NLL covers every chosen response; clo's covers target-language
+ones: the same amount of compute). TRL runs in fp32 (bf16=False) like clo; activation checkpointing is the same on
+both sides (--grad-checkpoint; TRL's own default is on). Each side runs in its own process so that peak RSS is its own. Reference
+log-probs are part of the timed work on both sides. Also measures this machine's fp32 matmul rate in the same run.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data as D  # noqa: E402
+import model as M  # noqa: E402
+
+BETA, LAM = 0.1, 0.5
+
+
+def make_pairs(n):
+    rows = D.read_jsonl(os.path.join(ROOT, "data", "mtbench_parallel_en_de_ko.jsonl"))
+    return D.build_pairs(rows, ["de", "ko"])[:n]
+
+
+def matmul_gflops():
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+
+
+def run_ours(model_path, n, steps, max_len, grad_checkpoint):
+    import clo
+    model, tok = M.load_model(model_path)
+    pairs, _ = D.tokenize_pairs(make_pairs(n), tok, max_len)
+    tokens = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
+    t0 = time.perf_counter()
+    ref = clo.reference_logps(model, pairs, n, tok.pad_id, "cpu", progress=False)
+    M.apply_lora(model, clo.ATTENTION_PROJECTIONS, 16, 32.0)
+    model.gradient_checkpointing = grad_checkpoint
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    for _ in range(steps):
+        ids, targets = D.collate(pairs, tok.pad_id)
+        logp, count = clo.sequence_logps(model, ids, targets)
+        B = len(pairs)
+        parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], -logp[:B], count[:B].float(),
+                             torch.tensor([float(p.target) for p in pairs]), BETA, LAM)
+        opt.zero_grad()
+        parts.loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    # parameters that take part in matmuls: a tied embedding is counted once, as the output projection
+    n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    if not model.config.tie_word_embeddings:
+        n_params -= model.model.embed_tokens.weight.numel()
+    return seconds, tokens, n_params
+
+
+def run_trl(model_path, n, steps, max_len, grad_checkpoint):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in make_pairs(n)]
+    out = tempfile.mkdtemp()
+    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=n, max_steps=steps, learning_rate=1e-4, beta=BETA,
+                    loss_type=["sigmoid", "sft"], loss_weights=[1 - LAM, LAM], max_length=max_len,
+                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                    precompute_ref_log_probs=False, bf16=False, gradient_checkpointing=grad_checkpoint)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                      "o_proj"],
+                                                task_type="CAUSAL_LM"))
+    t0 = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t0, None, None
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on both sides (TRL's "
+                   "default; without it both keep every activation)")
+    p.add_argument("--which", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.which:
+        run = run_ours if a.which == "ours" else run_trl
+        seconds, tokens, n_params = run(a.model, a.pairs, a.steps, a.max_len, a.grad_checkpoint)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"seconds": seconds, "tokens": tokens, "params": n_params, "peak_mb": peak_mb}))
+        return
+    results = {}
+    for which in ("ours", "trl"):
+        r = subprocess.run([sys.executable, __file__, a.model, "--pairs", str(a.pairs), "--steps", str(a.steps),
+                            "--max-len", str(a.max_len), "--which", which]
+                           + (["--grad-checkpoint"] if a.grad_checkpoint else []), capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"{which} failed:\n{r.stderr[-3000:]}")
+        results[which] = json.loads(r.stdout.strip().splitlines()[-1])
+    rate = matmul_gflops()
+    ours, trl = results["ours"], results["trl"]
+    pairs = a.pairs * a.steps
+    # model FLOPs: 2 N per token for the one reference pass, 6 N per token per training step (forward + backward)
+    flops = ours["params"] * ours["tokens"] * (2 + 6 * a.steps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {a.pairs} pairs/step x {a.steps} "
+          f"steps, {ours['tokens']} tokens/step, max length {a.max_len}, activation checkpointing "
+          f"{'on' if a.grad_checkpoint else 'off'} on both sides")
+    print("| | clo | TRL DPOTrainer + PEFT | ratio |")
+    print("|---|---|---|---|")
+    print(f"| pairs/s | {pairs / ours['seconds']:.3f} | {pairs / trl['seconds']:.3f} | "
+          f"{trl['seconds'] / ours['seconds']:.1f}x |")
+    print(f"| wall time (s) | {ours['seconds']:.1f} | {trl['seconds']:.1f} | |")
+    print(f"| peak RSS (MB) | {ours['peak_mb']:.0f} | {trl['peak_mb']:.0f} | {ours['peak_mb'] / trl['peak_mb']:.2f} |")
+    print(f"\nmachine fp32 matmul: {rate:.1f} GFLOP/s; clo model FLOPs: "
+          f"{flops / ours['seconds'] / 1e9:.1f} GFLOP/s = {100 * flops / ours['seconds'] / 1e9 / rate:.0f}% of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""clo.py under torchrun: 2 CPU processes with gloo give the same adapter as one process with the same global batch;
+rank 0 alone translates; a rank that dies ends the job, bounded in time."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from conftest import ROOT
+from test_clo import PARALLEL
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def torchrun(*argv, nproc=2, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "clo.py"), "--no-progress", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kw)
+
+
+def single(*argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "clo.py"), "--no-progress", *argv], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    par = tmp / "parallel.jsonl"
+    rows = [{k: f"{v} ({i})" for k, v in r.items()} for i in range(3) for r in PARALLEL]  # 9 items, 18 pairs
+    par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return tmp, tiny.make_llama(str(tmp / "llama")), str(par)
+
+
+@pytest.mark.parametrize("tune", ["lora", "attn"])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune):
+    tmp, llama, par = setup
+    common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-steps", "4", "--grad-accum", "2",
+              "--lr", "1e-3", "--tune", tune, "--warmup", "1"]
+    single(*common, "--batch-size", "4", "--out", str(tmp / f"one-{tune}"))
+    r = torchrun(*common, "--batch-size", "2", "--out", str(tmp / f"two-{tune}"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 ranks (DDP)" in r.stdout
+    name = "adapter_model.safetensors" if tune == "lora" else "merged/model.safetensors"
+    a, b = load_file(str(tmp / f"one-{tune}" / name)), load_file(str(tmp / f"two-{tune}" / name))
+    assert a.keys() == b.keys()
+    changed = 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())
+    one = [json.loads(l) for l in open(tmp / f"one-{tune}" / "metrics.jsonl")]
+    two = [json.loads(l) for l in open(tmp / f"two-{tune}" / "metrics.jsonl")]
+    for x, y in zip(one, two):
+        for key in ("loss", "nll", "pair_loss", "reward_acc", "margin"):
+            assert x[key] == pytest.approx(y[key], abs=1e-4), key
+
+
+def test_rank0_translates_once_for_all(setup):
+    tmp, llama, _ = setup
+    m2m = tiny.make_m2m100(str(tmp / "m2m"), seed=0)
+    out = tmp / "translated"
+    r = torchrun("--model", llama, "--translator", m2m, "--lang", "ko,sw", "--num-samples", "4", "--out", str(out),
+                 "--max-steps", "1", "--batch-size", "1", "--grad-accum", "1", "--num-beams", "1", "--max-len", "8192")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("translating 4 items to ko") == 1  # rank 0 only
+    keys = [json.loads(l)["key"] for l in open(out / "translations.jsonl")]
+    assert len(keys) == 8 == len(set(keys))
+
+
+def test_a_dead_rank_ends_the_job(setup):
+    tmp, llama, par = setup
+    out = tmp / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "clo.py"), "--no-progress", "--model", llama, "--translations", par, "--lang", "ko",
+           "--max-steps", "100000", "--batch-size", "1", "--grad-accum", "1", "--out", str(out)]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (out / "metrics.jsonl").exists(), "training never started"
+    ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    os.kill(int(ranks[1]), signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        _, err = job.communicate(timeout=90)
+    finally:
+        job.kill()
+    assert job.returncode != 0 and time.time() - killed_at < 90
+    assert "Signal 9" in err or "SIGKILL" in err or "exitcode" in err
