@@ -251,6 +251,8 @@ def wrap_for_training(model, args, dist: Dist):
         return model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
+        for p in model.parameters():  # FSDP shards row-major tensors only (see model.column_major_wide_weights)
+            p.data = p.data.contiguous()
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)

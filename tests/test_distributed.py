@@ -41,19 +41,19 @@ def setup(tmp_path_factory):
     return tmp, tiny.make_llama(str(tmp / "llama")), str(par)
 
 
-@pytest.mark.parametrize("tune", ["lora", "attn"])
-def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune):
+@pytest.mark.parametrize("tune,engine", [("lora", "DDP"), ("attn", "DDP"), ("lora", "FSDP")])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune, engine):
     tmp, llama, par = setup
     common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-steps", "4", "--grad-accum", "2",
               "--lr", "1e-3", "--tune", tune, "--warmup", "1"]
     single(*common, "--batch-size", "4", "--out", str(tmp / f"one-{tune}"))
-    r = torchrun(*common, "--batch-size", "2", "--out", str(tmp / f"two-{tune}"))
+    r = torchrun(*common, "--batch-size", "2", "--out", str(tmp / f"two-{tune}"),
+                 *(["--fsdp"] if engine == "FSDP" else []))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 ranks (DDP)" in r.stdout
+    assert f"2 ranks ({engine})" in r.stdout
     name = "adapter_model.safetensors" if tune == "lora" else "merged/model.safetensors"
     a, b = load_file(str(tmp / f"one-{tune}" / name)), load_file(str(tmp / f"two-{tune}" / name))
     assert a.keys() == b.keys()
-    changed = 0
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())
     one = [json.loads(l) for l in open(tmp / f"one-{tune}" / "metrics.jsonl")]
@@ -61,6 +61,21 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune):
     for x, y in zip(one, two):
         for key in ("loss", "nll", "pair_loss", "reward_acc", "margin"):
             assert x[key] == pytest.approx(y[key], abs=1e-4), key
+
+
+def test_resume_under_torchrun(setup):
+    tmp, llama, par = setup
+    common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-steps", "4", "--batch-size", "2",
+              "--lr", "1e-3", "--save-every", "2"]
+    assert torchrun(*common, "--out", str(tmp / "straight")).returncode == 0
+    killed = torchrun(*common, "--out", str(tmp / "resumed"), "--stop-after", "3")
+    assert killed.returncode != 0 and (tmp / "resumed" / "checkpoint" / "progress.json").exists()
+    r = torchrun(*common, "--out", str(tmp / "resumed"), "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    a = load_file(str(tmp / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp / "resumed" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
 def test_rank0_translates_once_for_all(setup):
