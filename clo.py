@@ -76,17 +76,22 @@ def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nl
                      margin.sum().detach() / n_pairs)
 
 
-def sequence_logps(model, input_ids, targets):
-    """Summed log pi(response | prompt) per sequence, and its token count: (N,), (N,).
+def sequence_logps(model, batch, n_sequences: int):
+    """Summed log pi(response | prompt) of each of the batch's sequences, and its token count: (n,), (n,).
 
-    Right padding needs no attention mask: pads sit after every real token, which a causal model
-    never looks ahead to. Only response positions are projected onto the vocabulary."""
-    scored = targets != -100                           # (N, T)
-    logits = model(input_ids, score_mask=scored)       # (n_scored, vocab); through DDP's wrapper when distributed
+    batch is data.collate's (input_ids, targets, positions, segments). Only response positions are projected onto
+    the vocabulary. Rows holding one right-padded sequence each need no attention mask (a causal model never looks
+    ahead to the padding); packed rows attend within each sequence."""
+    input_ids, targets, positions, segments = batch
+    one_per_row = bool(((segments == segments[:, :1]) | (segments < 0)).all())
+    scored = targets != -100                                               # (R, T)
+    logits = model(input_ids, score_mask=scored, positions=None if one_per_row else positions,
+                   segments=None if one_per_row else segments)             # (n_scored, vocab); via DDP if wrapped
     token_logp = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (n_scored,)
-    row = scored.nonzero()[:, 0]
-    sums = torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, row, token_logp)
-    return sums, scored.sum(1)
+    seq = segments[scored]
+    sums = torch.zeros(n_sequences, device=logits.device).index_add(0, seq, token_logp)
+    counts = torch.zeros(n_sequences, device=logits.device, dtype=torch.long).index_add(0, seq, torch.ones_like(seq))
+    return sums, counts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,7 +276,7 @@ def full_tensor(t):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist = Dist()):
+def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist = Dist(), pack_to=None):
     """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
     no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
     table is then summed across ranks. Returns (P, 2): [chosen, rejected]."""
@@ -282,9 +287,9 @@ def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dis
     order = sorted(mine, key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
     for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.main)):
         idx = order[b:b + batch_size]
-        ids, targets = D.collate([pairs[i] for i in idx], pad_id)
+        batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
         with autocast(device):
-            sums, _ = sequence_logps(model, ids.to(device), targets.to(device))
+            sums, _ = sequence_logps(model, batch, 2 * len(idx))
         out[idx, 0], out[idx, 1] = sums[:len(idx)].float(), sums[len(idx):].float()
     return dist.sum(out).cpu()
 
@@ -345,16 +350,15 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
         for k, global_idx in enumerate(micro):
             idx = global_idx[dist.rank::dist.world]
             target = torch.tensor([float(pairs[i].target) for i in idx], device=device)
-            ids, targets = D.collate([pairs[i] for i in idx], tok.pad_id)
-            ids, targets = ids.to(device), targets.to(device)
+            batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
             B = len(idx)
-            chosen_tokens = (targets[:B] != -100).sum(1).float()
+            chosen_tokens = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
             in_nll = target if (args.method == "clo" or args.sft_target_only) else torch.ones_like(target)
             # the global micro-batch's denominators, so that the ranks' losses are shares of one global loss
             n_nll_tokens = dist.sum((chosen_tokens * in_nll).sum()).item()
             sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
             with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device):
-                logp, n_tokens = sequence_logps(engine, ids, targets)  # (2B,)
+                logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
                 r = ref[idx].to(device)
                 parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], -logp[:B], chosen_tokens, target,
                                  args.beta, args.lam, args.method, args.sft_target_only,
@@ -432,6 +436,8 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + response (see data.py)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory")
+    p.add_argument("--no-pack", dest="pack", action="store_false", help="one sequence per row, right-padded, "
+                   "instead of packing a batch's sequences into rows of up to --max-len tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -448,6 +454,7 @@ def parse_args(argv=None):
     a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     if a.lr is None:
         a.lr = 1e-4 if a.tune == "lora" else 5e-6
+    a.pack_to = a.max_len if a.pack else None
     if a.dtype is None:
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     if a.out is None:
@@ -510,7 +517,8 @@ def main(argv=None):
     if args.resume and os.path.exists(ref_path):
         ref = load_file(ref_path)["logps"]
     else:
-        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress, dist)
+        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress, dist,
+                              args.pack_to)
         if dist.main:
             save_file({"logps": ref.contiguous()}, ref_path)
     wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)

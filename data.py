@@ -315,20 +315,43 @@ def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: in
     return batches
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int):
-    """B pairs -> one right-padded batch of 2B sequences: chosen_1..chosen_B then rejected_1..rejected_B, so both
-    halves go through one forward pass.
-        input_ids (2B, T); targets (2B, T): the next token where it is a response token, else -100."""
-    seqs, resp = [], []
-    for half in ("chosen", "rejected"):
-        for p in pairs:
-            seqs.append(p.prompt + getattr(p, half))
-            resp.append(len(getattr(p, half)))
-    T = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for i, (s, n) in enumerate(zip(seqs, resp)):
-        input_ids[i, :len(s)] = torch.tensor(s)
-        # position t predicts token t+1: the response tokens s[-n:] are predicted at positions len(s)-n-1 ... len(s)-2
-        targets[i, len(s) - n - 1:len(s) - 1] = torch.tensor(s[len(s) - n:])
-    return input_ids, targets
+def collate(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None):
+    """B pairs -> one batch of their 2B sequences, chosen_1..chosen_B then rejected_1..rejected_B, so that both halves
+    go through one forward pass. Returns
+        input_ids (R, T); targets (R, T): the next token where it is a response token, else -100;
+        positions (R, T): each token's position in its own sequence; segments (R, T): which of the 2B sequences
+        each token belongs to (-1: padding).
+    pack_to None: one sequence per row (R = 2B), right-padded. pack_to L: sequences packed into as few rows of at most
+    max(L, longest) tokens as first-fit-decreasing finds; attention stays within a sequence (see
+    model.hidden_states), so the result is the same as unpacked, computed without the padding."""
+    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    resp = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    if pack_to is None:
+        rows = [[s] for s in range(len(seqs))]
+    else:
+        capacity = max(pack_to, max(map(len, seqs)))
+        rows, room = [], []
+        for s in sorted(range(len(seqs)), key=lambda s: -len(seqs[s])):
+            fit = next((r for r, free in enumerate(room) if free >= len(seqs[s])), None)
+            if fit is None:
+                rows.append([]), room.append(capacity)
+                fit = len(rows) - 1
+            rows[fit].append(s)
+            room[fit] -= len(seqs[s])
+    T = max(sum(len(seqs[s]) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), T), dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            seq, n = seqs[s], resp[s]
+            end = at + len(seq)
+            input_ids[r, at:end] = torch.tensor(seq)
+            # position t predicts token t+1: the response tokens seq[-n:] are predicted at len(seq)-n-1 .. len(seq)-2
+            targets[r, end - n - 1:end - 1] = torch.tensor(seq[len(seq) - n:])
+            positions[r, at:end] = torch.arange(len(seq))
+            segments[r, at:end] = s
+            at = end
+    return input_ids, targets, positions, segments

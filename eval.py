@@ -103,11 +103,10 @@ def response_nll(model, tok, rows, lang, batch_size=4):
     tokenized, _ = D.tokenize_pairs(pairs, tok, max_len=2048)
     total, count = 0.0, 0
     for b in range(0, len(tokenized), batch_size):
-        ids, targets = D.collate(tokenized[b:b + batch_size], tok.pad_id)
-        half = ids.shape[0] // 2  # chosen half only
-        device = model.lm_head.weight.device
-        logp, n = clo.sequence_logps(model, ids[:half].to(device), targets[:half].to(device))
-        total, count = total - logp.sum().item(), count + n.sum().item()
+        part = tokenized[b:b + batch_size]
+        batch = [t.to(model.lm_head.weight.device) for t in D.collate(part, tok.pad_id)]
+        logp, n = clo.sequence_logps(model, batch, 2 * len(part))
+        total, count = total - logp[:len(part)].sum().item(), count + n[:len(part)].sum().item()  # chosen only
     return total / max(count, 1)
 
 

@@ -247,27 +247,37 @@ class LlamaForCausalLM(nn.Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False, score_mask=None):
+                last_only: bool = False, score_mask=None, positions=None, segments=None):
         """input_ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) with last_only; (n, vocab) for the n positions
         where score_mask (B, T) is True: training projects only the positions it scores onto the vocabulary, which
         saves most of the vocabulary-sized work on prompts. See hidden_states() for the masks."""
-        x = self.hidden_states(input_ids, attention_mask, cache, start)
+        x = self.hidden_states(input_ids, attention_mask, cache, start, positions, segments)
         if score_mask is not None:
             return self.lm_head(x[score_mask])
         return self.lm_head(x[:, -1:] if last_only else x)
 
-    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0):
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
+                      positions=None, segments=None):
         """input_ids (B, T) -> final normed hidden states (B, T, d_model), before the output projection.
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over every key position from slot 0: the T inputs
         without a cache, or all slots of the cache with one (the inputs then sit at slots [start, start+T)).
         None means no padding. Padding may sit on the left (generation) or the right (training): positions count
         real tokens only, so a padded row computes what the same row computes alone.
+        Packed rows (training, no cache): positions (B, T) and segments (B, T) give each token's position in its own
+        sequence and that sequence's id (-1 for padding); a token attends only to earlier tokens of its sequence.
         """
         B, T = input_ids.shape
         device = input_ids.device
         end = start + T
-        if attention_mask is None:
+        if segments is not None:
+            q, k = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
+            same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)  # (B, T, T)
+            mask = ((k <= q)[None] & same | (k == q)[None])[:, None]                             # (B, 1, T, T)
+            window = self.config.sliding_window
+            if window is not None:
+                mask = mask & ((positions[:, :, None] - positions[:, None, :]) < window)[:, None] | (k == q)
+        elif attention_mask is None:
             positions = torch.arange(start, end, device=device).expand(B, T)
             mask = None
             window = self.config.sliding_window

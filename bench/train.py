@@ -43,22 +43,22 @@ def matmul_gflops():
     return 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
 
 
-def run_ours(model_path, n, steps, max_len, grad_checkpoint):
+def run_ours(model_path, n, steps, max_len, grad_checkpoint, pack=True):
     import clo
     model, tok = M.load_model(model_path)
     pairs, _ = D.tokenize_pairs(make_pairs(n), tok, max_len)
     tokens = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
     t0 = time.perf_counter()
-    ref = clo.reference_logps(model, pairs, n, tok.pad_id, "cpu", progress=False)
+    pack_to = max_len if pack else None
+    ref = clo.reference_logps(model, pairs, n, tok.pad_id, "cpu", progress=False, pack_to=pack_to)
     M.apply_lora(model, clo.ATTENTION_PROJECTIONS, 16, 32.0)
     model.gradient_checkpointing = grad_checkpoint
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     for _ in range(steps):
-        ids, targets = D.collate(pairs, tok.pad_id)
-        logp, count = clo.sequence_logps(model, ids, targets)
         B = len(pairs)
+        logp, count = clo.sequence_logps(model, D.collate(pairs, tok.pad_id, pack_to), 2 * B)
         parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], -logp[:B], count[:B].float(),
                              torch.tensor([float(p.target) for p in pairs]), BETA, LAM)
         opt.zero_grad()

@@ -76,26 +76,37 @@ def test_pair_loss_is_log2_at_step_0(llama_dir, parallel_file):
     pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
     ref = clo.reference_logps(model, pairs, 8, tok.pad_id, "cpu", progress=False)
     M.apply_lora(model, r=4, alpha=8)
-    ids, targets = D.collate(pairs, tok.pad_id)
-    logp, n = clo.sequence_logps(model, ids, targets)
     B = len(pairs)
+    logp, n = clo.sequence_logps(model, D.collate(pairs, tok.pad_id, pack_to=64), 2 * B)
     parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], -logp[:B], n[:B].float(),
                          torch.tensor([float(p.target) for p in pairs]), beta=0.1, lam=0.0)
     assert abs(parts.loss.item() - math.log(2)) < 1e-6
 
 
-def test_sequence_logps_equals_full_log_softmax(llama_dir):
-    model, tok = M.load_model(llama_dir)
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_sequence_logps_packed_and_unpacked_equal_full_log_softmax(tmp_path, model_type):
+    """Each sequence alone through the full model: log_softmax over all positions, response tokens summed. Packed
+    rows (several sequences a row, attention kept within each; Mistral: sliding window of 8) must give the same."""
+    folder = tiny.make_llama(str(tmp_path), model_type=model_type, **({"sliding_window": 8}
+                                                                     if model_type == "mistral" else {}))
+    model, tok = M.load_model(folder)
     pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
-    ids, targets = D.collate(pairs[:2], tok.pad_id)
-    sums, n = clo.sequence_logps(model, ids, targets)
-    logp = torch.log_softmax(model(ids), -1)
-    for i in range(ids.shape[0]):
-        positions = (targets[i] != -100).nonzero()[:, 0]
-        expected = logp[i, positions, targets[i, positions]].sum()
-        assert torch.allclose(sums[i], expected, atol=1e-4)
-        seq = pairs[i % 2].chosen if i < 2 else pairs[i % 2].rejected
-        assert n[i] == len(seq) and targets[i, positions].tolist() == seq
+    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    expected = []
+    with torch.no_grad():
+        for s, r in zip(seqs, responses):
+            logp = torch.log_softmax(model(torch.tensor([s]))[0], -1)
+            pos = torch.arange(len(s) - len(r) - 1, len(s) - 1)
+            expected.append(logp[pos, torch.tensor(r)].sum())
+        expected = torch.stack(expected)
+        for pack_to in (None, 64, 70, 256):
+            batch = D.collate(pairs, tok.pad_id, pack_to)
+            if pack_to == 70:
+                assert batch[0].shape[0] < len(seqs)  # several sequences share a row
+            sums, n = clo.sequence_logps(model, batch, len(seqs))
+            assert torch.allclose(sums, expected, atol=1e-4), pack_to
+            assert n.tolist() == [len(r) for r in responses]
 
 
 def test_tokenized_response_ends_with_end_of_turn_and_prompt_is_masked(llama_dir):
