@@ -59,8 +59,10 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune, eng
     one = [json.loads(l) for l in open(tmp / f"one-{tune}" / "metrics.jsonl")]
     two = [json.loads(l) for l in open(tmp / f"two-{tune}" / "metrics.jsonl")]
     for x, y in zip(one, two):
-        for key in ("loss", "nll", "pair_loss", "reward_acc", "margin"):
+        for key in ("loss", "nll", "pair_loss", "margin"):
             assert x[key] == pytest.approx(y[key], abs=1e-4), key
+        if x["step"] > 1:  # at step 1 every margin is 0 up to float noise, and its sign is noise too
+            assert x["reward_acc"] == pytest.approx(y["reward_acc"]), x["step"]
 
 
 def test_resume_under_torchrun(setup):
