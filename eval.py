@@ -28,7 +28,7 @@ import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PROMPTS = os.path.join(HERE, "data", "eval_prompts.jsonl")
-DEFAULT_HELDOUT = os.path.join(HERE, "data", "mtbench_parallel_en_de_ko.jsonl")
+DEFAULT_HELDOUT = os.path.join(HERE, "data", "mtbench_heldout_en_de_ko.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

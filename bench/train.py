@@ -34,13 +34,15 @@ def make_pairs(n):
     return D.build_pairs(rows, ["de", "ko"])[:n]
 
 
-def matmul_gflops():
+def matmul_gflops(seconds=3.0):
+    """The machine's fp32 matmul rate: the best of repeated 2048 x 2048 products over a few seconds."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(5):
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
         a @ b
-    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def run_ours(model_path, n, steps, max_len, grad_checkpoint, pack=True):
@@ -72,7 +74,7 @@ def run_ours(model_path, n, steps, max_len, grad_checkpoint, pack=True):
     return seconds, tokens, n_params
 
 
-def run_trl(model_path, n, steps, max_len, grad_checkpoint):
+def run_trl(model_path, n, steps, max_len, grad_checkpoint, trl_defaults=False):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,7 +88,8 @@ def run_trl(model_path, n, steps, max_len, grad_checkpoint):
     cfg = DPOConfig(output_dir=out, per_device_train_batch_size=n, max_steps=steps, learning_rate=1e-4, beta=BETA,
                     loss_type=["sigmoid", "sft"], loss_weights=[1 - LAM, LAM], max_length=max_len,
                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-                    precompute_ref_log_probs=False, bf16=False, gradient_checkpointing=grad_checkpoint)
+                    precompute_ref_log_probs=False,
+                    **({} if trl_defaults else {"bf16": False, "gradient_checkpointing": grad_checkpoint}))
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                       "o_proj"],
@@ -104,11 +107,16 @@ def main():
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on both sides (TRL's "
                    "default; without it both keep every activation)")
+    p.add_argument("--trl-defaults", action="store_true", help="leave TRL's own defaults (bf16 autocast, "
+                   "activation checkpointing) instead of matching clo's settings")
     p.add_argument("--which", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.which:
-        run = run_ours if a.which == "ours" else run_trl
-        seconds, tokens, n_params = run(a.model, a.pairs, a.steps, a.max_len, a.grad_checkpoint)
+        if a.which == "ours":
+            seconds, tokens, n_params = run_ours(a.model, a.pairs, a.steps, a.max_len, a.grad_checkpoint)
+        else:
+            seconds, tokens, n_params = run_trl(a.model, a.pairs, a.steps, a.max_len, a.grad_checkpoint,
+                                                a.trl_defaults)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"seconds": seconds, "tokens": tokens, "params": n_params, "peak_mb": peak_mb}))
         return
@@ -116,7 +124,8 @@ def main():
     for which in ("ours", "trl"):
         r = subprocess.run([sys.executable, __file__, a.model, "--pairs", str(a.pairs), "--steps", str(a.steps),
                             "--max-len", str(a.max_len), "--which", which]
-                           + (["--grad-checkpoint"] if a.grad_checkpoint else []), capture_output=True, text=True)
+                           + (["--grad-checkpoint"] if a.grad_checkpoint else [])
+                           + (["--trl-defaults"] if a.trl_defaults else []), capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"{which} failed:\n{r.stderr[-3000:]}")
         results[which] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -127,7 +136,8 @@ def main():
     flops = ours["params"] * ours["tokens"] * (2 + 6 * a.steps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {a.pairs} pairs/step x {a.steps} "
           f"steps, {ours['tokens']} tokens/step, max length {a.max_len}, activation checkpointing "
-          f"{'on' if a.grad_checkpoint else 'off'} on both sides")
+          f"{'on' if a.grad_checkpoint else 'off'} for clo; TRL "
+          f"{'with its defaults (bf16 autocast, checkpointing on)' if a.trl_defaults else 'matched (fp32)'}")
     print("| | clo | TRL DPOTrainer + PEFT | ratio |")
     print("|---|---|---|---|")
     print(f"| pairs/s | {pairs / ours['seconds']:.3f} | {pairs / trl['seconds']:.3f} | "

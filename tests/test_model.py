@@ -243,3 +243,42 @@ def test_smollm2_parity_and_coherent_answer(smollm2):
     theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     assert new == theirs[:len(new)]
     assert "Paris" in tok.decode(new)
+
+
+def test_more_loader_errors(tmp_path):
+    folder = tiny.make_llama(str(tmp_path / "sharded"), shard=True)
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    os.remove(os.path.join(folder, sorted(set(index["weight_map"].values()))[-1]))
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors.index.json: names shards that are not in the "
+                                                r"folder"):
+        M.load_model(folder)
+    extra = tiny.make_llama(str(tmp_path / "extra"))
+    from safetensors.torch import load_file, save_file
+    state = load_file(os.path.join(extra, "model.safetensors"))
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old checkpoints carry this: ignored
+    save_file(state, os.path.join(extra, "model.safetensors"))
+    M.load_model(extra)
+    state["model.vision_tower.weight"] = torch.ones(2)
+    save_file(state, os.path.join(extra, "model.safetensors"))
+    with pytest.raises(ValueError, match="tensor 'model.vision_tower.weight' has no place in this model"):
+        M.load_model(extra)
+    with pytest.raises(ValueError, match="is not a translator"):
+        M.load_translator(tiny.make_llama(str(tmp_path / "not-mt")))
+
+
+def test_chat_and_translate_cli(llama_dir, m2m_dir):
+    chat = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--model", llama_dir, "--prompt", "Hello",
+                           "--max-new-tokens", "5"], capture_output=True, text=True)
+    assert chat.returncode == 0, chat.stderr
+    ours, tok = M.load_model(llama_dir)
+    expected = tok.decode(M.generate(ours, tok, [tok.apply_chat_template([{"role": "user", "content": "Hello"}])],
+                                     5)[0])
+    assert chat.stdout == expected + "\n"
+    args = [sys.executable, os.path.join(ROOT, "model.py"), "--translate", "--translator", m2m_dir, "--src", "en",
+            "--tgt", "ko", "--num-beams", "2"]
+    one = subprocess.run(args + ["Hello there."], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    translator = M.load_translator(m2m_dir)
+    assert one.stdout == translator.translate(["Hello there."], "en", "ko", num_beams=2, progress=False)[0] + "\n"
+    lines = subprocess.run(args, input="Hello there.\nGood morning.\n", capture_output=True, text=True)
+    assert lines.returncode == 0 and lines.stdout.count("\n") == 2
