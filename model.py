@@ -1077,7 +1077,7 @@ def split_for_translation(text: str):
             plan.append(line)
             continue
         parts = []
-        for sentence in SENTENCE_END.split(body):
+        for sentence in (piece for s in SENTENCE_END.split(body) for piece in split_long(s)):
             spans = INLINE_CODE.findall(sentence)
             for i, span in enumerate(spans):
                 sentence = sentence.replace(span, f"<{i}>", 1)
@@ -1085,6 +1085,23 @@ def split_for_translation(text: str):
             sentences.append(sentence)
         plan.append((prefix, parts))
     return plan, sentences
+
+
+def split_long(sentence: str, max_chars: int = 400) -> list[str]:
+    """A run-on sentence (over max_chars, ~100+ tokens) cut at clause marks, else between words, into pieces the MT
+    model translates whole: NLLB drops or garbles the tail of long inputs, and cutting by tokens would lose text."""
+    if len(sentence) <= max_chars:
+        return [sentence]
+    pieces, current = [], ""
+    for chunk in re.split(r"(?<=[,;:])\s+", sentence):
+        words = chunk.split(" ") if len(chunk) > max_chars else [chunk]
+        for word in words:
+            joiner = " " if current else ""
+            if current and len(current) + len(joiner) + len(word) > max_chars:
+                pieces.append(current)
+                current, joiner = "", ""
+            current += joiner + word
+    return pieces + ([current] if current else [])
 
 
 def join_translation(plan, translated: list[str]) -> str:
@@ -1126,7 +1143,8 @@ class Translator:
     def __init__(self, model: M2M100ForConditionalGeneration, tokenizer, source: str = ""):
         self.model, self.tok, self.source = model, tokenizer, source
         self.vocab = tokenizer.get_vocab()
-        self.flagged: list[tuple[int, str]] = []  # (text index, sentence) still degenerate after a retry
+        # (text index, sentence) whose translation stayed degenerate after a retry (or, index -1, was cut to fit)
+        self.flagged: list[tuple[int, str]] = []
 
     def lang_id(self, code: str) -> int:
         return language_token(self.vocab, code)[1]
@@ -1162,8 +1180,9 @@ class Translator:
         sources = []
         for s in sentences:
             ids = self.encode_source(s, src)
-            if len(ids) > max_input_tokens:  # keep [lang] ... [eos]; NLLB degrades well before 512 tokens
+            if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
                 ids = ids[:max_input_tokens - 1] + [ids[-1]]
+                self.flagged.append((-1, s))
             sources.append(ids)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[list[int]] = [[] for _ in sources]

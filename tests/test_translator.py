@@ -106,3 +106,10 @@ def test_splitter_roundtrip_and_degenerate_detection():
     assert M.is_degenerate([5] * 10, [7, 8, 9] * 5)  # a phrase four times in a row
     assert M.is_degenerate([5] * 3, list(range(40)))  # far longer than its source
     assert not M.is_degenerate([5] * 10, [1, 2, 3, 4, 5, 6, 1, 2])
+    run_on = ", ".join(f"clause number {i} goes on and on" for i in range(40)) + "."
+    pieces = M.split_long(run_on, max_chars=200)
+    assert len(pieces) > 1 and all(len(p) <= 200 for p in pieces) and " ".join(pieces) == run_on
+    words = "x" * 50 + " " + " ".join(["word"] * 200)
+    assert " ".join(M.split_long(words, 100)) == words and max(map(len, M.split_long(words, 100))) <= 100
+    plan, sentences = M.split_for_translation(run_on)
+    assert len(sentences) > 1 and M.join_translation(plan, sentences) == run_on
