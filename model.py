@@ -506,13 +506,13 @@ def load_weights(model: nn.Module, folder: str, ignore=()):
         raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
 
 
-def build_on_meta(cls, cfg, dtype, device):
+def build_on_meta(cls, cfg, dtype, device, column_major: bool = False):
     """Builds the module without allocating or initialising weights, then allocates them once on `device`."""
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
-    if torch.device(device).type == "cpu":
+    if column_major and torch.device(device).type == "cpu":
         column_major_wide_weights(model)
     return model
 
@@ -521,7 +521,8 @@ def column_major_wide_weights(model: nn.Module):
     """Stores every projection with out_features >= in_features as the transpose of a contiguous (in, out) matrix:
     same shape and values, another memory order. For decoding (one row of activations) the CPU matmul kernel then
     streams the weights in order; on the 2-core test machine that made SmolLM2 batch-1 decoding 1.35x faster
-    (bench/generate.py). Call it on empty weights, before loading: it allocates, it does not copy."""
+    (bench/generate.py). Not for the translator, whose batched beam search is compute-bound: there row-major was 5-10%
+    faster. Call it on empty weights, before loading: it allocates, it does not copy."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
             w = module.weight
@@ -539,7 +540,7 @@ def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
     if raw.get("model_type") == "m2m_100":
         raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with load_translator().")
     cfg = LlamaConfig.from_hf(raw, cfg_path)
-    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device)
+    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
     model.reset_rope()
     model.source = folder
