@@ -72,16 +72,24 @@ def switches_language(text: str, min_chars: int = 20) -> bool:
 # Metrics
 
 
-def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progress=True):
+def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progress=True, dist=None):
+    """Greedy answers, batched by prompt length. Under torchrun each rank answers every world-th prompt and rank 0
+    gathers them all."""
     from tqdm import tqdm
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    mine = [i for i in range(len(prompts)) if i % world == rank]
+    order = sorted(mine, key=lambda i: len(prompts[i]))
     ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    answers = [""] * len(prompts)
-    for b in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
+    answers = {}
+    for b in tqdm(range(0, len(order), batch_size), desc="generating", disable=not (progress and rank == 0)):
         idx = order[b:b + batch_size]
         for i, new in zip(idx, M.generate(model, tok, [ids[i] for i in idx], max_new_tokens)):
             answers[i] = tok.decode(new)
-    return answers
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, answers)
+        answers = {i: a for part in parts for i, a in part.items()}
+    return [answers[i] for i in range(len(prompts))]
 
 
 def fidelity(answers, langs):
@@ -318,6 +326,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="eval_out")
+    p.add_argument("--dist-timeout", type=float, default=180.0, help="under torchrun: minutes a rank may wait")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     specs = {}
@@ -340,12 +349,17 @@ def main(argv=None):
     heldout = D.read_jsonl(a.heldout) if a.heldout else []
     mc_rows = [r for path in a.mc for r in read_multiple_choice(path)]
     os.makedirs(a.out, exist_ok=True)
+    import clo
+    dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
     results, answers = {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
         res = {}
-        ans = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress)
+        ans = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress,
+                             dist)
         answers[name] = ans
+        if not dist.main:
+            continue
         for lang, f in fidelity(ans, [r["lang"] for r in prompts]).items():
             res[f"in_lang_{lang}"], res[f"confused_{lang}"] = f["in_language"], f["confused"]
         for lang in langs:
@@ -356,6 +370,9 @@ def main(argv=None):
             res[f"mc_acc_{lang}"] = acc
         results[name] = res
         del model
+    if not dist.main:
+        torch.distributed.destroy_process_group()
+        return None
     if a.judge and len(specs) >= 2:
         ask = local_judge(a.judge[6:]) if a.judge.startswith("local:") else http_judge(a.judge, a.judge_model,
                                                                                         a.judge_key_env)
@@ -371,6 +388,8 @@ def main(argv=None):
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
     return results
 
 

@@ -114,3 +114,21 @@ def test_a_dead_rank_ends_the_job(setup):
         job.kill()
     assert job.returncode != 0 and time.time() - killed_at < 90
     assert "Signal 9" in err or "SIGKILL" in err or "exitcode" in err
+
+
+def test_eval_generation_split_across_ranks(setup):
+    tmp, llama, par = setup
+    args = [os.path.join(ROOT, "eval.py"), "--no-progress", "--models", f"base={llama}", "--langs", "ko",
+            "--num-prompts", "3", "--max-new-tokens", "6", "--heldout", par]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp / "eval1")], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp / "eval2")], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr
+    a = json.load(open(tmp / "eval1" / "results.json"))
+    b = json.load(open(tmp / "eval2" / "results.json"))
+    assert a["answers"] == b["answers"] and len(a["answers"]["base"]) == 6
+    assert a["results"] == b["results"]
+    assert two.stdout.count("| base |") == 1  # one table, from rank 0
