@@ -168,10 +168,12 @@ def load_checkpoint(folder, model, optimizer):
 # Output: a PEFT adapter, and a merged Hugging Face checkpoint
 
 
-def save_adapter(out, model, args, wrapped):
+def save_adapter(out, model, args):
+    """adapter_model.safetensors + adapter_config.json in peft's layout (peft and vLLM load them as they are)."""
     from safetensors.torch import save_file
     save_file(M.lora_state_dict(model), os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": args.model,
+    base = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model  # a hub id stays an id
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
               "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
               "target_modules": sorted(set(args.lora_targets)), "bias": "none", "fan_in_fan_out": False,
               "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
@@ -538,7 +540,7 @@ def main(argv=None):
                 for n, t in trained.items():
                     params[n].copy_(t)
         if args.tune == "lora":
-            save_adapter(out, model, args, wrapped)
+            save_adapter(out, model, args)
         if args.merge or args.tune != "lora":
             save_merged(os.path.join(out, "merged"), model, model.source)
         shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)

@@ -140,7 +140,7 @@ def test_lora_merge_and_peft_and_transformers_agree(llama_dir, tmp_path):
     args = clo.parse_args(["--model", llama_dir, "--lang", "ko", "--lora-r", "4", "--lora-alpha", "8"])
     out = str(tmp_path / "run")
     os.makedirs(out)
-    clo.save_adapter(out, model, args, None)
+    clo.save_adapter(out, model, args)
     ref = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         peft_logits = peft.PeftModel.from_pretrained(ref, out).eval()(ids).logits
