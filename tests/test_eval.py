@@ -154,3 +154,17 @@ def test_eval_cli_on_base_and_clo_run(tmp_path):
         assert all(0 <= res[name][k] <= 1 for k in res[name] if not k.startswith("nll"))
     assert res["clo"]["nll_ko"] < res["base"]["nll_ko"]  # it trained on exactly these Korean answers
     assert "| clo |" in r.stdout and os.path.exists(os.path.join(out, "results.md"))
+
+
+def test_charts_of_results_and_training_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "reward_acc": s / 3,
+                                                            "nll": 2.0 / s}) + "\n" for s in (1, 2, 3)))
+    written = E.plot({"base": {"in_lang_ko": 0.2, "nll_ko": 2.0}, "clo": {"in_lang_ko": 0.9, "nll_ko": 1.5}},
+                     {"base": "somewhere/else", "clo": str(run)}, str(tmp_path))
+    assert written == [str(tmp_path / "results.png"), str(tmp_path / "training.png")]
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
