@@ -142,14 +142,23 @@ def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A full tensor from a checkpoint, on ref's device, and sharded as ref is when ref is an FSDP DTensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements)
+    return full.to(ref.device)
+
+
 def load_checkpoint(folder, model, optimizer):
+    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer."""
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(folder, "state.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, t in tensors.items():
             if key.startswith("param/"):
-                params[key[6:]].copy_(t)
+                params[key[6:]].copy_(laid_out_like(t, params[key[6:]]))
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = next(n for n, q in params.items() if q is p)
@@ -157,7 +166,7 @@ def load_checkpoint(folder, model, optimizer):
             for k in ("step", "exp_avg", "exp_avg_sq"):
                 t = tensors.get(f"optim/{k}/{name}")
                 if t is not None:
-                    state[k] = t.reshape(()) if k == "step" else t
+                    state[k] = t.reshape(()) if k == "step" else laid_out_like(t, p)
             if state:
                 optimizer.state[p] = state
     torch.set_rng_state(tensors["rng/cpu"])
@@ -325,9 +334,6 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
     step, done_batches = 0, 0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if args.resume and os.path.exists(ckpt):
-        if args.fsdp:
-            raise ValueError("--resume is not supported with --fsdp yet (the checkpoint holds full tensors); rerun "
-                             "without --resume, or train with DDP (no --fsdp).")
         progress = load_checkpoint(ckpt, model, optimizer)
         step, done_batches = progress["step"], progress["batches_done"]
         log(f"resumed from {ckpt} at step {step}")

@@ -65,17 +65,19 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune, eng
             assert x["reward_acc"] == pytest.approx(y["reward_acc"]), x["step"]
 
 
-def test_resume_under_torchrun(setup):
+@pytest.mark.parametrize("engine", ["DDP", "FSDP"])
+def test_resume_under_torchrun(setup, engine):
     tmp, llama, par = setup
     common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-steps", "4", "--batch-size", "2",
-              "--lr", "1e-3", "--save-every", "2"]
-    assert torchrun(*common, "--out", str(tmp / "straight")).returncode == 0
-    killed = torchrun(*common, "--out", str(tmp / "resumed"), "--stop-after", "3")
-    assert killed.returncode != 0 and (tmp / "resumed" / "checkpoint" / "progress.json").exists()
-    r = torchrun(*common, "--out", str(tmp / "resumed"), "--resume")
+              "--lr", "1e-3", "--save-every", "2"] + (["--fsdp"] if engine == "FSDP" else [])
+    straight, resumed = tmp / f"straight-{engine}", tmp / f"resumed-{engine}"
+    assert torchrun(*common, "--out", str(straight)).returncode == 0
+    killed = torchrun(*common, "--out", str(resumed), "--stop-after", "3")
+    assert killed.returncode != 0 and (resumed / "checkpoint" / "progress.json").exists()
+    r = torchrun(*common, "--out", str(resumed), "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
-    a = load_file(str(tmp / "straight" / "adapter_model.safetensors"))
-    b = load_file(str(tmp / "resumed" / "adapter_model.safetensors"))
+    a = load_file(str(straight / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
