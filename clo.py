@@ -59,7 +59,7 @@ def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nl
     global batch's counts instead: each rank's value is then its share of the global loss, and the shares sum to it.
     """
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
-    in_nll = target if (method == "clo" or sft_target_only) else torch.ones_like(target)
+    in_nll = nll_weights(target, method, sft_target_only)
     n_pairs = len(margin) if n_pairs is None else n_pairs
     n_nll_tokens = (chosen_tokens * in_nll).sum() if n_nll_tokens is None else n_nll_tokens
     pair_loss = -F.logsigmoid(margin).sum() / n_pairs
@@ -74,6 +74,12 @@ def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nl
         raise ValueError(f"--method {method!r}: expected clo, sft or dpo.")
     return LossParts(loss, nll.detach(), pair_loss.detach(), (margin > 0).float().sum().detach() / n_pairs,
                      margin.sum().detach() / n_pairs)
+
+
+def nll_weights(target, method: str, sft_target_only: bool):
+    """1.0 for the pairs whose chosen response enters the NLL term: target-language ones for clo (and for sft with
+    sft_target_only), every pair for sft."""
+    return target if (method == "clo" or sft_target_only) else torch.ones_like(target)
 
 
 def sequence_logps(model, batch, n_sequences: int):
@@ -361,7 +367,7 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
             batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
             B = len(idx)
             chosen_tokens = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
-            in_nll = target if (args.method == "clo" or args.sft_target_only) else torch.ones_like(target)
+            in_nll = nll_weights(target, args.method, args.sft_target_only)
             # the global micro-batch's denominators, so that the ranks' losses are shares of one global loss
             n_nll_tokens = dist.sum((chosen_tokens * in_nll).sum()).item()
             sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
