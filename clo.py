@@ -355,9 +355,11 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
     last = {}
     t0 = time.perf_counter()
     pairs_seen = 0
+    epoch, batches = None, []
     while step < total:
-        epoch = done_batches // batches_per_epoch
-        batches = global_batches(pairs, args, dist, epoch)
+        if done_batches // batches_per_epoch != epoch:  # a new epoch: its shuffled batch order
+            epoch = done_batches // batches_per_epoch
+            batches = global_batches(pairs, args, dist, epoch)
         micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
         optimizer.zero_grad(set_to_none=True)
         logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
@@ -542,9 +544,11 @@ def main(argv=None):
         + (f", {dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""))
     last = train(args, model, tok, tokenized, ref, out, log, dist)
     model.eval()
-    trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    sharded = args.fsdp and dist.world > 1
+    if sharded:  # every rank takes part in gathering the shards
+        trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
     if dist.main:
-        if args.fsdp and dist.world > 1:  # rebuild an unsharded copy on rank 0 from the gathered weights
+        if sharded:  # rebuild an unsharded copy on rank 0 from the gathered weights
             model, _ = M.load_model(args.model, args.dtype, "cpu")
             set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
             with torch.no_grad():
