@@ -495,7 +495,7 @@ def main(argv=None):
     model, tok = M.load_model(args.model, args.dtype, args.device)
     # English items: --data, else the English side of --translations, else the shipped sample
     if args.translations and not args.data:
-        items = D.items_from_translations(args.translations, args.langs)
+        items = D.items_from_translations(args.translations)
         if args.num_samples:
             items = items[:args.num_samples]
         if not items:

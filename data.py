@@ -135,7 +135,7 @@ def item_key(item: dict, lang: str) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
 
 
-def read_translations(path: str, langs: list[str]) -> dict[tuple[str, str], dict]:
+def read_translations(path: str) -> dict[tuple[str, str], dict]:
     """A parallel JSONL file -> {(english instruction, english response): row}. A run's cache may end in a line cut
     short by a crash: that line is dropped (and truncated away by the next append), never half-used."""
     table = {}
@@ -184,7 +184,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
     `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
     """
     if translations_file:
-        table = read_translations(translations_file, langs)
+        table = read_translations(translations_file)
         rows = []
         for item in items:
             row = table.get((item["instruction"], item["response"]))
@@ -197,7 +197,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 raise ValueError(f"{translations_file}: the row for {item['instruction'][:60]!r} lacks {lacking}.")
             rows.append(row)
         return rows
-    cached = read_translations(cache_path, langs)
+    cached = read_translations(cache_path)
     for lang in langs:
         todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
         if todo:
@@ -219,10 +219,10 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
     return [cached[(it["instruction"], it["response"])] for it in items]
 
 
-def items_from_translations(path: str, langs: list[str]) -> list[dict]:
+def items_from_translations(path: str) -> list[dict]:
     """The English side of a translations file, as SFT items (for --translations without --data)."""
     return [{"instruction": r["en_instruction"], "response": r["en_response"]}
-            for r in read_translations(path, langs).values()]
+            for r in read_translations(path).values()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ class TokenizedPair:
     index: int            # position in pairs.jsonl
 
 
-def response_tokens(tok, prompt_text: str, prompt_ids: list[int], messages: list[dict]) -> list[int]:
+def response_tokens(tok, prompt_text: str, messages: list[dict]) -> list[int]:
     """The assistant turn as the template writes it, end-of-turn token included, trailing text after it dropped."""
     full = tok.render_chat(messages, add_generation_prompt=False)
     if not full.startswith(prompt_text):
@@ -295,7 +295,7 @@ def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[To
         room = max_len - len(prompt_ids)
         responses = []
         for text in (p["chosen"], p["rejected"]):
-            ids = response_tokens(tok, prompt_text, prompt_ids, user + [{"role": "assistant", "content": text}])
+            ids = response_tokens(tok, prompt_text, user + [{"role": "assistant", "content": text}])
             if len(ids) > room:
                 report["truncated"] += 1
                 ids = ids[:room]
