@@ -571,9 +571,15 @@ def main(argv=None):
     return last
 
 
-if __name__ == "__main__":
+def exit_on_error(main_fn, *errors):
+    """Runs a script's main(): bad input (and the given error types) prints one line `error: ...` and exits 2, with
+    no traceback. Shared by clo.py and eval.py."""
     try:
-        main()
-    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
+        main_fn()
+    except (ValueError, FileNotFoundError, OSError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, FloatingPointError)

@@ -23,6 +23,7 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
+import clo
 import data as D
 import model as M
 
@@ -105,7 +106,6 @@ def fidelity(answers, langs):
 @torch.no_grad()
 def response_nll(model, tok, rows, lang, batch_size=4):
     """Mean per-token NLL of the reference answers `<lang>_response` given `<lang>_instruction`."""
-    import clo
     pairs = [{"prompt": r[f"{lang}_instruction"], "chosen": r[f"{lang}_response"], "rejected": "-", "target": True}
              for r in rows]
     tokenized, _ = D.tokenize_pairs(pairs, tok, max_len=2048)
@@ -349,7 +349,6 @@ def main(argv=None):
     heldout = D.read_jsonl(a.heldout) if a.heldout else []
     mc_rows = [r for path in a.mc for r in read_multiple_choice(path)]
     os.makedirs(a.out, exist_ok=True)
-    import clo
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
     results, answers = {}, {}
     for name, path in specs.items():
@@ -394,8 +393,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, OSError, JudgeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    clo.exit_on_error(main, JudgeError)

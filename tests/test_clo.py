@@ -71,7 +71,7 @@ def run_clo(*argv, check=True):
     return out
 
 
-def test_pair_loss_is_log2_at_step_0(llama_dir, parallel_file):
+def test_pair_loss_is_log2_at_step_0(llama_dir):
     model, tok = M.load_model(llama_dir)
     pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
     ref = clo.reference_logps(model, pairs, 8, tok.pad_id, "cpu", progress=False)
