@@ -148,19 +148,21 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Static per-layer key/value buffers sized for one request: (B, n_kv_heads, prompt_len + max_new_tokens, hd)."""
+    """One attention layer's static key/value buffers, sized for one request: (B, n_kv_heads, prompt + new tokens, hd).
+    A model's cache is one per layer. Beam search reorders rows to follow the surviving beams."""
 
-    def __init__(self, n_layers, batch, n_kv_heads, length, head_dim, dtype, device):
-        shape = (batch, n_kv_heads, length, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+    def __init__(self, batch, n_heads, length, head_dim, dtype, device):
+        self.k = torch.zeros(batch, n_heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
 
-    def update(self, layer, start, k, v):
+    def update(self, start, k, v):
         """Writes k, v at slots [start, start+T) and returns the keys/values of slots [0, start+T)."""
         end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index):
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class Attention(nn.Module):
@@ -173,14 +175,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start=0):
         B, T, _ = x.shape  # (B, T, d_model)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # (B, n_kv, start+T, hd)
+            k, v = cache.update(start, k, v)  # (B, n_kv, start+T, hd)
         # mask None: plain causal attention (no padding, no cache offset) lets SDPA take its fastest kernel.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
@@ -208,8 +210,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,12 +243,13 @@ class LlamaForCausalLM(nn.Module):
         """Recomputes the rotary frequencies in float32 (after building on the meta device or casting to bf16)."""
         self.inv_freq = rope_inverse_frequencies(self.config).to(self.model.embed_tokens.weight.device)
 
-    def new_kv_cache(self, batch: int, length: int) -> KVCache:
+    def new_kv_cache(self, batch: int, length: int) -> list[KVCache]:
         w = self.model.embed_tokens.weight
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
+        return [KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
+                for _ in range(c.num_hidden_layers)]
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
+    def forward(self, input_ids, attention_mask=None, cache: list[KVCache] | None = None, start: int = 0,
                 last_only: bool = False, score_mask=None, positions=None, segments=None):
         """input_ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) with last_only; (n, vocab) for the n positions
         where score_mask (B, T) is True: training projects only the positions it scores onto the vocabulary, which
@@ -256,7 +259,7 @@ class LlamaForCausalLM(nn.Module):
             return self.lm_head(x[score_mask])
         return self.lm_head(x[:, -1:] if last_only else x)
 
-    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None, start: int = 0,
+    def hidden_states(self, input_ids, attention_mask=None, cache: list[KVCache] | None = None, start: int = 0,
                       positions=None, segments=None):
         """input_ids (B, T) -> final normed hidden states (B, T, d_model), before the output projection.
 
@@ -295,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, start)
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
         return self.model.norm(x)
 
     def _mask(self, key_valid, start, end):
@@ -833,22 +836,6 @@ class TranslatorDecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class LayerKV:
-    """One decoder layer's self-attention cache: (B, n_heads, max_len, hd) buffers, reorderable for beam search."""
-
-    def __init__(self, batch, n_heads, length, head_dim, dtype, device):
-        self.k = torch.zeros(batch, n_heads, length, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, start, k, v):
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def reorder(self, index):
-        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-
-
 class M2M100Stack(nn.Module):
     def __init__(self, cfg: M2M100Config, n_layers: int, layer_cls):
         super().__init__()
@@ -912,7 +899,7 @@ class M2M100ForConditionalGeneration(nn.Module):
         w = self.model.shared.weight
         c = self.config
         hd = c.d_model // c.decoder_attention_heads
-        return [LayerKV(batch, c.decoder_attention_heads, length, hd, w.dtype, w.device)
+        return [KVCache(batch, c.decoder_attention_heads, length, hd, w.dtype, w.device)
                 for _ in range(c.decoder_layers)]
 
     def decode(self, tokens, start, cache, cross, cross_mask, last_only=True):
