@@ -33,67 +33,61 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 @dataclass
 class LossParts:
     loss: torch.Tensor         # what is minimised
-    nll: torch.Tensor          # mean per-token NLL of the responses in the SFT term (0 if none in the batch)
-    pair_loss: torch.Tensor    # mean -log sigmoid(beta * margin) over the batch's pairs
+    nll: torch.Tensor          # per-token NLL of the responses in the NLL term (0 if none in the batch)
+    pair_loss: torch.Tensor    # L_CL: mean -log sigmoid(beta * margin) over the pairs
     reward_acc: torch.Tensor   # share of pairs with margin > 0
     margin: torch.Tensor       # mean beta * margin (the DPO implicit reward of chosen minus rejected)
 
 
-def clo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nll_sum, chosen_tokens, target,
-             beta: float = 0.1, lam: float = 0.5, method: str = "clo", sft_target_only: bool = False,
-             n_pairs=None, n_nll_tokens=None) -> LossParts:
-    """The CLO objective (paper Sec. 3, eq. for L_CLO), one value per batch of B pairs:
+def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             chosen_lengths, nll_mask, beta: float = 0.1, lam: float = 0.5, n_pairs=None,
+             n_nll_tokens=None) -> LossParts:
+    """The CLO objective (paper Sec. 3), over B preference pairs:
 
-        L = lam * NLL(y_l | x_l) + (1 - lam) * L_CL
+        L    = lam * NLL(y_l | x_l) + (1 - lam) * L_CL
         L_CL = -mean_pairs log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+        NLL  = -sum_{i in mask} log pi(y_c,i | x_i) / sum_{i in mask} |y_c,i|      (a per-token mean)
 
-    log pi(y|x) is the sum of the response tokens' log-probabilities (B,). L_CL runs over both kinds of pair (x_en:
-    y_en > y_l and x_l: y_l > y_en). NLL covers the chosen responses of target-language pairs only (`target`, 1.0/0.0
-    (B,)), averaged per token: chosen_nll_sum (B,) and chosen_tokens (B,) are each chosen response's summed token NLL
-    and its length.
+    The four *_logps (B,) are sequence log-probs, summed over response tokens (sequence_logps). L_CL runs over both
+    kinds of pair (x_en: y_en > y_l and x_l: y_l > y_en). The NLL term is the chosen log-probs of the pairs in
+    nll_mask (B,) 1.0/0.0 (CLO: the target-language pairs), per token: chosen_lengths (B,) are their token counts.
+    The paper's baselines are this equation with other settings (see parse_args): SFT is lam = 1 with every chosen
+    response in the mask (or the target-language ones), DPO is lam = 0.
 
-    method "sft": the NLL alone, over the chosen responses of both kinds of pair (or target-language ones only with
-    sft_target_only); "dpo": L_CL alone. So clo at lam=1 is sft with sft_target_only, and clo at lam=0 is dpo.
-
-    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own. Data-parallel ranks pass the
-    global batch's counts instead: each rank's value is then its share of the global loss, and the shares sum to it.
+    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts. The training loop passes
+    the whole optimizer step's counts (all micro-batches, all ranks): each micro-batch's loss is then its share of
+    the step's loss, and the shares (and their gradients) sum to the loss of the step's pairs taken at once.
+    Returns LossParts of scalars; reward_acc and margin are shares too.
     """
-    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
-    in_nll = nll_weights(target, method, sft_target_only)
+    margin = beta * ((policy_chosen_logps - reference_chosen_logps)
+                     - (policy_rejected_logps - reference_rejected_logps))                          # (B,)
     n_pairs = len(margin) if n_pairs is None else n_pairs
-    n_nll_tokens = (chosen_tokens * in_nll).sum() if n_nll_tokens is None else n_nll_tokens
+    n_nll_tokens = float((chosen_lengths * nll_mask).sum()) if n_nll_tokens is None else n_nll_tokens
     pair_loss = -F.logsigmoid(margin).sum() / n_pairs
-    nll = (chosen_nll_sum * in_nll).sum() / max(float(n_nll_tokens), 1.0)
-    if method == "clo":
-        loss = lam * nll + (1 - lam) * pair_loss
-    elif method == "sft":
-        loss = nll
-    elif method == "dpo":
-        loss = pair_loss
-    else:
-        raise ValueError(f"--method {method!r}: expected clo, sft or dpo.")
+    nll = -(policy_chosen_logps * nll_mask).sum() / max(n_nll_tokens, 1.0)
+    loss = lam * nll + (1 - lam) * pair_loss
     return LossParts(loss, nll.detach(), pair_loss.detach(), (margin > 0).float().sum().detach() / n_pairs,
                      margin.sum().detach() / n_pairs)
 
 
-def nll_weights(target, method: str, sft_target_only: bool):
-    """1.0 for the pairs whose chosen response enters the NLL term: target-language ones for clo (and for sft with
-    sft_target_only), every pair for sft."""
-    return target if (method == "clo" or sft_target_only) else torch.ones_like(target)
+def in_nll_term(pair, args) -> bool:
+    """Whether a pair's chosen response enters the NLL term: target-language ones (CLO; SFT with --sft-target-only),
+    or every one (SFT on both languages)."""
+    return pair.in_target_lang or args.nll_on == "all"
 
 
 def sequence_logps(model, batch, n_sequences: int):
     """Summed log pi(response | prompt) of each of the batch's sequences, and its token count: (n,), (n,).
 
-    batch is data.collate's (input_ids, targets, positions, segments). Only response positions are projected onto
+    batch is data.collate's (input_ids, labels, positions, segments). Only response positions are projected onto
     the vocabulary. Rows holding one right-padded sequence each need no attention mask (a causal model never looks
     ahead to the padding); packed rows attend within each sequence."""
-    input_ids, targets, positions, segments = batch
+    input_ids, labels, positions, segments = batch
     one_per_row = bool(((segments == segments[:, :1]) | (segments < 0)).all())
-    scored = targets != -100                                               # (R, T)
+    scored = labels != -100                                                # (R, T)
     logits = model(input_ids, score_mask=scored, positions=None if one_per_row else positions,
                    segments=None if one_per_row else segments)             # (n_scored, vocab); via DDP if wrapped
-    token_logp = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (n_scored,)
+    token_logp = -F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (n_scored,)
     seq = segments[scored]
     sums = torch.zeros(n_sequences, device=logits.device).index_add(0, seq, token_logp)
     counts = torch.zeros(n_sequences, device=logits.device, dtype=torch.long).index_add(0, seq, torch.ones_like(seq))
@@ -361,33 +355,35 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
             epoch = done_batches // batches_per_epoch
             batches = global_batches(pairs, args, dist, epoch)
         micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
+        # Sec. 3's means run over the pairs (and NLL tokens) of the whole optimizer step, however it is split into
+        # micro-batches and ranks: the denominators are the step's counts, known to every rank from the batch plan.
+        step_pairs = [pairs[i] for global_idx in micro for i in global_idx]
+        n_pairs = len(step_pairs)
+        n_nll_tokens = float(sum(len(p.chosen) for p in step_pairs if in_nll_term(p, args)))
         optimizer.zero_grad(set_to_none=True)
         logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
         for k, global_idx in enumerate(micro):
             idx = global_idx[dist.rank::dist.world]
-            target = torch.tensor([float(pairs[i].target) for i in idx], device=device)
-            batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
             B = len(idx)
-            chosen_tokens = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
-            in_nll = nll_weights(target, args.method, args.sft_target_only)
-            # the global micro-batch's denominators, so that the ranks' losses are shares of one global loss
-            n_nll_tokens = dist.sum((chosen_tokens * in_nll).sum()).item()
+            batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
+            chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
+            nll_mask = torch.tensor([float(in_nll_term(pairs[i], args)) for i in idx], device=device)
             sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
             with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device):
                 logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
-                r = ref[idx].to(device)
-                parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], -logp[:B], chosen_tokens, target,
-                                 args.beta, args.lam, args.method, args.sft_target_only,
-                                 n_pairs=len(global_idx), n_nll_tokens=n_nll_tokens)
-                # DDP and FSDP average gradients over ranks: scale by world so that they add up the shares
-                (parts.loss * dist.world / len(micro)).backward()
+                r = ref[idx].to(device)                          # (B, 2): reference chosen, rejected
+                parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], chosen_lengths, nll_mask, args.beta,
+                                 args.lam, n_pairs=n_pairs, n_nll_tokens=n_nll_tokens)
+                # each micro-batch's loss is its share of the step's; DDP and FSDP average gradients over ranks,
+                # so scaling by world makes them the sum of the ranks' shares
+                (parts.loss * dist.world).backward()
             if not torch.isfinite(parts.loss):
                 raise FloatingPointError(
                     f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
                     f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {ckpt} (if one was "
                     "written). Try a lower --lr, or --dtype float32.")
             logged += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
-                                   parts.margin]).float() / len(micro)
+                                   parts.margin]).float()
             pairs_seen += len(global_idx)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         grad_norm = full_tensor(grad_norm).item()
@@ -468,6 +464,14 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
     a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
+    # The paper's baselines (Sec. 4) are CLO's equation with other settings, fixed here rather than inside the loss:
+    # SFT is the NLL term alone, on the chosen answers of both languages (or the target language's); DPO is L_CL alone.
+    if a.method == "sft":
+        a.lam, a.nll_on = 1.0, ("target" if a.sft_target_only else "all")
+    elif a.method == "dpo":
+        a.lam, a.nll_on = 0.0, "target"
+    else:
+        a.nll_on = "target"
     if a.lr is None:
         a.lr = 1e-4 if a.tune == "lora" else 5e-6
     a.pack_to = a.max_len if a.pack else None
@@ -525,7 +529,8 @@ def main(argv=None):
     tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
     log(f"pairs: {report['kept']} kept of {report['pairs']} ({report['dropped_empty']} dropped for empty text, "
         f"{report['dropped_long_prompt']} for a prompt over half of --max-len {args.max_len}, "
-        f"{report['truncated']} responses truncated)")
+        f"{report['truncated']} responses truncated; {report['boundary_moved']} with a token across the "
+        "prompt/response boundary, scored as response)")
     if not tokenized:
         raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
     ref_path = os.path.join(out, "reference_logps.safetensors")

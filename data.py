@@ -230,15 +230,15 @@ def items_from_translations(path: str) -> list[dict]:
 
 
 def build_pairs(rows: list[dict], langs: list[str]) -> list[dict]:
-    """Two pairs per item and language. `target` marks the pair whose chosen answer is in the target language: only
-    those responses enter CLO's NLL term."""
+    """Two pairs per item and language. `in_target_lang` marks the pair whose chosen answer is in the target language:
+    only those responses enter CLO's NLL term."""
     pairs = []
     for row in rows:
         x_en, y_en = row["en_instruction"], row["en_response"]
         for lang in langs:
             x_l, y_l = row[f"{lang}_instruction"], row[f"{lang}_response"]
-            pairs.append({"lang": lang, "target": False, "prompt": x_en, "chosen": y_en, "rejected": y_l})
-            pairs.append({"lang": lang, "target": True, "prompt": x_l, "chosen": y_l, "rejected": y_en})
+            pairs.append({"lang": lang, "in_target_lang": False, "prompt": x_en, "chosen": y_en, "rejected": y_l})
+            pairs.append({"lang": lang, "in_target_lang": True, "prompt": x_l, "chosen": y_l, "rejected": y_en})
     return pairs
 
 
@@ -259,48 +259,75 @@ class TokenizedPair:
     prompt: list[int]     # chat-templated user turn + assistant header
     chosen: list[int]     # response tokens, up to and including the end-of-turn token
     rejected: list[int]
-    target: bool          # chosen is in the target language (CLO's NLL term)
+    in_target_lang: bool  # the chosen answer is in the target language (it enters CLO's NLL term)
     index: int            # position in pairs.jsonl
 
 
-def response_tokens(tok, prompt_text: str, messages: list[dict]) -> list[int]:
-    """The assistant turn as the template writes it, end-of-turn token included, trailing text after it dropped."""
-    full = tok.render_chat(messages, add_generation_prompt=False)
-    if not full.startswith(prompt_text):
-        raise ValueError("the chat template renders the conversation's prefix differently from the prompt; "
-                         "clo needs a template whose generation prompt is a prefix of the full conversation.")
-    ids = tok.encode(full[len(prompt_text):])
-    ends = [i for i, t in enumerate(ids) if t in tok.eos_ids]
-    return ids[:ends[-1] + 1] if ends else ids
+def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]], bool]:
+    """The tokens of each whole conversation (user turn `prompt`, assistant turn `response`), split into the shared
+    prompt and each response, exactly as the model sees them when the conversation is tokenized at once.
+
+    Encoding the prompt and the response as two strings is wrong for sentencepiece-style tokenizers (Llama 2,
+    Mistral: a normalizer that prepends "▁"): the response would start with a spurious lone "▁". So each rendered
+    conversation is encoded whole, and the response is what follows the prompt's tokens, up to and including the
+    last end-of-turn token (text a template writes after it, such as ChatML's newline, is dropped).
+    Where the prompt's own tokens are not a prefix of the conversation's (a token straddles the boundary), TRL's
+    DPOTrainer warns and still cuts at len(prompt tokens); we cut at the longest common prefix instead, so the
+    sequence is still exactly the conversation's tokens and the straddling token, which carries response text, is
+    scored as response. Returns (prompt ids, [response ids], whether the boundary moved)."""
+    user = [{"role": "user", "content": prompt}]
+    prompt_text = tok.render_chat(user, add_generation_prompt=True)
+    prompt_ids = tok.encode(prompt_text)
+    fulls = []
+    for text in responses:
+        full_text = tok.render_chat(user + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template renders the conversation's prefix differently from the prompt; "
+                             "clo needs a template whose generation prompt is a prefix of the full conversation.")
+        fulls.append(tok.encode(full_text))
+    shared = len(prompt_ids)
+    for ids in fulls:
+        k = 0
+        while k < min(shared, len(ids)) and ids[k] == prompt_ids[k]:
+            k += 1
+        shared = k
+    if shared == 0:
+        raise ValueError(f"the chat template's prompt and the whole conversation share no tokens (prompt {prompt[:40]!r}); "
+                         "check the tokenizer and chat template.")
+    out = []
+    for ids in fulls:
+        response = ids[shared:]
+        ends = [i for i, t in enumerate(response) if t in tok.eos_ids]
+        out.append(response[:ends[-1] + 1] if ends else response)
+    return prompt_ids[:shared], out, shared < len(prompt_ids)
 
 
 def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[TokenizedPair], dict]:
-    """Truncation policy (--max-len, in tokens of prompt + response):
+    """Tokens of each pair (see conversation_tokens), and the truncation policy (--max-len, in tokens of prompt +
+    response):
     - a pair with an empty prompt or response is dropped;
     - a pair whose prompt alone takes more than half of max_len is dropped: cutting a prompt changes the task;
     - otherwise chosen and rejected responses are each cut to max_len - len(prompt) tokens (as TRL's DPO does);
       a cut response loses its end-of-turn token, which is what a length-limited answer is.
-    Returns the kept pairs and counts of what was dropped or cut."""
-    kept, report = [], {"pairs": len(pairs), "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0}
+    Returns the kept pairs and counts of what was dropped or cut ("boundary_moved": pairs where a token straddled
+    the prompt/response boundary)."""
+    kept, report = [], {"pairs": len(pairs), "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0,
+                        "boundary_moved": 0}
     for index, p in enumerate(pairs):
         if not (p["prompt"].strip() and p["chosen"].strip() and p["rejected"].strip()):
             report["dropped_empty"] += 1
             continue
-        user = [{"role": "user", "content": p["prompt"]}]
-        prompt_text = tok.render_chat(user, add_generation_prompt=True)
-        prompt_ids = tok.encode(prompt_text)
+        prompt_ids, responses, moved = conversation_tokens(tok, p["prompt"], [p["chosen"], p["rejected"]])
         if len(prompt_ids) > max_len // 2:
             report["dropped_long_prompt"] += 1
             continue
+        report["boundary_moved"] += moved
         room = max_len - len(prompt_ids)
-        responses = []
-        for text in (p["chosen"], p["rejected"]):
-            ids = response_tokens(tok, prompt_text, user + [{"role": "assistant", "content": text}])
+        for k, ids in enumerate(responses):
             if len(ids) > room:
                 report["truncated"] += 1
-                ids = ids[:room]
-            responses.append(ids)
-        kept.append(TokenizedPair(prompt_ids, responses[0], responses[1], p["target"], index))
+                responses[k] = ids[:room]
+        kept.append(TokenizedPair(prompt_ids, responses[0], responses[1], p["in_target_lang"], index))
     report["kept"] = len(kept)
     return kept, report
 
@@ -317,15 +344,21 @@ def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: in
 
 def collate(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None):
     """B pairs -> one batch of their 2B sequences, chosen_1..chosen_B then rejected_1..rejected_B, so that both halves
-    go through one forward pass. Returns
-        input_ids (R, T); targets (R, T): the next token where it is a response token, else -100;
-        positions (R, T): each token's position in its own sequence; segments (R, T): which of the 2B sequences
+    go through one forward pass. See collate_sequences for what is returned."""
+    return collate_sequences([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs],
+                             pad_id, pack_to)
+
+
+def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int, pack_to: int | None = None):
+    """N (prompt ids, response ids) sequences -> one batch. Returns
+        input_ids (R, T); labels (R, T): the next token where it is a response token, else -100;
+        positions (R, T): each token's position in its own sequence; segments (R, T): which of the N sequences
         each token belongs to (-1: padding).
-    pack_to None: one sequence per row (R = 2B), right-padded. pack_to L: sequences packed into as few rows of at most
+    pack_to None: one sequence per row (R = N), right-padded. pack_to L: sequences packed into as few rows of at most
     max(L, longest) tokens as first-fit-decreasing finds; attention stays within a sequence (see
     model.hidden_states), so the result is the same as unpacked, computed without the padding."""
-    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    resp = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    seqs = [prompt + response for prompt, response in sequences]
+    resp = [len(response) for _, response in sequences]
     if pack_to is None:
         rows = [[s] for s in range(len(seqs))]
     else:
@@ -340,7 +373,7 @@ def collate(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None)
             room[fit] -= len(seqs[s])
     T = max(sum(len(seqs[s]) for s in row) for row in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
     positions = torch.zeros((len(rows), T), dtype=torch.long)
     segments = torch.full((len(rows), T), -1, dtype=torch.long)
     for r, row in enumerate(rows):
@@ -350,8 +383,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None)
             end = at + len(seq)
             input_ids[r, at:end] = torch.tensor(seq)
             # position t predicts token t+1: the response tokens seq[-n:] are predicted at len(seq)-n-1 .. len(seq)-2
-            targets[r, end - n - 1:end - 1] = torch.tensor(seq[len(seq) - n:])
+            labels[r, end - n - 1:end - 1] = torch.tensor(seq[len(seq) - n:])
             positions[r, at:end] = torch.arange(len(seq))
             segments[r, at:end] = s
             at = end
-    return input_ids, targets, positions, segments
+    return input_ids, labels, positions, segments

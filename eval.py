@@ -105,16 +105,18 @@ def fidelity(answers, langs):
 
 @torch.no_grad()
 def response_nll(model, tok, rows, lang, batch_size=4):
-    """Mean per-token NLL of the reference answers `<lang>_response` given `<lang>_instruction`."""
-    pairs = [{"prompt": r[f"{lang}_instruction"], "chosen": r[f"{lang}_response"], "rejected": "-", "target": True}
-             for r in rows]
-    tokenized, _ = D.tokenize_pairs(pairs, tok, max_len=2048)
+    """Mean per-token NLL of the reference answers `<lang>_response` given `<lang>_instruction`, tokenized as in
+    training (data.conversation_tokens)."""
+    seqs = []
+    for r in rows:
+        prompt_ids, (response_ids,), _ = D.conversation_tokens(tok, r[f"{lang}_instruction"], [r[f"{lang}_response"]])
+        seqs.append((prompt_ids, response_ids))
     total, count = 0.0, 0
-    for b in range(0, len(tokenized), batch_size):
-        part = tokenized[b:b + batch_size]
-        batch = [t.to(model.lm_head.weight.device) for t in D.collate(part, tok.pad_id)]
-        logp, n = clo.sequence_logps(model, batch, 2 * len(part))
-        total, count = total - logp[:len(part)].sum().item(), count + n[:len(part)].sum().item()  # chosen only
+    for b in range(0, len(seqs), batch_size):
+        part = seqs[b:b + batch_size]
+        batch = [t.to(model.lm_head.weight.device) for t in D.collate_sequences(part, tok.pad_id)]
+        logp, n = clo.sequence_logps(model, batch, len(part))
+        total, count = total - logp.sum().item(), count + n.sum().item()
     return total / max(count, 1)
 
 

@@ -61,8 +61,8 @@ def run_ours(model_path, n, steps, max_len, grad_checkpoint, pack=True):
     for _ in range(steps):
         B = len(pairs)
         logp, count = clo.sequence_logps(model, D.collate(pairs, tok.pad_id, pack_to), 2 * B)
-        parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], -logp[:B], count[:B].float(),
-                             torch.tensor([float(p.target) for p in pairs]), BETA, LAM)
+        parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], count[:B].float(),
+                             torch.tensor([float(p.in_target_lang) for p in pairs]), BETA, LAM)
         opt.zero_grad()
         parts.loss.backward()
         opt.step()

@@ -19,31 +19,47 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_clo_loss_worked_by_hand():
-    """Two pairs, beta = 0.5, lam = 0.25.
+    """Two pairs, beta = 0.5, lam = 0.25; sequence log-probs (summed over response tokens):
 
-    pair 1: (log pi - log ref) chosen = -3.0 - -3.5 = 0.5, rejected = -4.0 - -3.5 = -0.5; margin = 0.5 * 1.0 = 0.5;
+                 policy chosen  policy rejected  ref chosen  ref rejected  chosen tokens  in NLL term
+        pair 1       -3.0           -4.0           -3.5         -3.5            3          no (English chosen)
+        pair 2       -5.0           -4.0           -5.0         -4.5            4          yes (target language)
+
+    pair 1: (log pi - log ref) chosen = 0.5, rejected = -0.5; margin = 0.5 * 1.0 = 0.5;
             -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077
-    pair 2: chosen = -5.0 - -5.0 = 0, rejected = -4.0 - -4.5 = 0.5; margin = 0.5 * -0.5 = -0.25;
-            -log sigmoid(-0.25) = log(1 + e^0.25) = 0.825939
+    pair 2: chosen = 0, rejected = 0.5; margin = 0.5 * -0.5 = -0.25; -log sigmoid(-0.25) = log(1 + e^0.25) = 0.825939
     L_CL = (0.474077 + 0.825939) / 2 = 0.650008; reward accuracy 1/2; mean margin (0.5 - 0.25) / 2 = 0.125.
-    NLL: only pair 2 is a target-language pair: its chosen response has summed NLL 10 over 4 tokens -> 2.5.
-    L = 0.25 * 2.5 + 0.75 * 0.650008 = 1.112506.
-    sft over both languages: (6 + 10) / (3 + 4) = 2.285714; dpo: 0.650008.
+    NLL: pair 2's chosen response only: -(-5.0) / 4 tokens = 1.25.
+    L = 0.25 * 1.25 + 0.75 * 0.650008 = 0.800006.
+    SFT (lam 1) on both languages' chosen answers: (3 + 5) / (3 + 4) = 1.142857; on the target language's: 1.25.
+    DPO (lam 0): 0.650008.
     """
-    args = (torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-3.5, -5.0]),
-            torch.tensor([-3.5, -4.5]), torch.tensor([6.0, 10.0]), torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0]))
-    parts = clo.clo_loss(*args, beta=0.5, lam=0.25)
-    assert parts.loss.item() == pytest.approx(1.112506, abs=1e-6)
+    logps = (torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-3.5, -5.0]),
+             torch.tensor([-3.5, -4.5]))
+    lengths, target_only, both = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])
+    parts = clo.clo_loss(*logps, lengths, target_only, beta=0.5, lam=0.25)
+    assert parts.loss.item() == pytest.approx(0.800006, abs=1e-6)
     assert parts.pair_loss.item() == pytest.approx(0.650008, abs=1e-6)
-    assert parts.nll.item() == pytest.approx(2.5)
+    assert parts.nll.item() == pytest.approx(1.25)
     assert parts.reward_acc.item() == 0.5 and parts.margin.item() == pytest.approx(0.125)
-    assert clo.clo_loss(*args, beta=0.5, method="sft").loss.item() == pytest.approx(2.285714, abs=1e-6)
-    assert clo.clo_loss(*args, beta=0.5, method="sft", sft_target_only=True).loss.item() == pytest.approx(2.5)
-    assert clo.clo_loss(*args, beta=0.5, method="dpo").loss.item() == pytest.approx(0.650008, abs=1e-6)
-    # the reductions: clo at lam 1 is target-only sft, clo at lam 0 is dpo
-    assert clo.clo_loss(*args, beta=0.5, lam=1.0).loss == clo.clo_loss(*args, beta=0.5, method="sft",
-                                                                        sft_target_only=True).loss
-    assert clo.clo_loss(*args, beta=0.5, lam=0.0).loss == clo.clo_loss(*args, beta=0.5, method="dpo").loss
+    assert clo.clo_loss(*logps, lengths, both, beta=0.5, lam=1.0).loss.item() == pytest.approx(1.142857, abs=1e-6)
+    assert clo.clo_loss(*logps, lengths, target_only, beta=0.5, lam=1.0).loss.item() == pytest.approx(1.25)
+    assert clo.clo_loss(*logps, lengths, target_only, beta=0.5, lam=0.0).loss.item() == pytest.approx(0.650008,
+                                                                                                     abs=1e-6)
+    # with the step's denominators, each pair's loss is its share: the shares sum to the loss of both at once
+    shares = [clo.clo_loss(*(x[i:i + 1] for x in logps), lengths[i:i + 1], target_only[i:i + 1], beta=0.5,
+                           lam=0.25, n_pairs=2, n_nll_tokens=4.0) for i in range(2)]
+    for field in ("loss", "nll", "pair_loss", "reward_acc", "margin"):
+        assert sum(getattr(s, field).item() for s in shares) == pytest.approx(getattr(parts, field).item(), abs=1e-6)
+
+
+def test_baselines_are_the_equation_with_other_settings():
+    """SFT = lam 1 with every chosen answer in the NLL term (or the target language's); DPO = lam 0; CLO = --lam."""
+    sft, sft_target, dpo, clo_ = (clo.parse_args(["--model", "m", "--lang", "ko", *extra]) for extra in
+                                  (["--method", "sft"], ["--method", "sft", "--sft-target-only"],
+                                   ["--method", "dpo"], ["--lam", "0.3"]))
+    assert (sft.lam, sft.nll_on) == (1.0, "all") and (sft_target.lam, sft_target.nll_on) == (1.0, "target")
+    assert dpo.lam == 0.0 and (clo_.lam, clo_.nll_on) == (0.3, "target")
 
 
 PARALLEL = [
@@ -78,8 +94,8 @@ def test_pair_loss_is_log2_at_step_0(llama_dir):
     M.apply_lora(model, r=4, alpha=8)
     B = len(pairs)
     logp, n = clo.sequence_logps(model, D.collate(pairs, tok.pad_id, pack_to=64), 2 * B)
-    parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], -logp[:B], n[:B].float(),
-                         torch.tensor([float(p.target) for p in pairs]), beta=0.1, lam=0.0)
+    parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], n[:B].float(),
+                         torch.tensor([float(p.in_target_lang) for p in pairs]), beta=0.1, lam=0.0)
     assert abs(parts.loss.item() - math.log(2)) < 1e-6
 
 
@@ -115,12 +131,12 @@ def test_tokenized_response_ends_with_end_of_turn_and_prompt_is_masked(llama_dir
     p = pairs[0]
     assert p.chosen[-1] in tok.eos_ids and tok.decode(p.chosen) == "Hello!"
     assert tok.decode(p.prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
-    assert report == {"pairs": 6, "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0, "kept": 6}
-    long_pair = {"prompt": "Say hello.", "chosen": "hello " * 50, "rejected": "Hi.", "target": True}
+    assert report == {"pairs": 6, "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0, "boundary_moved": 0, "kept": 6}
+    long_pair = {"prompt": "Say hello.", "chosen": "hello " * 50, "rejected": "Hi.", "in_target_lang": True}
     limit = 2 * len(p.prompt) + 2
     short, report = D.tokenize_pairs([long_pair, {**long_pair, "prompt": "x " * limit}, {**long_pair, "chosen": " "}],
                                      tok, limit)
-    assert report == {"pairs": 3, "dropped_empty": 1, "dropped_long_prompt": 1, "truncated": 1, "kept": 1}
+    assert report == {"pairs": 3, "dropped_empty": 1, "dropped_long_prompt": 1, "truncated": 1, "boundary_moved": 0, "kept": 1}
     assert len(short[0].prompt) + len(short[0].chosen) == limit and short[0].chosen[-1] not in tok.eos_ids
 
 
@@ -171,7 +187,7 @@ def test_end_to_end_with_translator_writes_every_output(tmp_path):
                                                                         "response": c["en_response"]}, l)
                                                              for c in cache for l in ("ko", "sw") if f"{l}_response" in c}
     en = D.load_sft(None, 3)
-    assert pairs[0] == {"lang": "ko", "target": False, "prompt": en[0]["instruction"], "chosen": en[0]["response"],
+    assert pairs[0] == {"lang": "ko", "in_target_lang": False, "prompt": en[0]["instruction"], "chosen": en[0]["response"],
                         "rejected": cache[0]["ko_response"]}
     assert pairs[1]["prompt"] == cache[0]["ko_instruction"] and pairs[1]["chosen"] == cache[0]["ko_response"]
     merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"))
