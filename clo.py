@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -429,6 +430,8 @@ def parse_args(argv=None):
     p.add_argument("--translations", default=None, help="pre-translated parallel JSONL (skips the MT model)")
     p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB checkpoint")
     p.add_argument("--num-beams", type=int, default=4, help="translation beam width")
+    p.add_argument("--keep-flagged", action="store_true", help="train also on items whose translation was flagged "
+                   "(a sentence cut at the MT model's input limit, or degenerate output); default: left out")
     p.add_argument("--method", default="clo", choices=("clo", "sft", "dpo"))
     p.add_argument("--sft-target-only", action="store_true", help="sft: NLL on target-language responses only")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature of the pair term")
@@ -482,12 +485,34 @@ def parse_args(argv=None):
     return a
 
 
+def check_languages(langs: list[str], translations: str | None):
+    """Fails before any work on a language the run cannot train. With --translations, any language whose columns the
+    file has (no MT model is used); otherwise one the translator's code table knows."""
+    import difflib
+    for lang in langs:
+        if lang in ("en", "eng_Latn"):
+            raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
+    if translations:
+        have = sorted({k[:-len("_response")] for row in D.read_translations(translations).values() for k in row
+                       if k.endswith("_response") and k != "en_response"})
+        for lang in langs:
+            if lang not in have:
+                raise ValueError(f"--lang {lang}: {translations} has no {lang}_instruction/{lang}_response columns; "
+                                 f"its languages: {', '.join(have) or 'none'}.")
+        return
+    for lang in langs:
+        if not (lang in M.FLORES_CODES or re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang)):
+            stem = lang.lower()[:2]  # KO, korean, ko_KR -> ko
+            close = [stem] if stem in M.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(M.FLORES_CODES),
+                                                                                    n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"--lang {lang}: unknown language code.{hint} Use ISO 639-1 codes "
+                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    for lang in args.langs:  # fail before any work on a language the pipeline cannot handle
-        if not (lang in M.FLORES_CODES or "_" in lang):
-            raise ValueError(f"--lang {lang!r}: unknown language code. Use ISO 639-1 codes "
-                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+    check_languages(args.langs, args.translations)
     dist = setup_distributed(args)
     out = args.out
     log = print if dist.main else (lambda *a, **k: None)
@@ -523,11 +548,21 @@ def main(argv=None):
     dist.barrier()
     if not dist.main:
         rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=log)
-    pairs = D.build_pairs(rows, args.langs)
+    flags = D.translation_flags(rows, args.langs)
+    if flags["flagged"]:
+        log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence cut "
+            f"at the MT model's input limit, {flags['degenerate']} degenerate after a retry; marked in "
+            f"{args.translations or cache}): " + ("kept (--keep-flagged)" if args.keep_flagged else
+                                                  "left out of the pairs (--keep-flagged keeps them)"))
+    pairs = D.build_pairs(rows, args.langs, args.keep_flagged)
     if dist.main:
         D.write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
     tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
-    log(f"pairs: {report['kept']} kept of {report['pairs']} ({report['dropped_empty']} dropped for empty text, "
+    report["dropped_flagged"] = 0 if args.keep_flagged else 2 * flags["flagged"]
+    report["pairs"] += report["dropped_flagged"]
+    report["translation_flags"] = flags
+    log(f"pairs: {report['kept']} kept of {report['pairs']} ({report['dropped_flagged']} dropped for a flagged "
+        f"translation, {report['dropped_empty']} for empty text, "
         f"{report['dropped_long_prompt']} for a prompt over half of --max-len {args.max_len}, "
         f"{report['truncated']} responses truncated; {report['boundary_moved']} with a token across the "
         "prompt/response boundary, scored as response)")

@@ -207,11 +207,14 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             texts = [t for it in part for t in (it["instruction"], it["response"])]
-            out = translator.translate(texts, "en", lang, progress=False, **translate_kwargs)
+            out, flags = translator.translate_flagged(texts, "en", lang, progress=False, **translate_kwargs)
             new = []
             for k, it in enumerate(part):
                 row = {"key": item_key(it, lang), "en_instruction": it["instruction"], "en_response": it["response"],
                        f"{lang}_instruction": out[2 * k], f"{lang}_response": out[2 * k + 1]}
+                problems = sorted(set(flags[2 * k]) | set(flags[2 * k + 1]))
+                if problems:  # kept in the file, so that the run (and a rerun) knows; see build_pairs
+                    row[f"{lang}_flags"] = problems
                 new.append(row)
                 key = (it["instruction"], it["response"])
                 cached[key] = {**cached.get(key, {}), **row}
@@ -229,17 +232,33 @@ def items_from_translations(path: str) -> list[dict]:
 # Cross-lingual pairs (CLO, Sec. 3)
 
 
-def build_pairs(rows: list[dict], langs: list[str]) -> list[dict]:
+def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) -> list[dict]:
     """Two pairs per item and language. `in_target_lang` marks the pair whose chosen answer is in the target language:
-    only those responses enter CLO's NLL term."""
+    only those responses enter CLO's NLL term. An item whose translation into a language was flagged (`<lang>_flags`:
+    a sentence cut at the MT model's input limit, or an output still degenerate after the retry) gives no pairs for
+    that language unless keep_flagged: a half-translated answer would teach the wrong thing."""
     pairs = []
     for row in rows:
         x_en, y_en = row["en_instruction"], row["en_response"]
         for lang in langs:
+            if row.get(f"{lang}_flags") and not keep_flagged:
+                continue
             x_l, y_l = row[f"{lang}_instruction"], row[f"{lang}_response"]
             pairs.append({"lang": lang, "in_target_lang": False, "prompt": x_en, "chosen": y_en, "rejected": y_l})
             pairs.append({"lang": lang, "in_target_lang": True, "prompt": x_l, "chosen": y_l, "rejected": y_en})
     return pairs
+
+
+def translation_flags(rows: list[dict], langs: list[str]) -> dict[str, int]:
+    """How many (item, language) translations carry each flag, and how many are flagged at all."""
+    counts = {"flagged": 0, "cut": 0, "degenerate": 0}
+    for row in rows:
+        for lang in langs:
+            flags = row.get(f"{lang}_flags") or []
+            counts["flagged"] += bool(flags)
+            for f in flags:
+                counts[f] = counts.get(f, 0) + 1
+    return counts
 
 
 def write_jsonl(path: str, rows: list[dict]):

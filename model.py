@@ -1131,8 +1131,6 @@ class Translator:
     def __init__(self, model: M2M100ForConditionalGeneration, tokenizer, source: str = ""):
         self.model, self.tok, self.source = model, tokenizer, source
         self.vocab = tokenizer.get_vocab()
-        # (text index, sentence) whose translation stayed degenerate after a retry (or, index -1, was cut to fit)
-        self.flagged: list[tuple[int, str]] = []
 
     def lang_id(self, code: str) -> int:
         return language_token(self.vocab, code)[1]
@@ -1163,14 +1161,15 @@ class Translator:
                                    length_penalty, early_stopping)
 
     def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
-        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens."""
+        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens. Returns the sources'
+        ids, the outputs' ids, and the indices of the sentences cut to max_input_tokens."""
         from tqdm import tqdm
-        sources = []
-        for s in sentences:
+        sources, cut = [], set()
+        for i, s in enumerate(sentences):
             ids = self.encode_source(s, src)
             if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
                 ids = ids[:max_input_tokens - 1] + [ids[-1]]
-                self.flagged.append((-1, s))
+                cut.add(i)
             sources.append(ids)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[list[int]] = [[] for _ in sources]
@@ -1183,12 +1182,19 @@ class Translator:
                 out[i] = gen
             bar.update(len(idx))
         bar.close()
-        return sources, out
+        return sources, out, cut
 
     def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                   batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
+        """Translates real texts (see translate_flagged); returns the translations only."""
+        return self.translate_flagged(texts, src, tgt, num_beams, batch_size, max_input_tokens, progress)[0]
+
+    def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
+                          batch_size: int = 16, max_input_tokens: int = 256,
+                          progress: bool = True) -> tuple[list[str], list[list[str]]]:
         """Translates real texts: markdown lines, lists and code survive; degenerate outputs are retried with the other
-        decoding (beam <-> greedy) and, if still degenerate, kept but listed in self.flagged."""
+        decoding (beam <-> greedy). Returns the translations and, per text, its problems: "cut" (a sentence longer
+        than max_input_tokens was cut, its tail untranslated) and "degenerate" (still degenerate after the retry)."""
         self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
         plans, sentences, owner = [], [], []
         for t_index, text in enumerate(texts):
@@ -1199,20 +1205,25 @@ class Translator:
             sentences += sents
             owner += [t_index] * len(sents)
         unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
-        sources, outputs = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
-                                                     progress)
+        sources, outputs, cut = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
+                                                          progress)
         bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)]
         if bad:
-            _, retried = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
-                                                   batch_size, max_input_tokens, False)
+            _, retried, _ = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
+                                                      batch_size, max_input_tokens, False)
             for i, r in zip(bad, retried):
                 if not is_degenerate(sources[i], r):
                     outputs[i] = r
         by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
         still_bad = {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}
-        self.flagged += [(t, sent) for t, sent in zip(owner, sentences) if sent in still_bad]
+        was_cut = {unique[i] for i in cut}
+        flags = [[] for _ in texts]
+        for t, sent in zip(owner, sentences):
+            for name, bad_set in (("cut", was_cut), ("degenerate", still_bad)):
+                if sent in bad_set and name not in flags[t]:
+                    flags[t].append(name)
         translated = [by_text[sent] for sent in sentences]
-        return [join_translation(plan, translated) for plan in plans]
+        return [join_translation(plan, translated) for plan in plans], flags
 
 
 def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):

@@ -231,11 +231,11 @@ class FlakyTranslator:
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = 0, fail_after
 
-    def translate(self, texts, src, tgt, progress=False, **kw):
+    def translate_flagged(self, texts, src, tgt, progress=False, **kw):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt
-        return [f"[{tgt}] {t}" for t in texts]
+        return [f"[{tgt}] {t}" for t in texts], [[] for _ in texts]
 
 
 def test_translation_cache_resumes_with_every_item_once(tmp_path):
