@@ -387,8 +387,8 @@ def check_lora_targets(model: nn.Module, targets):
             raise ValueError(f"LoRA target {t!r} names no layer of the model; use linear layer names such as "
                              "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head.")
         if not isinstance(found[t][1], (nn.Linear, LoRALinear)):
-            raise ValueError(f"LoRA target {t!r} is a {type(found[t][1]).__name__} ({found[t][0]}), not a linear "
-                             "layer: clo puts LoRA on nn.Linear layers only (q_proj, ..., down_proj, lm_head).")
+            raise ValueError(f"LoRA target {t!r} ({found[t][0]}, {type(found[t][1]).__name__}) is not a "
+                             "linear layer: clo puts LoRA on nn.Linear layers only (q_proj, ..., down_proj, lm_head).")
 
 
 def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,

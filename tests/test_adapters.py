@@ -83,7 +83,7 @@ def test_untied_export_keeps_a_tied_checkpoint_tied_without_lm_head_target(tied_
 
 
 @pytest.mark.parametrize("targets, line", [
-    (["q_proj", "embed_tokens"], "LoRA target 'embed_tokens' is a Embedding (model.embed_tokens), not a linear layer: "
+    (["q_proj", "embed_tokens"], "LoRA target 'embed_tokens' (model.embed_tokens, Embedding) is not a linear layer: "
                                  "clo puts LoRA on nn.Linear layers only (q_proj, ..., down_proj, lm_head)."),
     (["q_proj", "q_prj"], "LoRA target 'q_prj' names no layer of the model; use linear layer names such as "
                           "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head."),
@@ -194,3 +194,16 @@ def test_fields_that_change_the_math_are_refused(plain_adapter, tmp_path, field,
 def test_defaults_peft_writes_are_accepted(plain_adapter):
     cfg = M.adapter_config(plain_adapter)  # every field peft 0.21 writes for a plain LoRA passes
     assert cfg["r"] == 4 and not cfg.get("use_rslora")
+
+
+def test_cli_refuses_embed_tokens_target_before_any_work(tied_dir, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(clo.__file__), "clo.py"), "--no-progress",
+                        "--model", tied_dir, "--lang", "ko", "--lora-targets", "q_proj,embed_tokens", "--out",
+                        str(tmp_path / "run"), "--translator", str(tmp_path / "no-translator")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: LoRA target 'embed_tokens' (model.embed_tokens, Embedding) is not a linear layer: clo puts LoRA on "
+        "nn.Linear layers only (q_proj, ..., down_proj, lm_head)."]
