@@ -194,7 +194,8 @@ def save_adapter(out, model, args):
 
 
 def save_merged(folder, model, source):
-    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files."""
+    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files.
+    An adapted lm_head of a model with tied embeddings is written untied (see M.merge_lora)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     M.merge_lora(model)
@@ -206,6 +207,13 @@ def save_merged(folder, model, source):
                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
         if os.path.exists(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), folder)
+    config = M.read_json(os.path.join(folder, "config.json"))
+    if config.get("tie_word_embeddings") and not model.config.tie_word_embeddings:
+        # merge_lora untied an adapted lm_head from the embedding: the checkpoint now holds both matrices, and a
+        # loader that still tied them would drop the merged lm_head
+        config["tie_word_embeddings"] = False
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -522,6 +530,8 @@ def main(argv=None):
             json.dump({k: v for k, v in vars(args).items() if k != "stop_after"}, f, indent=2)
     torch.manual_seed(args.seed)
     model, tok = M.load_model(args.model, args.dtype, args.device)
+    if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
+        M.check_lora_targets(model, args.lora_targets)
     # English items: --data, else the English side of --translations, else the shipped sample
     if args.translations and not args.data:
         items = D.items_from_translations(args.translations)

@@ -39,11 +39,12 @@ DEFAULT_HELDOUT = os.path.join(HERE, "data", "mtbench_heldout_en_de_ko.jsonl")
 def load_for_eval(path: str, dtype=torch.float32, device="cpu"):
     """A checkpoint (folder or hub id), or a clo run folder: its adapter on the base model it names, merged."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")):
-        from safetensors.torch import load_file
-        cfg = M.read_json(os.path.join(path, "adapter_config.json"))
+        cfg = M.adapter_config(path)  # refuses an adapter we cannot apply faithfully before loading the base
+        if not cfg.get("base_model_name_or_path"):
+            raise ValueError(f"{path}/adapter_config.json: base_model_name_or_path is not set; it names the model "
+                             "the adapter belongs to.")
         model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device)
-        M.apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"])
-        M.load_lora_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")), path)
+        M.load_adapter(model, path)
         return M.merge_lora(model).eval(), tok
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "merged", "config.json")):
         return M.load_model(os.path.join(path, "merged"), dtype, device)

@@ -321,18 +321,19 @@ class LlamaForCausalLM(nn.Module):
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, "LoRA", eq. 3):
 
-        y = x W^T + b + (alpha / r) * dropout(x) A^T B^T,     A: (r, in), B: (out, r)
+        y = x W^T + b + scaling * dropout(x) A^T B^T,     A: (r, in), B: (out, r), scaling = alpha / r
 
     A starts random (Kaiming-uniform, as peft does) and B at zero, so a fresh adapter changes nothing: the model at
     step 0 is exactly the base model, which is what makes pi_ref = pi at the start of CLO training.
-    merge() folds the update into W (W += (alpha/r) B A) for inference at the base model's speed.
+    merge() folds the update into W (W += scaling B A) for inference at the base model's speed.
     Parameter names (lora_A.weight, lora_B.weight) are peft's, so the saved adapter loads in peft and vLLM.
+    `scaling` overrides alpha / r for adapters trained elsewhere (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)).
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scaling: float | None = None):
         super().__init__()
         self.base = base
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r if scaling is None else scaling
         w = base.weight
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
@@ -351,25 +352,60 @@ class LoRALinear(nn.Module):
             y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return y
 
-    def merged_linear(self) -> nn.Linear:
-        """The base Linear with the update folded in: W + (alpha / r) B A."""
+    def merged_linear(self, untie: bool = False) -> nn.Linear:
+        """The base Linear with the update folded in: W + scaling B A. untie: W is shared with another module
+        (lm_head tied to embed_tokens), so the sum goes into a new parameter of this layer alone and the other
+        module keeps W, which is what the adapter computes (its update acts on this layer's output only)."""
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        w = self.base.weight
         with torch.no_grad():
-            self.base.weight.copy_((self.base.weight.float() + delta).to(self.base.weight.dtype))
+            if untie:
+                self.base.weight = nn.Parameter(torch.empty_like(w), requires_grad=w.requires_grad)
+            self.base.weight.copy_((w.float() + delta).to(w.dtype))
         return self.base
+
+
+def wrap_linear(model: nn.Module, name: str, r: int, alpha: float, dropout: float = 0.0,
+                scaling: float | None = None) -> LoRALinear:
+    """Replaces the nn.Linear at `name` (e.g. model.layers.0.self_attn.q_proj) by a LoRALinear around it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = LoRALinear(getattr(parent, child), r, alpha, dropout, scaling)
+    setattr(parent, child, layer)
+    return layer
+
+
+def check_lora_targets(model: nn.Module, targets):
+    """Raises ValueError (one line) unless every target names an nn.Linear of the model (by attribute name).
+    A target that names nothing, or names an nn.Embedding (embed_tokens: LoRA on embeddings is not implemented),
+    would otherwise be left untrained without a word."""
+    found = {}
+    for name, module in model.named_modules():
+        found.setdefault(name.rpartition(".")[2], (name, module))
+    for t in targets:
+        if t not in found:
+            raise ValueError(f"LoRA target {t!r} names no layer of the model; use linear layer names such as "
+                             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head.")
+        if not isinstance(found[t][1], (nn.Linear, LoRALinear)):
+            raise ValueError(f"LoRA target {t!r} ({found[t][0]}, {type(found[t][1]).__name__}) is not a "
+                             "linear layer: clo puts LoRA on nn.Linear layers only (q_proj, ..., down_proj, lm_head).")
 
 
 def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,
                alpha: float = 32.0, dropout: float = 0.0) -> list[str]:
-    """Wraps every nn.Linear whose attribute name is in `targets`; freezes everything else. Returns wrapped names."""
+    """Wraps every nn.Linear whose attribute name is in `targets`; freezes everything else. Returns wrapped names.
+
+    Errors: a target that names no layer of the model, or names one that is not an nn.Linear (embed_tokens is an
+    nn.Embedding: LoRA on embeddings is not implemented), is refused, so that no target is silently left untrained.
+    lm_head is allowed on models with tied embeddings: the adapter then changes the output projection only, and
+    merge_lora unties it (see there)."""
+    check_lora_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
-                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    wrapped = [name for name, module in model.named_modules()
+               if name.rpartition(".")[2] in targets and type(module) is nn.Linear]
+    for name in wrapped:
+        wrap_linear(model, name, r, alpha, dropout)
     if not wrapped:
         raise ValueError(f"LoRA targets {list(targets)} match no linear layer of the model.")
     return wrapped
@@ -394,11 +430,24 @@ def lora_disabled(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its base weight and puts the plain nn.Linear back (in place)."""
+    """Folds every adapter into its base weight and puts the plain nn.Linear back (in place).
+
+    A base weight shared with another module (lm_head tied to embed_tokens) is untied: the merged layer gets its own
+    weight W + scaling B A, the embedding keeps W, and model.config.tie_word_embeddings becomes False, so that the
+    merged model (and the checkpoint save_merged writes from it) computes the adapter's logits. Folding the update
+    into the shared matrix instead would also shift every input embedding."""
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    untied = False
     for name, m in lora_modules(model).items():
+        shared = len(owners[id(m.base.weight)]) > 1
+        untied |= shared
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.merged_linear())
+        setattr(parent, child, m.merged_linear(untie=shared))
+    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
     return model
 
 
@@ -412,41 +461,222 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"):
+    """Copies peft-named adapter tensors into the model's LoRA layers; every layer must get both A and B."""
     mods = lora_modules(model)
+    seen = set()
     for key, t in state.items():
+        base = re.fullmatch(r"base_model\.model\.(.+)\.base_layer\.weight", key)
+        if base and base.group(1) in mods:
+            # peft saves the base weight of an adapted lm_head / embedding too (save_embedding_layers="auto"), in
+            # case the vocabulary was resized; the same values as the base model's mean nothing to apply
+            w = mods[base.group(1)].base.weight
+            if t.shape != w.shape or not torch.allclose(t.to(w.dtype), w, rtol=0, atol=1e-6):
+                raise ValueError(f"{source}: tensor {key!r} replaces the base model's {base.group(1)} weight (a "
+                                 "resized or retrained vocabulary?); clo does not load changed base weights.")
+            continue
         m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.[\w-]+)?\.weight", key)
         if m is None or m.group(1) not in mods:
             raise ValueError(f"{source}: tensor {key!r} matches no LoRA layer of this model; was the adapter "
                              "trained with other --lora-targets or on another model?")
+        target = getattr(mods[m.group(1)], m.group(2)).weight
+        if t.shape != target.shape:
+            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(target.shape)}; does adapter_config.json give this layer's rank?")
         with torch.no_grad():
-            getattr(mods[m.group(1)], m.group(2)).weight.copy_(t)
+            target.copy_(t)
+        seen.add((m.group(1), m.group(2)))
+    missing = [f"{n}.{ab}" for n in mods for ab in ("lora_A", "lora_B") if (n, ab) not in seen]
+    if missing:
+        raise ValueError(f"{source}: the adapter lacks {len(missing)} tensors its config targets, e.g. {missing[:2]}.")
+
+
+# Reading PEFT adapter folders (adapter_config.json + adapter_model.safetensors), ours or anyone's.
+# Each LoraConfig field that changes what the adapter computes is either honoured below or refused with one line;
+# fields that only describe training or provenance are ignored.
+ADAPTER_INFO_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                       "revision", "inference_mode", "lora_dropout", "megatron_core", "runtime_config",
+                       "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
+ADAPTER_HONOURED_FIELDS = {"r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "rank_pattern",
+                           "alpha_pattern", "layers_to_transform", "layers_pattern", "init_lora_weights", "bias",
+                           "ensure_weight_tying"}
+ADAPTER_REFUSED = {  # field -> why; refused when its value is set (not None / False / empty)
+    "use_dora": "DoRA (weight-decomposed LoRA) is not implemented",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights, GPT-2) does not apply to Llama-family layers",
+    "modules_to_save": "modules_to_save (fully trained extra modules) is not implemented",
+    "lora_bias": "lora_bias (a bias on lora_B) is not implemented",
+    "layer_replication": "layer_replication changes the model's layers and is not implemented",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not implemented",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not implemented",
+    "use_qalora": "QA-LoRA is not implemented",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not implemented",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not implemented",
+    "arrow_config": "Arrow routing (arrow_config) is not implemented",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not implemented",
+    "velora_config": "VeLoRA (velora_config) is not implemented",
+    "kasa_config": "KaSA (kasa_config) is not implemented",
+    "megatron_config": "Megatron parallel layers (megatron_config) are not implemented",
+}
+
+
+def adapter_config(folder: str) -> dict:
+    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict.
+
+    Honoured: r, lora_alpha, use_rslora (scale alpha / sqrt(r) instead of alpha / r), rank_pattern and alpha_pattern
+    (per-module r and alpha), target_modules (a list of names or a regex string, "all-linear"), exclude_modules,
+    layers_to_transform and layers_pattern. Refused with one line naming the field (ValueError): any field of
+    ADAPTER_REFUSED that is set, a bias other than "none", an init_lora_weights that rewrites the base weights
+    (pissa, olora, corda, loftq, ...: convert such adapters to plain LoRA with peft first), a peft_type other than
+    LORA, and any field this code does not know whose value is set."""
+    path = os.path.join(folder, "adapter_config.json")
+    cfg = read_json(path)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not supported; only LORA adapters are.")
+    for key, value in cfg.items():
+        if key in ADAPTER_INFO_FIELDS or key in ADAPTER_HONOURED_FIELDS or value in (None, False, "", [], {}):
+            continue
+        why = ADAPTER_REFUSED.get(key, "clo does not know this field, so it cannot apply it faithfully")
+        raise ValueError(f"{path}: {key} = {json.dumps(value)} is not supported: {why}.")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias = {json.dumps(cfg['bias'])} is not supported (trained base biases); only "
+                         "\"none\" is.")
+    init = cfg.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", "eva"):
+        raise ValueError(f"{path}: init_lora_weights = {json.dumps(init)} is not supported: that initialisation "
+                         "rewrites the base weights; convert the adapter to plain LoRA with peft "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first.")
+    if not cfg.get("target_modules"):
+        raise ValueError(f"{path}: target_modules is missing or empty.")
+    return cfg
+
+
+def _peft_targets(model: nn.Module, cfg: dict, path: str) -> list[str]:
+    """Module names the adapter wraps, by peft's matching rules (peft.tuners.tuners_utils.check_target_module_exists):
+    a string target_modules is a regex that must match the whole name; list entries match the name or its last
+    dotted parts; layers_to_transform keeps only the given layer indices (list form only, as in peft)."""
+    targets, exclude = cfg["target_modules"], cfg.get("exclude_modules")
+    layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    out = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str) else
+                        (name in exclude or any(name.endswith(f".{e}") for e in exclude))):
+            continue
+        if targets == "all-linear":  # peft: every linear layer except the output projection
+            hit = isinstance(module, nn.Linear) and name != "lm_head"
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = name in targets or any(name.endswith(f".{t}") for t in targets)
+            if hit and layers is not None and layers != []:
+                if pattern:
+                    pats = [pattern] if isinstance(pattern, str) else pattern
+                    found = next((m for p in pats if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))),
+                                 None)
+                else:
+                    found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+                idx = int(found.group("idx")) if found else None
+                hit = idx is not None and (idx == layers if isinstance(layers, int) else idx in layers)
+        if not hit:
+            continue
+        if type(module) is not nn.Linear:
+            raise ValueError(f"{path}: target_modules selects {name} ({type(module).__name__}); clo applies LoRA "
+                             "to nn.Linear layers only.")
+        out.append(name)
+    if not out:
+        raise ValueError(f"{path}: target_modules {targets!r} matches no linear layer of the base model.")
+    return out
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """peft's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key K, in the
+    file's order, such that the module name matches the regex (.*\\.)?(K)$."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, folder: str) -> list[str]:
+    """Applies the PEFT LoRA adapter in `folder` (adapter_config.json + adapter_model.safetensors) to `model` in
+    place, computing what peft computes on the same base model; returns the wrapped module names. Each wrapped layer
+    gets r = rank_pattern or r, alpha = alpha_pattern or lora_alpha, and scaling alpha / r (alpha / sqrt(r) with
+    use_rslora). Errors: see adapter_config(); a pickle-only adapter (adapter_model.bin) is refused."""
+    from safetensors.torch import load_file
+    cfg = adapter_config(folder)
+    path = os.path.join(folder, "adapter_config.json")
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        other = "adapter_model.bin is a pickle, which clo never loads; " if os.path.exists(
+            os.path.join(folder, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors; {other}save the adapter with peft's "
+                                "save_pretrained(..., safe_serialization=True).")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = _peft_targets(model, cfg, path)
+    owners = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    for name in names:
+        if cfg.get("ensure_weight_tying") and len(owners[id(model.get_submodule(name).weight)]) > 1:
+            raise ValueError(f"{path}: ensure_weight_tying = true on the tied layer {name} is not supported (it "
+                             "adapts the embedding too); clo adapts the output projection alone.")
+        r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        wrap_linear(model, name, r, alpha, scaling=scaling)
+    load_lora_state_dict(model, load_file(weights), weights)
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading checkpoints: a local folder or a hub id; safetensors only
 
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-             "chat_template.json", "adapter_config.json"]
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]  # besides the weights
+HUB_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
+    """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, and the weights
+    safetensors_files() will read: the index and the shards it names, or model.safetensors, or (neither present)
+    the top-level *.safetensors. Nothing else: Mistral repos also hold a native consolidated.safetensors as large as
+    all the shards, and many hold pickles and original/ folders. read_index() -> the index's parsed JSON."""
+    wanted = [f for f in HUB_FILES if f in listing]
+    if HUB_INDEX in listing:
+        return wanted + [HUB_INDEX] + sorted(set(read_index()["weight_map"].values()))
+    if "model.safetensors" in listing:
+        return wanted + ["model.safetensors"]
+    return wanted + sorted(f for f in listing if f.endswith(".safetensors") and "/" not in f
+                           and not f.startswith(("consolidated", "adapter_")))
+
+
 def resolve_checkpoint(path_or_id: str) -> str:
-    """A local folder as is; anything else is taken as a hub id and fetched (config, weights, tokenizer only)."""
+    """A local folder as is; anything else is taken as a hub id: lists the repository and fetches exactly
+    hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder. When the listing fails (offline,
+    HF_HUB_OFFLINE=1) a snapshot already in the cache is used as it is."""
     path = os.path.expanduser(str(path_or_id))
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{path_or_id}: not a checkpoint folder. Give a folder holding config.json and "
                                 "*.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
-    from huggingface_hub import snapshot_download
+    import huggingface_hub as hub
     try:
-        return snapshot_download(repo_id=path, allow_patterns=HUB_FILES)
-    except Exception as e:  # offline, unknown repo, gated repo: one message that names the id
+        listing = hub.list_repo_files(path)
+    except Exception as e:  # offline, unknown repo, gated repo: a cached snapshot, else one message naming the id
+        try:
+            return hub.snapshot_download(repo_id=path, local_files_only=True)
+        except Exception:
+            pass
         raise OSError(f"{path_or_id}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). "
                       "Check the id and your network, log in with `hf auth login` for gated models, or pass a local "
                       "folder.") from e
+    files = hub_files_to_fetch(listing, lambda: read_json(hub.hf_hub_download(path, HUB_INDEX)))
+    # allow_patterns are fnmatch patterns: escape "[" so that each pattern is exactly one file name
+    return hub.snapshot_download(repo_id=path, allow_patterns=[f.replace("[", "[[]") for f in files])
 
 
 def read_json(path: str) -> dict:
@@ -458,7 +688,8 @@ def read_json(path: str) -> dict:
 
 
 def safetensors_files(folder: str) -> list[str]:
-    """The weight files of a checkpoint folder: the shards an index names, or model.safetensors, or refuse."""
+    """The weight files of a checkpoint folder: the shards an index names, or model.safetensors, or else the
+    top-level *.safetensors but adapter_* and consolidated* (Mistral's native format); pickles only: refuse."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         shards = sorted(set(read_json(index)["weight_map"].values()))
@@ -466,8 +697,10 @@ def safetensors_files(folder: str) -> list[str]:
         if missing:
             raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}.")
         return [os.path.join(folder, s) for s in shards]
+    if os.path.exists(os.path.join(folder, "model.safetensors")):  # not a stray consolidated.safetensors next to it
+        return [os.path.join(folder, "model.safetensors")]
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    files = [f for f in files if not os.path.basename(f).startswith("adapter_")]
+    files = [f for f in files if not os.path.basename(f).startswith(("adapter_", "consolidated"))]
     if files:
         return files
     pickles = [os.path.basename(f) for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt")
