@@ -138,3 +138,120 @@ def test_parity_with_lm_evaluation_harness_smollm2(tmp_path):
     if path is None:
         pytest.skip("SmolLM2 is not here (CLO_BUILD_SMOLLM2=1 builds it)")
     check_parity(path, tmp_path)
+
+
+def test_every_xcopa_language_has_the_harness_connectors(tmp_path):
+    """All 11 XCOPA languages read as the harness's xcopa_<lang> doc_to_text/doc_to_choice write them; an unknown
+    language is an error naming the table (it used to fall back to English for tr, vi, th, ta, ht, qu)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    sys.path.insert(0, os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "xcopa"))
+    import utils as xcopa_utils
+    sys.path.pop(0)
+    doc = {"premise": "Premise here.", "choice1": "Ölçü A.", "choice2": "Bé B.", "label": 0, "idx": 0}
+    for lang in ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh"):
+        for question in ("cause", "effect"):
+            path = tmp_path / f"test.{lang}.jsonl"
+            path.write_text(json.dumps({**doc, "question": question}, ensure_ascii=False) + "\n")
+            row = E.read_multiple_choice(str(path))[0]
+            d = {**doc, "question": question}
+            assert row["context"] == getattr(xcopa_utils, f"doc_to_text_{lang}")(d), (lang, question)
+            assert row["choices"] == xcopa_utils.doc_to_choice(d) and row["lang"] == lang
+    (tmp_path / "test.xx.jsonl").write_text(json.dumps({**doc, "question": "cause"}) + "\n")
+    with pytest.raises(ValueError, match=r"test.xx.jsonl: line 1: no XCOPA connector for language 'xx'.*"
+                                         r"eval.XCOPA_CONNECTORS has"):
+        E.read_multiple_choice(str(tmp_path / "test.xx.jsonl"))
+
+
+def test_bad_benchmark_input(tmp_path):
+    d = write_bench_dir(str(tmp_path / "bench"))
+    with pytest.raises(ValueError, match=r"--bench 'hellaswag': unknown benchmark; choose from belebele, mmmlu, xcopa"):
+        E.bench_file("hellaswag", "sw", d)
+    with pytest.raises(ValueError, match=r"--bench-dir .*: no kor_Hang.jsonl for belebele in ko"):
+        E.bench_file("belebele", "ko", d)
+    assert E.bench_file("belebele", "qu", d) is None and E.bench_file("mmmlu", "tr", d) is None  # lacks them
+    bad = tmp_path / "swh_Latn.jsonl"
+    bad.write_text(open(os.path.join(d, "swh_Latn.jsonl")).readline() + json.dumps(
+        {"flores_passage": "P", "question": "Q", "mc_answer1": "a", "mc_answer2": "b", "mc_answer3": "c",
+         "mc_answer4": "d", "correct_answer_num": "7"}) + "\n")
+    with pytest.raises(ValueError, match=r"swh_Latn.jsonl: line 2: 'answer' must be the index of the right choice "
+                                         r"\(0 to 3\), got 6"):
+        E.read_multiple_choice(str(bad), "sw")
+    bad.write_text(json.dumps({"flores_passage": "P", "question": "Q"}) + "\n")
+    with pytest.raises(ValueError, match=r"swh_Latn.jsonl: line 1: no field 'mc_answer1'"):
+        E.read_multiple_choice(str(bad), "sw")
+    csv_bad = tmp_path / "mmlu_SW-KE.csv"
+    csv_bad.write_text("Question,A,B,C,D,Answer,Subject\nQ?,1,2,3,4,E,anatomy\n")
+    with pytest.raises(ValueError, match=r"mmlu_SW-KE.csv: line 2: 'answer' must be the index"):
+        E.read_multiple_choice(str(csv_bad), "sw")
+
+
+def test_prompt_formats_by_hand(tmp_path):
+    d = write_bench_dir(str(tmp_path / "bench"))
+    b = E.read_multiple_choice(os.path.join(d, "swh_Latn.jsonl"), "sw")[1]
+    assert b == {"context": f"P: {SW_PASSAGE}\nQ: Swali 1?\nA: maji\nB: bomba\nC: sakafu 1\nD: mwanaume\nAnswer:",
+                 "choices": ["A", "B", "C", "D"], "answer": 1, "lang": "sw"}
+    m = E.read_multiple_choice(os.path.join(d, "mmlu_SW-KE.csv"), "sw")[2]
+    assert m["context"] == ("The following are multiple choice questions (with answers) about abstract algebra "
+                            "(Swahili).\n\nNi nini 2 + 2?\nA. 2\nB. 4\nC. 2, 2\nD. sifuri\nAnswer:")
+    assert m["answer"] == 2
+    en = E.read_multiple_choice(os.path.join(d, "mmlu_EN-US.csv"), "en")[0]["context"]
+    assert en.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    rows = list(range(100))
+    assert E.subset(rows, 5) == E.subset(rows, 5) == sorted(E.subset(rows, 5)) and len(E.subset(rows, 5)) == 5
+    assert E.subset(rows, None) == rows == E.subset(rows, 500)
+
+
+def test_bench_files_from_the_hub_cache_layout(tmp_path):
+    """The hub path, offline, against the cache layout huggingface_hub writes (as the model loader's test does)."""
+    d = write_bench_dir(str(tmp_path / "bench"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    for repo, sub, name in (("facebook/belebele", "data", "swh_Latn.jsonl"), ("openai/MMMLU", "test", "mmlu_SW-KE.csv")):
+        base = tmp_path / "hub" / ("datasets--" + repo.replace("/", "--"))
+        os.makedirs(base / "snapshots" / sha / sub)
+        shutil.copy(os.path.join(d, name), base / "snapshots" / sha / sub / name)
+        os.makedirs(base / "refs")
+        (base / "refs" / "main").write_text(sha)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": ROOT}
+    code = ("import eval as E; print(E.bench_file('belebele', 'sw')); print(E.bench_file('mmmlu', 'sw')); "
+            "print(len(E.read_multiple_choice(E.bench_file('mmmlu', 'sw'), 'sw')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    bele, mmmlu, n = out.stdout.split()
+    assert bele.startswith(str(tmp_path / "hub")) and bele.endswith("data/swh_Latn.jsonl")
+    assert mmmlu.endswith("test/mmlu_SW-KE.csv") and n == "6"
+    out = subprocess.run([sys.executable, "-c", "import eval as E; E.bench_file('belebele', 'de')"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    assert "belebele: could not fetch facebook/belebele/data/deu_Latn.jsonl from the hub" in out.stderr
+
+
+def test_offline_end_to_end_benchmarks_and_translated_alpaca_eval(llama_dir, m2m_dir, tmp_path):
+    """eval.py --bench from a local bench dir and --prompts from a local alpaca_eval.json translated by a tiny
+    M2M100: the paper's table columns per language, results.json with acc_norm, and a rerun translates nothing."""
+    d = write_bench_dir(str(tmp_path / "bench"))
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Say hello number {i}.", "output": "Hello.", "generator": "x",
+                                   "dataset": "helpful_base"} for i in range(4)]))
+    out = str(tmp_path / "eval")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--no-progress", "--models", f"base={llama_dir}",
+           f"sft={llama_dir}", "--langs", "sw", "--prompts", str(alpaca), "--translator", m2m_dir, "--num-prompts",
+           "2", "--max-new-tokens", "4", "--heldout", "", "--bench", "belebele,mmmlu,xcopa", "--bench-dir", d,
+           "--num-items", "3", "--out", out]
+    if not os.path.isdir(XCOPA):
+        cmd[cmd.index("belebele,mmmlu,xcopa")] = "belebele,mmmlu"
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    saved = json.load(open(os.path.join(out, "results.json")))
+    res, bench = saved["results"]["base"], saved["benchmarks"]["base"]
+    for b in ("belebele", "mmmlu") + (("xcopa",) if os.path.isdir(XCOPA) else ()):
+        for lang in ("sw", "en"):
+            assert bench[b][lang]["n"] == 3 and res[f"{b}_{lang}"] == bench[b][lang]["acc"]
+            assert 0 <= bench[b][lang]["acc_norm"] <= 1
+    assert [p["lang"] for p in saved["prompts"]] == ["en", "en", "sw", "sw"]
+    assert saved["prompts"][0]["prompt"] == "Say hello number 0."
+    cache = os.path.join(out, "alpaca_eval.translations.jsonl")
+    assert len(open(cache).readlines()) == 2
+    header = next(l for l in r.stdout.splitlines() if l.startswith("| model |")).split(" | ")
+    assert header.index("belebele_sw") < header.index("in_lang_sw") < header.index("belebele_en")  # sw first, en last
+    r = subprocess.run(cmd[:cmd.index("--translator") + 1] + ["/no/such/translator"] + cmd[cmd.index(m2m_dir) + 1:],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # everything was in the cache: the translator was never loaded
