@@ -121,61 +121,210 @@ def response_nll(model, tok, rows, lang, batch_size=4):
     return total / max(count, 1)
 
 
-XCOPA_CONNECTORS = {"en": ("because", "therefore"), "id": ("karena", "maka"), "sw": ("kwa sababu", "kwa hiyo"),
-                    "zh": ("因为", "所以"), "it": ("perché", "quindi"), "et": ("sest", "seetõttu")}
+# Multiple choice, scored exactly as lm-evaluation-harness 0.4.13 scores it (zero-shot, its HF backend): per choice,
+# log p(" " + choice | context) summed over the choice's tokens; acc = argmax of those, acc_norm = argmax of each
+# divided by the choice's length in characters (api/task.py). Prompts are copied from the harness's task files.
+
+# XCOPA's (cause, effect) connectors, from the harness's tasks/xcopa/utils.py; "en" (XCOPA's English translations)
+# takes its super_glue copa task's.
+XCOPA_CONNECTORS = {"en": ("because", "therefore"), "et": ("sest", "seetõttu"), "ht": ("poukisa", "donk sa"),
+                    "id": ("karena", "maka"), "it": ("perché", "quindi"), "qu": ("imataq", "chaymi"),
+                    "sw": ("kwa sababu", "kwa hiyo"), "ta": ("காரணமாக", "எனவே"), "th": ("เพราะ", "ดังนั้น"),
+                    "tr": ("çünkü", "bu yüzden"), "vi": ("bởi vì", "vì vậy"), "zh": ("因为", "所以")}
+# ISO 639-1 -> (BELEBELE's FLORES-200 code, MMMLU's file locale, the name the harness's MMMLU descriptions give it).
+# English MMLU is cais/mmlu on the hub, or mmlu_EN-US.csv (MMMLU's columns) in --bench-dir.
+BENCH_LANGS = {"en": ("eng_Latn", "EN-US", ""), "ar": ("arb_Arab", "AR-XY", "Arabic"),
+               "bn": ("ben_Beng", "BN-BD", "Bengali"), "de": ("deu_Latn", "DE-DE", "German"),
+               "es": ("spa_Latn", "ES-LA", "Spanish"), "fr": ("fra_Latn", "FR-FR", "French"),
+               "hi": ("hin_Deva", "HI-IN", "Hindi"), "id": ("ind_Latn", "ID-ID", "Indonesian"),
+               "it": ("ita_Latn", "IT-IT", "Italian"), "ja": ("jpn_Jpan", "JA-JP", "Japanese"),
+               "ko": ("kor_Hang", "KO-KR", "Korean"), "pt": ("por_Latn", "PT-BR", "Brazilian Portuguese"),
+               "sw": ("swh_Latn", "SW-KE", "Swahili"), "yo": ("yor_Latn", "YO-NG", "Yoruba"),
+               "zh": ("zho_Hans", "ZN-CN", "Simplified Chinese"),  # ZN-CN: the hub file's own (mis)spelling
+               "et": ("est_Latn", None, ""), "ht": ("hat_Latn", None, ""), "ru": ("rus_Cyrl", None, ""),
+               "ta": ("tam_Taml", None, ""), "th": ("tha_Thai", None, ""), "tr": ("tur_Latn", None, ""),
+               "vi": ("vie_Latn", None, "")}
+BENCHMARKS = ("belebele", "mmmlu", "xcopa")
 
 
-def read_multiple_choice(path: str) -> list[dict]:
-    """Generic JSONL rows {question, choices: [...], answer: index, lang?}, or XCOPA rows {premise, choice1, choice2,
-    question: cause|effect, label} (language from the file name, e.g. val.sw.jsonl), as {context, choices, answer,
-    lang}."""
+def _mc(context, choices, answer, lang):
+    if not (isinstance(answer, int) and 0 <= answer < len(choices)):
+        raise LookupError(f"'answer' must be the index of the right choice (0 to {len(choices) - 1}), got {answer!r}")
+    return {"context": context, "choices": choices, "answer": answer, "lang": lang}
+
+
+def read_multiple_choice(path: str, lang: str | None = None) -> list[dict]:
+    """A multiple-choice file -> rows {context, choices, answer (index), lang}, in the harness's prompt format:
+    XCOPA JSONL {premise, choice1, choice2, question: cause|effect, label} (language from the file name, e.g.
+    test.sw.jsonl; *.en-translation.jsonl is English); BELEBELE JSONL {flores_passage, question, mc_answer1..4,
+    correct_answer_num}; MMMLU CSV {Question, A, B, C, D, Answer, Subject}; generic JSONL {question, choices, answer}.
+    A malformed row, or an XCOPA language without connectors, is an error naming file and line."""
+    parts = os.path.basename(path).split(".")
+    guess = next((p for p in parts[1:-1] if re.fullmatch(r"[a-z]{2,3}", p)), "en")
+    lang = lang or ("en" if "-translation" in path else guess)
+    if path.endswith(".csv"):
+        import csv
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: no such file.")
+        with open(path, encoding="utf-8", newline="") as f:
+            raw = [{**r, "_line": n} for n, r in enumerate(csv.DictReader(f), 2)]
+    else:
+        raw = D.read_jsonl(path)
+    name = (BENCH_LANGS.get(lang) or ("", "", ""))[2]
     rows = []
-    name_lang = next((p for p in os.path.basename(path).split(".") if p in XCOPA_CONNECTORS), "en")
-    for row in D.read_jsonl(path):
+    for row in raw:
         where = f"{path}: line {row['_line']}"
-        if "premise" in row:
-            lang = row.get("lang", name_lang)
-            if "-translation" in path:
-                lang = "en"
-            cause, effect = XCOPA_CONNECTORS[lang]
-            premise = row["premise"].rstrip(".。 ")
-            joint = cause if row["question"] == "cause" else effect
-            rows.append({"context": f"{premise} {joint}", "choices": [row["choice1"], row["choice2"]],
-                         "answer": int(row["label"]), "lang": lang})
-        elif {"question", "choices", "answer"} <= row.keys():
-            if not (isinstance(row["answer"], int) and 0 <= row["answer"] < len(row["choices"])):
-                raise ValueError(f"{where}: 'answer' must be the index of the right choice (0 to "
-                                 f"{len(row['choices']) - 1}), got {row['answer']!r}.")
-            rows.append({"context": row["question"], "choices": row["choices"], "answer": row["answer"],
-                         "lang": row.get("lang", name_lang)})
-        else:
-            raise ValueError(f"{where}: expected {{question, choices, answer}} or XCOPA's {{premise, choice1, "
-                             "choice2, question, label}.")
+        try:
+            if "premise" in row:  # xcopa/utils.py: the premise minus its last character, then the connector
+                if row.get("lang", lang) not in XCOPA_CONNECTORS or row["question"] not in ("cause", "effect"):
+                    raise LookupError(f"no XCOPA connector for language {row.get('lang', lang)!r} and question "
+                                      f"{row['question']!r}; eval.XCOPA_CONNECTORS has {sorted(XCOPA_CONNECTORS)}")
+                joint = XCOPA_CONNECTORS[row.get("lang", lang)][row["question"] == "effect"]
+                rows.append(_mc(f"{row['premise'].strip()[:-1]} {joint}",
+                                [c[0].lower() + c[1:] for c in (row["choice1"], row["choice2"])],
+                                row["label"], row.get("lang", lang)))
+            elif "flores_passage" in row:  # belebele/_default_template_yaml
+                opts = "".join(f"\n{k}: {row[f'mc_answer{i}']}" for i, k in enumerate("ABCD", 1))
+                rows.append(_mc(f"P: {row['flores_passage']}\nQ: {row['question'].strip()}{opts}\nAnswer:",
+                                list("ABCD"), int(row["correct_answer_num"]) - 1, lang))
+            elif "Question" in row:  # openai-mmmlu/_default_template_yaml and its description; mmlu for English
+                subject = re.split(r"_test\.csv|_test-", row["Subject"])[0].replace("_", " ")
+                about = f"{subject} ({name})" if name else subject
+                opts = "".join(f"\n{k}. {row[k]}" for k in "ABCD")
+                rows.append(_mc(f"The following are multiple choice questions (with answers) about {about}.\n\n"
+                                f"{row['Question'].strip()}{opts}\nAnswer:", list("ABCD"),
+                                "ABCD".find(row["Answer"].strip()), lang))
+            else:
+                rows.append(_mc(row["question"], row["choices"], row["answer"], row.get("lang", lang)))
+        except LookupError as e:
+            raise ValueError(f"{where}: {e}.") if type(e) is LookupError else ValueError(
+                f"{where}: no field {e}; expected XCOPA, BELEBELE, MMMLU or {{question, choices, answer}} fields.")
+        except (TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed row ({e}).") from None
     if not rows:
         raise ValueError(f"{path}: no rows.")
     return rows
 
 
+def bench_file(bench: str, lang: str, bench_dir: str | None = None, first_target: str | None = None) -> str | None:
+    """The file holding `bench` in `lang`: from bench_dir (the hub's file names: <flores>.jsonl, mmlu_<LOCALE>.csv,
+    test.<lang>.jsonl or, for English, test.<first target>.en-translation.jsonl), else fetched from the hub into its
+    cache (facebook/belebele, openai/MMMLU; English MMLU from cais/mmlu). None: the benchmark lacks the language."""
+    flores, locale, _ = BENCH_LANGS.get(lang, (None, None, ""))
+    if bench == "xcopa":
+        name = f"test.{first_target}.en-translation.jsonl" if lang == "en" else f"test.{lang}.jsonl"
+        if lang not in XCOPA_CONNECTORS or (lang == "en" and first_target not in XCOPA_CONNECTORS):
+            return None
+    elif bench in ("belebele", "mmmlu"):
+        name = f"{flores}.jsonl" if bench == "belebele" else f"mmlu_{locale}.csv"
+        if (flores if bench == "belebele" else locale) is None:
+            return None
+    else:
+        raise ValueError(f"--bench {bench!r}: unknown benchmark; choose from {', '.join(BENCHMARKS)}.")
+    if bench_dir:
+        path = os.path.join(bench_dir, name)
+        if not os.path.exists(path):
+            raise ValueError(f"--bench-dir {bench_dir}: no {name} for {bench} in {lang}; add it, or drop {lang}.")
+        return path
+    if bench == "xcopa":
+        raise ValueError("--bench xcopa reads local files: pass --bench-dir with XCOPA's test.<lang>.jsonl files "
+                         "(github.com/cambridgeltl/xcopa, data/ and data-gmt/).")
+    repo, file = {"belebele": ("facebook/belebele", f"data/{name}"), "mmmlu": ("openai/MMMLU", f"test/{name}")}[bench]
+    if bench == "mmmlu" and lang == "en":
+        repo, file = "cais/mmlu", "all/test-00000-of-00001.parquet"
+    from huggingface_hub import hf_hub_download
+    try:
+        path = hf_hub_download(repo, file, repo_type="dataset")
+    except Exception as e:
+        raise ValueError(f"{bench}: could not fetch {repo}/{file} from the hub ({type(e).__name__}); pass "
+                         f"--bench-dir with {name} instead.") from e
+    if path.endswith(".parquet"):  # cais/mmlu -> MMMLU's CSV columns, once, beside the cache
+        import csv
+        import pyarrow.parquet as pq
+        out = path[:-len(".parquet")] + ".csv"
+        if not os.path.exists(out):
+            with open(out + ".tmp", "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["Question", "A", "B", "C", "D", "Answer", "Subject"])
+                for r in pq.read_table(path).to_pylist():
+                    w.writerow([r["question"], *r["choices"], "ABCD"[r["answer"]], r["subject"]])
+            os.replace(out + ".tmp", out)
+        path = out
+    return path
+
+
+def subset(rows: list, n: int | None, seed: int = 0) -> list:
+    """A fixed, seeded subset of n rows, in file order (all rows when n is None or too large)."""
+    import random
+    if n is None or n >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+
+
 @torch.no_grad()
-def choice_logprob(model, tok, context: str, choice: str) -> float:
-    """log p(" choice" | context) summed over the choice's tokens, plain text (no chat template), as
-    lm-evaluation-harness scores multiple choice."""
-    ctx = tok.encode(context)
-    full = tok.encode(f"{context} {choice}")
-    k = next((i for i, (a, b) in enumerate(zip(ctx, full)) if a != b), min(len(ctx), len(full)))
-    k = max(k, 1)
-    ids = torch.tensor([full], device=model.lm_head.weight.device)
-    logp = F.log_softmax(model(ids)[0, :-1].float(), -1)
-    return logp[torch.arange(k - 1, len(full) - 1), ids[0, k:]].sum().item()
-
-
-def multiple_choice_accuracy(model, tok, rows, progress=True):
+def choice_logprobs(model, tok, rows, batch_tokens: int = 16384, progress=True) -> list[list[float]]:
+    """Per row, per choice: log p(" " + choice | context), summed over the choice's tokens, as lm-evaluation-
+    harness's HF backend computes it: the tokenizer's own special tokens (encode(..., add_special_tokens=True)), the
+    continuation = encode(context + " " + choice) after len(encode(context)) tokens (BPE may merge across the
+    boundary), the last token of context + continuation dropped and the rest left-truncated to the model's
+    max_position_embeddings. Where a token spans the boundary and that leaves no continuation (the harness then
+    fails an assert), the continuation is encoded alone. Speed: identical inputs run once (choices that are one
+    token each, as BELEBELE's and MMMLU's letters, share one pass over the context), and inputs run in
+    length-sorted batches of about batch_tokens tokens, each position projected onto the vocabulary only if scored."""
     from tqdm import tqdm
+    enc = (lambda s: tok.tok.encode(s, add_special_tokens=True).ids) if hasattr(tok, "tok") else tok.encode
+    limit = getattr(getattr(model, "cfg", None), "max_position_embeddings", 2048)
+    seqs, requests = {}, []                                   # input ids -> index; (seq, first scored pos, targets)
+    for r in rows:
+        ctx = enc(r["context"])
+        for c in r["choices"]:
+            cont = enc(f"{r['context']} {c}")[len(ctx):] or enc(f" {c}")
+            full = (ctx + cont)[-(limit + 1):]
+            s = seqs.setdefault(tuple(full[:-1]), len(seqs))
+            requests.append((s, len(full) - 1 - len(cont), cont))
+    inputs = list(seqs)
+    scored = [set() for _ in inputs]
+    for s, start, cont in requests:
+        scored[s].update(range(start, start + len(cont)))
+    logp_at = {}                                              # (seq, pos) -> log-softmax row
+    order = sorted(range(len(inputs)), key=lambda s: -len(inputs[s]))
+    device = model.lm_head.weight.device
+    batches, b = [], []
+    for s in order:
+        if b and (len(b) + 1) * len(inputs[b[0]]) > batch_tokens:
+            batches.append(b)
+            b = []
+        b.append(s)
+    batches += [b] if b else []
+    for b in tqdm(batches, desc="multiple choice", disable=not progress):
+        T = len(inputs[b[0]])
+        ids = torch.full((len(b), T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(b), T, dtype=torch.bool)
+        for i, s in enumerate(b):
+            ids[i, :len(inputs[s])] = torch.tensor(inputs[s])
+            mask[i, sorted(scored[s])] = True
+        # right padding needs no attention mask: a causal model never looks ahead to it
+        logp = F.log_softmax(model(ids.to(device), score_mask=mask.to(device)).float(), -1).cpu()
+        where = mask.nonzero().tolist()                       # row-major, the order score_mask returns rows in
+        logp_at.update({(b[i], t): logp[k] for k, (i, t) in enumerate(where)})
+    out, k = [], 0
+    for r in rows:
+        out.append([sum(logp_at[(s, start + j)][t].item() for j, t in enumerate(cont))
+                    for s, start, cont in requests[k:k + len(r["choices"])]])
+        k += len(r["choices"])
+    return out
+
+
+def multiple_choice_accuracy(model, tok, rows, progress=True) -> dict:
+    """{lang: {"acc", "acc_norm", "n"}}: the harness's acc (argmax log-likelihood) and acc_norm (argmax of
+    log-likelihood / characters of the choice), first maximum on ties as numpy's argmax."""
     per = {}
-    for r in tqdm(rows, desc="multiple choice", disable=not progress):
-        scores = [choice_logprob(model, tok, r["context"], c) for c in r["choices"]]
-        per.setdefault(r["lang"], []).append(int(max(range(len(scores)), key=scores.__getitem__) == r["answer"]))
-    return {lang: sum(v) / len(v) for lang, v in per.items()}
+    for r, lls in zip(rows, choice_logprobs(model, tok, rows, progress=progress)):
+        norm = [ll / len(c) for ll, c in zip(lls, r["choices"])]
+        hits = per.setdefault(r["lang"], [[], []])
+        hits[0].append(lls.index(max(lls)) == r["answer"])
+        hits[1].append(norm.index(max(norm)) == r["answer"])
+    return {lang: {"acc": sum(a) / len(a), "acc_norm": sum(n) / len(n), "n": len(a)} for lang, (a, n) in per.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,9 +415,19 @@ def win_rate(ask, questions, langs, answers_a, answers_b):
 # Report
 
 
-def markdown_table(results: dict) -> str:
+COLUMN_ORDER = ("win", "belebele", "mmmlu", "xcopa", "in_lang", "confused", "nll", "mc_acc")
+
+
+def markdown_table(results: dict, langs=()) -> str:
+    """The paper's main-table shape: a row per model; columns grouped by language (langs' order, English last:
+    retention), within a language win rate, BELEBELE, MMMLU, XCOPA, fidelity, then the rest."""
     names = list(results)
-    columns = sorted({c for r in results.values() for c in r})
+    order = list(langs[1:]) + list(langs[:1])
+    def key(c):
+        lang, metric = c.rsplit("_", 1)[-1], c.rsplit("_", 1)[0]
+        return (order.index(lang) if lang in order else len(order), lang,
+                next((i for i, m in enumerate(COLUMN_ORDER) if metric.startswith(m)), len(COLUMN_ORDER)), c)
+    columns = sorted({c for r in results.values() for c in r}, key=key)
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for n in names:
         cells = []
@@ -313,11 +472,38 @@ def plot(results: dict, runs: dict, out: str):
     return written
 
 
+def read_prompts(a, langs) -> list[dict]:
+    """--prompts: a JSONL {lang, prompt} file as is; or AlpacaEval's 805 English instructions (the hub's
+    tatsu-lab/alpaca_eval, or a local alpaca_eval.json: a JSON list of {instruction, ...}), the first --num-prompts
+    translated into each target language by --translator, cached and resumable in OUT/alpaca_eval.translations.jsonl
+    (data.translate_items)."""
+    path = a.prompts
+    if path == "alpaca_eval":
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download("tatsu-lab/alpaca_eval", "alpaca_eval.json", repo_type="dataset")
+        except Exception as e:
+            raise ValueError(f"--prompts alpaca_eval: could not fetch tatsu-lab/alpaca_eval from the hub "
+                             f"({type(e).__name__}); pass --prompts with a local alpaca_eval.json.") from e
+    rows = D.read_jsonl(path)
+    if not rows or "instruction" not in rows[0]:
+        return rows
+    items = [{"instruction": r["instruction"], "response": ""} for r in rows[:a.num_prompts]]
+    out = D.translate_items(items, langs[1:], os.path.join(a.out, "alpaca_eval.translations.jsonl"),
+                            lambda: M.load_translator(a.translator, a.dtype, a.device))
+    return [{"lang": l, "prompt": r[f"{l}_instruction"]} for l in langs for r in out]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.")
     p.add_argument("--models", nargs="+", required=True, help="NAME=PATH: checkpoint, hub id or clo run folder")
     p.add_argument("--langs", default="ko", help="target languages (English is always added)")
-    p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="JSONL {lang, prompt}")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="JSONL {lang, prompt}; or alpaca_eval (the hub's) or "
+                   "an alpaca_eval.json file: English instructions, translated into each --langs by --translator")
+    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB, for alpaca_eval")
+    p.add_argument("--bench", default="", help=f"comma-separated, of {','.join(BENCHMARKS)}: the harness's scores")
+    p.add_argument("--bench-dir", default=None, help="local benchmark files, named as on the hub (see bench_file)")
+    p.add_argument("--num-items", type=int, default=None, help="a fixed, seeded subset of each benchmark's items")
     p.add_argument("--num-prompts", type=int, default=10, help="per language")
     p.add_argument("--heldout", default=DEFAULT_HELDOUT, help="parallel JSONL for NLL (en_/<lang>_ fields)")
     p.add_argument("--mc", nargs="*", default=[], help="multiple-choice JSONL files (generic or XCOPA)")
@@ -339,7 +525,8 @@ def main(argv=None):
         name, path = spec.split("=", 1)
         specs[name] = path
     langs = ["en"] + [l for l in a.langs.split(",") if l and l != "en"]
-    prompts = [r for r in D.read_jsonl(a.prompts) if r.get("lang") in langs]
+    os.makedirs(a.out, exist_ok=True)
+    prompts = [r for r in read_prompts(a, langs) if r.get("lang") in langs]
     by_lang = {}
     for r in prompts:
         by_lang.setdefault(r["lang"], [])
@@ -351,9 +538,16 @@ def main(argv=None):
     prompts = [r for l in langs for r in by_lang[l]]
     heldout = D.read_jsonl(a.heldout) if a.heldout else []
     mc_rows = [r for path in a.mc for r in read_multiple_choice(path)]
-    os.makedirs(a.out, exist_ok=True)
+    bench_rows = {}
+    for bench in [b for b in a.bench.split(",") if b]:
+        for lang in langs:
+            path = bench_file(bench, lang, a.bench_dir, langs[1] if len(langs) > 1 else None)
+            if path is None:
+                print(f"{bench}: has no {lang}; its column is left out", file=sys.stderr)
+                continue
+            bench_rows[bench, lang] = subset(read_multiple_choice(path, lang), a.num_items)
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
-    results, answers = {}, {}
+    results, answers, details = {}, {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
         res = {}
@@ -369,7 +563,11 @@ def main(argv=None):
             if rows:
                 res[f"nll_{lang}"] = response_nll(model, tok, rows, lang)
         for lang, acc in multiple_choice_accuracy(model, tok, mc_rows, a.progress).items():
-            res[f"mc_acc_{lang}"] = acc
+            res[f"mc_acc_{lang}"] = acc["acc"]
+        for (bench, lang), rows in bench_rows.items():
+            m = multiple_choice_accuracy(model, tok, rows, a.progress)[lang]
+            res[f"{bench}_{lang}"] = m["acc"]
+            details.setdefault(name, {}).setdefault(bench, {})[lang] = m
         results[name] = res
         del model
     if not dist.main:
@@ -380,13 +578,15 @@ def main(argv=None):
                                                                                         a.judge_key_env)
         names = list(specs)
         for other in names[1:]:
-            w = win_rate(ask, [r["prompt"] for r in prompts], [r["lang"] for r in prompts], answers[other],
-                         answers[names[0]])
-            results[other][f"win_vs_{names[0]}"] = w["win_rate"]
-    table = markdown_table(results)
+            for lang in langs:  # per language, as the paper's table reports it
+                mine = [i for i, r in enumerate(prompts) if r["lang"] == lang]
+                w = win_rate(ask, [prompts[i]["prompt"] for i in mine], [lang] * len(mine),
+                             [answers[other][i] for i in mine], [answers[names[0]][i] for i in mine])
+                results[other][f"win_vs_{names[0]}_{lang}"] = w["win_rate"]
+    table = markdown_table(results, langs)
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"results": results, "answers": answers, "prompts": prompts}, f, ensure_ascii=False, indent=2)
+        json.dump({"results": results, "benchmarks": details, "answers": answers, "prompts": prompts}, f, ensure_ascii=False, indent=2)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)

@@ -28,8 +28,9 @@ class PrefersTokens(torch.nn.Module):
         self.bias = torch.zeros(vocab)
         self.bias[list(preferred)] = 8.0
 
-    def forward(self, ids):
-        return self.bias.expand(ids.shape[0], ids.shape[1], -1)
+    def forward(self, ids, score_mask=None):
+        logits = self.bias.expand(ids.shape[0], ids.shape[1], -1)
+        return logits if score_mask is None else logits[score_mask]
 
 
 def test_multiple_choice_picks_what_the_model_prefers(llama_dir):
@@ -38,14 +39,16 @@ def test_multiple_choice_picks_what_the_model_prefers(llama_dir):
             {"context": "The sky is", "choices": ["green grass", "blue sea", "red fox"], "answer": 2, "lang": "de"}]
     liked = set(tok.encode(" blue sea")) - set(tok.encode(" green grass")) - set(tok.encode(" red fox"))
     fake = PrefersTokens(tok.vocab_size, liked)
-    assert E.multiple_choice_accuracy(fake, tok, rows, progress=False) == {"en": 1.0, "de": 0.0}
+    got = E.multiple_choice_accuracy(fake, tok, rows, progress=False)
+    assert {lang: m["acc"] for lang, m in got.items()} == {"en": 1.0, "de": 0.0}
 
 
 def test_xcopa_and_generic_multiple_choice_files(tmp_path):
     x = tmp_path / "val.sw.jsonl"
     x.write_text(json.dumps({"premise": "Mtu alianguka.", "choice1": "A", "choice2": "B", "question": "cause",
                              "label": 1, "idx": 0}) + "\n")
-    assert E.read_multiple_choice(str(x)) == [{"context": "Mtu alianguka kwa sababu", "choices": ["A", "B"],
+    # the harness's xcopa format: the premise's last character dropped, each choice's first letter lowercased
+    assert E.read_multiple_choice(str(x)) == [{"context": "Mtu alianguka kwa sababu", "choices": ["a", "b"],
                                                "answer": 1, "lang": "sw"}]
     g = tmp_path / "mc.jsonl"
     g.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 5}) + "\n")
