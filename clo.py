@@ -433,7 +433,7 @@ def parse_args(argv=None):
     p.add_argument("--lang", required=True, help="target language(s), ISO 639-1 or FLORES-200: ko, or ko,sw")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<lang>-<method>)")
     p.add_argument("--data", default=None, help="English SFT data: Alpaca JSON/JSONL, chat JSONL, or 'oasst1' "
-                   "(default: the Alpaca seed tasks shipped in data/)")
+                   "(default: the Alpaca seed tasks shipped in samples/)")
     p.add_argument("--num-samples", type=int, default=None, help="use the first N items (paper: 3200 or 6400)")
     p.add_argument("--translations", default=None, help="pre-translated parallel JSONL (skips the MT model)")
     p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB checkpoint")

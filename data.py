@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "alpaca_seed_en.jsonl")
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "alpaca_seed_en.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

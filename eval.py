@@ -28,8 +28,8 @@ import data as D
 import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_PROMPTS = os.path.join(HERE, "data", "eval_prompts.jsonl")
-DEFAULT_HELDOUT = os.path.join(HERE, "data", "mtbench_heldout_en_de_ko.jsonl")
+DEFAULT_PROMPTS = os.path.join(HERE, "samples", "eval_prompts.jsonl")
+DEFAULT_HELDOUT = os.path.join(HERE, "samples", "mtbench_heldout_en_de_ko.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

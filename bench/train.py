@@ -3,7 +3,7 @@
     pip install -r requirements-bench.txt
     python bench/train.py MODEL [--pairs 4] [--steps 2] [--max-len 512]
 
-Both sides: the same preference pairs (real German/Korean data from data/mtbench_parallel_en_de_ko.jsonl, built into
+Both sides: the same preference pairs (real German/Korean data from samples/mtbench_parallel_en_de_ko.jsonl, built into
 CLO pairs), LoRA r=16 alpha=32 on q,k,v,o, batch = all pairs in one step, fp32 on CPU, loss = (1 - lam) * sigmoid DPO
 + lam * NLL (TRL: loss_type ["sigmoid", "sft"], whose NLL covers every chosen response; clo's covers target-language
 ones: the same amount of compute). TRL runs in fp32 (bf16=False) like clo; activation checkpointing is the same on
@@ -30,7 +30,7 @@ BETA, LAM = 0.1, 0.5
 
 
 def make_pairs(n):
-    rows = D.read_jsonl(os.path.join(ROOT, "data", "mtbench_parallel_en_de_ko.jsonl"))
+    rows = D.read_jsonl(os.path.join(ROOT, "samples", "mtbench_parallel_en_de_ko.jsonl"))
     return D.build_pairs(rows, ["de", "ko"])[:n]
 
 
