@@ -568,7 +568,7 @@ def _peft_targets(model: nn.Module, cfg: dict, path: str) -> list[str]:
             hit = re.fullmatch(targets, name) is not None
         else:
             hit = name in targets or any(name.endswith(f".{t}") for t in targets)
-            if hit and layers is not None and layers != []:
+            if hit and name not in targets and layers is not None and layers != []:  # peft: a full name is exempt
                 if pattern:
                     pats = [pattern] if isinstance(pattern, str) else pattern
                     found = next((m for p in pats if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))),
