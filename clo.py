@@ -332,7 +332,12 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
     """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
     grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks."""
     device = args.device
-    batches_per_epoch = len(global_batches(pairs, args, dist, 0))
+    plan = global_batches(pairs, args, dist, 0)
+    batches_per_epoch = len(plan)
+    left_out = len(pairs) - sum(map(len, plan))
+    if left_out:  # every rank must take part in every step
+        log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer pairs than the "
+            f"{dist.world} ranks (use a --batch-size that divides the pairs, or fewer ranks, to keep them)")
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     total = args.max_steps or steps_per_epoch * args.epochs
     warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
@@ -498,8 +503,11 @@ def check_languages(langs: list[str], translations: str | None):
     file has (no MT model is used); otherwise one the translator's code table knows."""
     import difflib
     for lang in langs:
-        if lang in ("en", "eng_Latn"):
+        if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
             raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
+        if langs.count(lang) > 1:
+            raise ValueError(f"--lang {','.join(langs)}: {lang} is given twice; each language's pairs would train "
+                             "twice per epoch.")
     if translations:
         have = sorted({k[:-len("_response")] for row in D.read_translations(translations).values() for k in row
                        if k.endswith("_response") and k != "en_response"})

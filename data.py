@@ -301,8 +301,11 @@ def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[in
     for text in responses:
         full_text = tok.render_chat(user + [{"role": "assistant", "content": text}], add_generation_prompt=False)
         if not full_text.startswith(prompt_text):
-            raise ValueError("the chat template renders the conversation's prefix differently from the prompt; "
-                             "clo needs a template whose generation prompt is a prefix of the full conversation.")
+            at = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), len(full_text))
+            raise ValueError(f"the chat template renders the conversation of the prompt {prompt[:50]!r} differently "
+                             f"from its generation prompt, from character {at} on ({prompt_text[at:at + 30]!r} vs "
+                             f"{full_text[at:at + 30]!r}); clo needs a template whose generation prompt is a prefix "
+                             "of the whole conversation (the model's tokenizer_config.json or chat_template.jinja).")
         fulls.append(tok.encode(full_text))
     shared = len(prompt_ids)
     for ids in fulls:

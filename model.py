@@ -649,8 +649,15 @@ def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
         return wanted + [HUB_INDEX] + sorted(set(read_index()["weight_map"].values()))
     if "model.safetensors" in listing:
         return wanted + ["model.safetensors"]
-    return wanted + sorted(f for f in listing if f.endswith(".safetensors") and "/" not in f
-                           and not f.startswith(("consolidated", "adapter_")))
+    weights = sorted(f for f in listing if f.endswith(".safetensors") and "/" not in f
+                     and not f.startswith(("consolidated", "adapter_")))
+    if not weights:  # refuse before downloading anything, naming what the repository has instead
+        other = sorted(f for f in listing if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")))
+        raise ValueError(f"the repository has no Hugging Face-layout safetensors weights (it has: "
+                         f"{', '.join(other[:6]) or 'no weight files'}{', ...' if len(other) > 6 else ''}). clo "
+                         "loads model.safetensors or an index with its shards, never pickles (*.bin): use a release "
+                         "in that layout, or convert the weights you trust to safetensors and pass the folder.")
+    return wanted + weights
 
 
 def resolve_checkpoint(path_or_id: str) -> str:
@@ -674,7 +681,10 @@ def resolve_checkpoint(path_or_id: str) -> str:
         raise OSError(f"{path_or_id}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). "
                       "Check the id and your network, log in with `hf auth login` for gated models, or pass a local "
                       "folder.") from e
-    files = hub_files_to_fetch(listing, lambda: read_json(hub.hf_hub_download(path, HUB_INDEX)))
+    try:
+        files = hub_files_to_fetch(listing, lambda: read_json(hub.hf_hub_download(path, HUB_INDEX)))
+    except ValueError as e:
+        raise ValueError(f"{path_or_id}: {e}") from None
     # allow_patterns are fnmatch patterns: escape "[" so that each pattern is exactly one file name
     return hub.snapshot_download(repo_id=path, allow_patterns=[f.replace("[", "[[]") for f in files])
 

@@ -102,3 +102,17 @@ def test_local_folder_prefers_model_safetensors_over_stray_consolidated(llama_di
     os.remove(folder / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights found"):
         M.safetensors_files(str(folder))
+
+
+@pytest.mark.parametrize("listing,named", [
+    (META + ["pytorch_model.bin", "README.md"], "pytorch_model.bin"),
+    (META + ["consolidated.safetensors"], "consolidated.safetensors"),
+    (META + ["weights/model.safetensors"], "weights/model.safetensors"),
+])
+def test_a_repo_without_loadable_weights_is_refused_before_any_download(fake_hub, listing, named):
+    calls = fake_hub(listing)
+    with pytest.raises(ValueError) as e:
+        M.resolve_checkpoint("org/model")
+    assert str(e.value).startswith("org/model: the repository has no Hugging Face-layout safetensors weights "
+                                   f"(it has: {named})")
+    assert calls["snapshot"] is None and calls["downloads"] == []

@@ -80,6 +80,9 @@ def test_translations_file_trains_any_language_it_has(setup, tmp_path):
 
 @pytest.mark.parametrize("lang,message", [
     ("en", "--lang en: English is the source language"),
+    ("EN", "--lang EN: English is the source language"),
+    ("en_US", "--lang en_US: English is the source language"),
+    ("ko,ko", "--lang ko,ko: ko is given twice"),
     ("KO", "--lang KO: unknown language code. Did you mean ko?"),
     ("korean", "--lang korean: unknown language code. Did you mean ko?"),
     ("ko_KR", "--lang ko_KR: unknown language code. Did you mean ko?"),
