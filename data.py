@@ -202,7 +202,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
         todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
         if todo:
             log(f"translating {len(todo)} items to {lang} ({len(items) - len(todo)} already in {cache_path})")
-            if not hasattr(translator, "translate"):
+            if not hasattr(translator, "translate_flagged"):
                 translator = translator()
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
