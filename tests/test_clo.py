@@ -197,7 +197,9 @@ def test_killed_and_resumed_run_gives_the_same_weights(tmp_path, parallel_file, 
               "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--tune", tune, "--save-every", "2"]
     run_clo(*common, "--out", str(tmp_path / "straight"))
     killed = run_clo(*common, "--out", str(tmp_path / "resumed"), "--stop-after", "3", check=False)
-    assert killed.returncode == 17 and os.path.exists(tmp_path / "resumed" / "checkpoint" / "progress.json")
+    assert killed.returncode == 0 and os.path.exists(tmp_path / "resumed" / "checkpoint" / "progress.json")
+    assert "stopped after step 3 of 6 (--stop-after 3)" in killed.stdout and "continue with --resume" in killed.stdout
+    assert not os.path.exists(tmp_path / "resumed" / "adapter_model.safetensors")
     r = run_clo(*common, "--out", str(tmp_path / "resumed"), "--resume")
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
     name = "adapter_model.safetensors" if tune == "lora" else "merged/model.safetensors"
