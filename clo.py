@@ -171,7 +171,8 @@ def model_identity(folder: str) -> str:
     """A cheap identity of a checkpoint folder: name, size and modification time of config.json and of each weight
     file (a hub snapshot's files are links to content-addressed blobs: the blob names change with the weights)."""
     h = hashlib.sha256()
-    for path in [os.path.join(folder, "config.json")] + M.safetensors_files(folder):
+    config = [os.path.join(folder, "config.json")] * os.path.exists(os.path.join(folder, "config.json"))
+    for path in config + M.safetensors_files(folder):
         st = os.stat(path)
         h.update(f"{os.path.basename(os.path.realpath(path))} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -741,13 +742,14 @@ def main(argv=None):
     RUN.update(out=out, checkpoint=None)
     log = print if dist.main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    model, tok = M.load_model(args.model, args.dtype, args.device)
-    settings = run_settings(args, model.source, dist.world)
+    folder = M.resolve_checkpoint(args.model)
+    settings = run_settings(args, folder, dist.world)  # checked before the model loads: a refusal is quick
     resume = start_run_folder(args, settings, log, dist)
     if resume == "finished":
         if dist.world > 1:
             torch.distributed.destroy_process_group()
         return M.read_json(os.path.join(out, "summary.json")).get("final", {})
+    model, tok = M.load_model(folder, args.dtype, args.device)
     # English items: --data, else the English side of --translations, else the shipped sample
     if args.translations and not args.data:
         items = D.items_from_translations(args.translations)
