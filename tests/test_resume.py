@@ -272,6 +272,9 @@ def test_finished_run_is_said_and_left_alone_and_args_json_is_the_first(setup, c
     assert f"{out} is finished (9 steps; see summary.json): nothing to resume" in stdout
     assert os.stat(adapter).st_mtime_ns == mtime and not os.path.exists(os.path.join(out, "merged"))
     assert open(os.path.join(out, "args.json")).read() == args_before
+    # more epochs on a finished run (LlamaFactory #3975: it just ended; transformers #18070: the LR had decayed to 0)
+    code, _, err = run(capsys, *common, "--out", out, "--resume", "--epochs", "5")
+    assert code == 2 and "was made with --epochs 3, now 5" in err
     # a stopped run resumed with a setting that changes nothing saved (--no-pack: float rounding only): its
     # args.json stays the one it was started with
     stopped = stopped_run(capsys, setup, "first-args", 2)
