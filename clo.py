@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
@@ -113,13 +115,122 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run folder: every file written atomically, and every piece of saved state tagged with the settings it belongs to
+
+RUN = {"out": None, "checkpoint": None}  # what a stopped run leaves: for the one line of Ctrl-C or a full disk
+
+
+def write_atomic(path: str, write):
+    """write(tmp) then rename tmp -> path: a kill leaves the old file or the new one, never half of one. A write that
+    fails (disk full) removes its tmp file and raises OSError naming `path` (safetensors raises its own error type)."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        found = re.search(r"os error (\d+)", str(e))  # safetensors: "I/O error: No space left on device (os error 28)"
+        code = e.errno if isinstance(e, OSError) else int(found.group(1)) if found else None
+        if code is None:
+            raise
+        error = OSError(f"{path}: could not write it: {os.strerror(code)}")
+        error.errno = code
+        raise error from e
+
+
+def save_tensors(path: str, tensors: dict, metadata: dict | None = None):
+    from safetensors.torch import save_file
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_json(path: str, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomic(path, write)
+
+
+# What saved state depends on. The reference table: the model, the tokens of the pairs (which --data, --num-samples,
+# --translations, --lang, --max-len and the translation cache decide) and the numerics (dtype, device). A checkpoint:
+# that plus everything that shapes the updates and the batch plan. Not here, since they change nothing or only float
+# rounding: --no-pack, --grad-checkpoint, --fsdp, --merge, --save-every, --save-minutes, --progress.
+REFERENCE_SETTINGS = ("model", "model_files", "dtype", "device", "lang", "max_len", "pairs")
+TRAINING_SETTINGS = REFERENCE_SETTINGS + (
+    "method", "beta", "lam", "sft_target_only", "tune", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
+    "warmup", "weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "world", "seed")
+
+
+def model_identity(folder: str) -> str:
+    """A cheap identity of a checkpoint folder: name, size and modification time of config.json and of each weight
+    file (a hub snapshot's files are links to content-addressed blobs: the blob names change with the weights)."""
+    h = hashlib.sha256()
+    config = [os.path.join(folder, "config.json")] * os.path.exists(os.path.join(folder, "config.json"))
+    for path in config + M.safetensors_files(folder):
+        st = os.stat(path)
+        h.update(f"{os.path.basename(os.path.realpath(path))} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def run_settings(args, model_folder: str, world: int) -> dict:
+    """The settings that saved state is checked against on --resume (all but "pairs", added once tokenized)."""
+    s = {"model": os.path.realpath(model_folder), "model_files": model_identity(model_folder),
+         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world}
+    for key in TRAINING_SETTINGS:
+        if key not in s and key != "pairs":
+            s[key] = getattr(args, key)
+    return s
+
+
+def pairs_digest(pairs) -> str:
+    """sha256 of every token id and target flag of the tokenized pairs, in order (rows of the reference table)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.index, p.in_target_lang, p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()[:16]
+
+
+def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
+    """What differs between the settings saved state was made with and this run's, each as "--flag OLD, now NEW"."""
+    if old is None:
+        return ["no record of its settings (an older clo)"]
+
+    def show(v):
+        return ",".join(map(str, v)) if isinstance(v, list) else ("on" if v else "off") if isinstance(v, bool) else v
+    out = []
+    for key in keys:
+        if key not in old or key not in new or old[key] == new[key]:
+            continue
+        if key == "lam" and old.get("method") != new.get("method"):  # --method sft/dpo set lam: said by --method
+            continue
+        if key == "pairs":
+            if not out:  # a changed --lang or --max-len already explains different pairs
+                out.append("other training pairs (their tokens differ: --data, --num-samples, --translations or the "
+                           "translation cache changed)")
+        elif key == "model_files":
+            out.append("other files in --model (config.json or weights changed since)")
+        elif key == "world":
+            out.append(f"{old[key]} ranks, now {new[key]}")
+        else:
+            out.append(f"--{key.replace('_', '-')} {show(old[key])}, now {show(new[key])}")
+    return out
+
+
+def refuse_if_changed(what: str, old: dict | None, new: dict, keys):
+    diffs = setting_differences(old, new, keys)
+    if diffs:
+        raise ValueError(f"--resume: {what} was made with {'; '.join(diffs)}. Rerun with the same settings, or use a "
+                         "new --out (or drop --resume) to start over.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: safetensors + JSON, written to a temporary folder and renamed into place (atomic)
 
 
-def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None):
-    """Trainable weights, AdamW state, RNG and progress. Every rank holds the same values (FSDP: gathered here);
-    rank 0 writes."""
-    from safetensors.torch import save_file
+def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None, settings=None):
+    """Trainable weights, AdamW state, RNG, progress and the run's settings. Every rank holds the same values (FSDP:
+    gathered here); rank 0 writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what
+    a kill between them leaves)."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"param/{n}": full_tensor(t).cpu().contiguous().clone() for n, t in trainable_state(model).items()}
     for group in optimizer.param_groups:
@@ -130,17 +241,58 @@ def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=Non
     tensors["rng/cpu"] = torch.get_rng_state()
     if dist is not None and not dist.main:
         return
-    tmp = folder + ".tmp"
+    tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, "state.safetensors"))
-    with open(os.path.join(tmp, "progress.json"), "w") as f:
-        json.dump({"step": step, "batches_done": epoch_batches_done}, f)
-    old = folder + ".old"
+    try:
+        save_tensors(os.path.join(tmp, "state.safetensors"), tensors)
+        save_json(os.path.join(tmp, "progress.json"), {"step": step, "batches_done": epoch_batches_done,
+                                                       "settings": settings})  # last: marks tmp complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: free what this save took; the last checkpoint stays
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # a kill may have left one; os.replace cannot overwrite a full folder
     if os.path.exists(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_progress(folder: str) -> dict | None:
+    """progress.json of a complete checkpoint folder, or None: it is missing, torn, or state.safetensors is not
+    whole (safetensors checks that the file covers every tensor its header names)."""
+    from safetensors import safe_open
+    try:
+        progress = M.read_json(os.path.join(folder, "progress.json"))
+        int(progress["step"])
+        with safe_open(os.path.join(folder, "state.safetensors"), framework="pt"):
+            pass
+        return progress
+    except Exception:
+        return None
+
+
+def find_checkpoint(out: str, log=print, fix: bool = True) -> tuple[str, dict] | None:
+    """The newest complete checkpoint, wherever a kill left it: checkpoint/, checkpoint.tmp/ (killed after writing a
+    new one, before its rename) or checkpoint.old/ (killed between the two renames of a save). With `fix` (rank 0),
+    the one found is moved to checkpoint/ and the leftovers removed. Returns (checkpoint folder, progress) or None."""
+    base = os.path.join(out, "checkpoint")
+    found = []
+    for order, path in enumerate((base, base + ".tmp", base + ".old")):
+        progress = checkpoint_progress(path)
+        if progress is not None:
+            found.append((progress["step"], -order, path, progress))
+    if not found:
+        return None
+    _, _, path, progress = max(found)
+    if fix:
+        if path != base:
+            shutil.rmtree(base, ignore_errors=True)
+            os.replace(path, base)
+            log(f"checkpoint: took {path} (step {progress['step']}), which a kill during a save left, as {base}")
+        for leftover in (base + ".tmp", base + ".old"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return (base if fix else path), progress
 
 
 def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -180,8 +332,7 @@ def load_checkpoint(folder, model, optimizer):
 
 def save_adapter(out, model, args):
     """adapter_model.safetensors + adapter_config.json in peft's layout (peft and vLLM load them as they are)."""
-    from safetensors.torch import save_file
-    save_file(M.lora_state_dict(model), os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors(os.path.join(out, "adapter_model.safetensors"), M.lora_state_dict(model), {"format": "pt"})
     base = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model  # a hub id stays an id
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
               "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
@@ -189,20 +340,18 @@ def save_adapter(out, model, args):
               "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
               "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
               "alpha_pattern": {}, "revision": None}
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    save_json(os.path.join(out, "adapter_config.json"), config)
 
 
 def save_merged(folder, model, source):
     """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files.
     An adapted lm_head of a model with tied embeddings is written untied (see M.merge_lora)."""
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     M.merge_lora(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
         if os.path.exists(os.path.join(source, name)):
@@ -328,9 +477,11 @@ def global_batches(pairs, args, dist: Dist, epoch: int) -> list[list[int]]:
     return [b for b in batches if len(b) >= dist.world]
 
 
-def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
+def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist(), settings: dict | None = None):
     """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
-    grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks."""
+    grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks. A checkpoint (tagged with
+    `settings`, see run_settings) every --save-every steps (default: a quarter of the run) and every --save-minutes;
+    with --stop-after N, one after step N, and the return value has "stopped": True."""
     device = args.device
     plan = global_batches(pairs, args, dist, 0)
     batches_per_epoch = len(plan)
@@ -347,15 +498,26 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
     ckpt = os.path.join(out, "checkpoint")
     step, done_batches = 0, 0
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if args.resume and os.path.exists(ckpt):
+    save_every = math.ceil(total / 4) if args.save_every is None else args.save_every
+    if args.resume and os.path.exists(os.path.join(ckpt, "progress.json")):  # main() found and checked it
         progress = load_checkpoint(ckpt, model, optimizer)
         step, done_batches = progress["step"], progress["batches_done"]
-        log(f"resumed from {ckpt} at step {step}")
+        log(f"resumed from {ckpt} at step {step} of {total}")
         if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
-            rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
-            D.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])
+            rows = []
+            for number, line in D.read_lines(metrics_path, own=True, log=log):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{metrics_path}: line {number}: not valid JSON ({e.msg}); delete the line (or "
+                                     "the file) and resume again.") from e
+            D.write_jsonl(metrics_path, [r for r in rows if r.get("step", 0) <= step])
     elif dist.main and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    cadence = [f"every {save_every} steps"] * bool(save_every) + [f"every {args.save_minutes:g} minutes"] * bool(
+        args.save_minutes)
+    log(f"checkpoints: {' and '.join(cadence) or 'none'} ({total} steps in all), in {ckpt}")
+    saved_at = time.perf_counter()
     dist.barrier()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not (args.progress and dist.main))
@@ -417,13 +579,23 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist()):
                 f.write(json.dumps(last) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
         bar.update(1)
-        checkpoint_now = (args.save_every and step % args.save_every == 0 and step < total) or \
-            (args.stop_after and step >= args.stop_after)
-        if checkpoint_now:
-            save_checkpoint(ckpt, model, optimizer, step, done_batches, dist)
-        if args.stop_after and step >= args.stop_after:  # for tests of --resume: a run killed after N steps
+        due = bool(save_every) and step % save_every == 0
+        if args.save_minutes:
+            late = time.perf_counter() - saved_at >= 60 * args.save_minutes
+            if dist.world > 1:  # every rank takes part in a save (FSDP gathers): rank clocks differ, so agree
+                late = dist.sum(torch.tensor([float(late)], device=device)).item() > 0
+            due = due or late
+        stop = bool(args.stop_after) and args.stop_after <= step < total
+        if (due and step < total) or stop:  # the final step needs none: the outputs follow
+            save_checkpoint(ckpt, model, optimizer, step, done_batches, dist, settings)
+            saved_at = time.perf_counter()
+            RUN["checkpoint"] = (ckpt, step)
+        if stop:
+            bar.close()
+            log(f"stopped after step {step} of {total} (--stop-after {args.stop_after}): checkpoint in {ckpt}; "
+                "continue with --resume")
             dist.barrier()
-            os._exit(17)
+            return {**last, "stopped": True}
     bar.close()
     return last
 
@@ -469,14 +641,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: a quarter of "
+                   "the run's steps, so a killed run loses at most a quarter of its training; 0: not by steps)")
+    p.add_argument("--save-minutes", type=float, default=30.0, help="also checkpoint when this many minutes have "
+                   "passed since the last one (default 30; 0: not by time)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped or killed run in --out from its last "
+                   "checkpoint; refused, naming the setting, if a setting it depends on differs")
+    p.add_argument("--stop-after", type=int, default=0, help="save a checkpoint and exit normally after N steps; "
+                   "continue later with --resume")
     p.add_argument("--merge", action="store_true", help="also write a full merged checkpoint to RUN_DIR/merged")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
                    "(rank 0 translates while the others wait)")
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
     a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
@@ -526,18 +703,99 @@ def check_languages(langs: list[str], translations: str | None):
                              f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
 
 
+def start_run_folder(args, settings: dict, log=print, dist: Dist = Dist()):
+    """Before any work. Without --resume: a new run; what an earlier run left in --out (checkpoint, metrics,
+    summary) is removed, said if a checkpoint goes, and args.json written. With --resume: the original args.json is
+    kept, and the folder is checked against this run's settings (all but the pairs, checked once tokenized):
+    returns "finished" (summary.json there), the checkpoint's progress dict, or None (no checkpoint: step 0).
+    A setting that differs raises ValueError naming it."""
+    out = args.out
+    summary, args_path = os.path.join(out, "summary.json"), os.path.join(out, "args.json")
+    checked = [k for k in TRAINING_SETTINGS if k != "pairs"]
+    saved = {k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")}
+    if not args.resume:
+        if dist.main:
+            os.makedirs(out, exist_ok=True)
+            found = find_checkpoint(out, log, fix=False)
+            if found:
+                log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to continue "
+                    "that run instead, stop this one and add --resume")
+            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            for name in ("summary.json", "metrics.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+            save_json(args_path, saved)
+        dist.barrier()
+        return None
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        find_checkpoint(out, log, fix=True)  # a checkpoint a kill left as checkpoint.tmp/.old: into place
+        if not os.path.exists(args_path):
+            save_json(args_path, saved)
+    dist.barrier()
+    if os.path.exists(summary):
+        done = M.read_json(summary)
+        refuse_if_changed(out, done.get("settings"), settings, checked)
+        log(f"{out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume to "
+            "train it again, or use a new --out.")
+        return "finished"
+    found = find_checkpoint(out, log, fix=False)
+    if found is None:
+        log(f"--resume: no checkpoint in {out}: starting at step 0")
+        return None
+    refuse_if_changed(out, found[1].get("settings"), settings, checked)
+    RUN["checkpoint"] = (found[0], found[1]["step"])
+    return found[1]
+
+
+def load_reference(path: str, settings: dict, log=print):
+    """--resume: the reference table a run computed before, when it is whole and was computed for these pairs, model
+    and numerics; else None (recomputed, and said)."""
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            old = json.loads((f.metadata() or {}).get("settings", "null"))
+            logps = f.get_tensor("logps")
+    except Exception:
+        log(f"{path}: unreadable (cut short by a kill?): recomputing it")
+        return None
+    diffs = setting_differences(old, settings, REFERENCE_SETTINGS)
+    if diffs:
+        log(f"{path}: computed with {'; '.join(diffs)}: recomputing it")
+        return None
+    return logps
+
+
+def kept() -> str:
+    """What a run stopped by Ctrl-C or a full disk leaves, for exit_on_error's one line."""
+    if RUN["checkpoint"]:
+        folder, step = RUN["checkpoint"]
+        return f"kept: {folder} (step {step}); continue with --resume"
+    if RUN["out"]:
+        return (f"no checkpoint in {RUN['out']} yet: --resume will start at step 0 (finished translations are kept "
+                "in its cache)")
+    return ""
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_languages(args.langs, args.translations)
     dist = setup_distributed(args)
     out = args.out
+    RUN.update(out=out, checkpoint=None)
     log = print if dist.main else (lambda *a, **k: None)
-    if dist.main:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump({k: v for k, v in vars(args).items() if k != "stop_after"}, f, indent=2)
     torch.manual_seed(args.seed)
-    model, tok = M.load_model(args.model, args.dtype, args.device)
+    folder = M.resolve_checkpoint(args.model)
+    settings = run_settings(args, folder, dist.world)  # checked before the model loads: a refusal is quick
+    resume = start_run_folder(args, settings, log, dist)
+    if resume == "finished":
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+        return M.read_json(os.path.join(out, "summary.json")).get("final", {})
+    model, tok = M.load_model(folder, args.dtype, args.device)
     if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
         M.check_lora_targets(model, args.lora_targets)
     # English items: --data, else the English side of --translations, else the shipped sample
@@ -586,21 +844,27 @@ def main(argv=None):
         "prompt/response boundary, scored as response)")
     if not tokenized:
         raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
+    settings["pairs"] = pairs_digest(tokenized)
+    if isinstance(resume, dict):  # the checkpoint's pairs: known only now, after translation and tokenization
+        refuse_if_changed(out, resume.get("settings"), settings, ["pairs"])
     ref_path = os.path.join(out, "reference_logps.safetensors")
-    from safetensors.torch import load_file, save_file
-    if args.resume and os.path.exists(ref_path):
-        ref = load_file(ref_path)["logps"]
-    else:
+    ref = load_reference(ref_path, settings, log) if args.resume else None
+    if ref is None:
         ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress, dist,
                               args.pack_to)
         if dist.main:
-            save_file({"logps": ref.contiguous()}, ref_path)
+            save_tensors(ref_path, {"logps": ref.contiguous()},
+                         {"settings": json.dumps({k: settings[k] for k in REFERENCE_SETTINGS})})
     wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
     model.gradient_checkpointing = args.grad_checkpoint
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"training {n_train:,} parameters ({args.tune}: {len(wrapped)} tensors/modules), {len(tokenized)} pairs"
         + (f", {dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""))
-    last = train(args, model, tok, tokenized, ref, out, log, dist)
+    last = train(args, model, tok, tokenized, ref, out, log, dist, settings)
+    if last.get("stopped"):  # --stop-after: the checkpoint is written; no outputs yet
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+        return last
     model.eval()
     sharded = args.fsdp and dist.world > 1
     if sharded:  # every rank takes part in gathering the shards
@@ -617,10 +881,12 @@ def main(argv=None):
             save_adapter(out, model, args)
         if args.merge or args.tune != "lora":
             save_merged(os.path.join(out, "merged"), model, model.source)
-        shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
-        summary = {"run": out, "steps": last.get("step"), "final": last, "pairs": report, "ranks": dist.world}
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        summary = {"run": out, "steps": last.get("step"), "final": last, "pairs": report, "ranks": dist.world,
+                   "settings": settings}
+        save_json(os.path.join(out, "summary.json"), summary)  # marks the run finished (see start_run_folder) ...
+        for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):  # ... before its checkpoint goes
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        RUN["checkpoint"] = None
         log(f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
             f"margin {last.get('margin')}  nll {last.get('nll')}")
     dist.barrier()
@@ -629,15 +895,23 @@ def main(argv=None):
     return last
 
 
-def exit_on_error(main_fn, *errors):
+def exit_on_error(main_fn, *errors, kept=None):
     """Runs a script's main(): bad input (and the given error types) prints one line `error: ...` and exits 2, with
-    no traceback. Shared by clo.py and eval.py."""
+    no traceback; Ctrl-C prints one line and exits 130. `kept`: a function saying what a stopped run leaves (clo: the
+    last good checkpoint), added to the line of Ctrl-C and of a full disk. Shared by clo.py and eval.py."""
+    def note():
+        said = kept() if kept else ""
+        return f"; {said}" if said else ""
     try:
         main_fn()
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C){note()}", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, FileNotFoundError, OSError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {'disk full: ' if full else ''}{e}{note() if full else ''}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    exit_on_error(main, FloatingPointError)
+    exit_on_error(main, FloatingPointError, kept=kept)

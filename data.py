@@ -135,18 +135,37 @@ def item_key(item: dict, lang: str) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
 
 
-def read_translations(path: str) -> dict[tuple[str, str], dict]:
-    """A parallel JSONL file -> {(english instruction, english response): row}. A run's cache may end in a line cut
-    short by a crash: that line is dropped (and truncated away by the next append), never half-used."""
+def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
+    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
+    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
+    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
+    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.decode("utf-8", errors="replace" if own else "strict").splitlines()
+    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
+        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
+            "held is redone")
+        lines = lines[:-1]
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str, str], dict]:
+    """A parallel JSONL file -> {(english instruction, english response): row}. A user's --translations file is read
+    whole; the run's own cache (`own`) may end in a line cut short by a crash: that line is dropped, said, and
+    truncated away by the next append, never half-used (see read_lines)."""
     table = {}
     if not os.path.exists(path):
         return table
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[:data.rfind(b"\n") + 1] if not data.endswith(b"\n") else data
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in read_lines(path, own, log):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -156,17 +175,26 @@ def read_translations(path: str) -> dict[tuple[str, str], dict]:
             raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
                              "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
         key = (row["en_instruction"], row["en_response"])
-        table[key] = {**table.get(key, {}), **row}
+        earlier = dict(table.get(key, {}))
+        for field in row:  # a later translation of a language replaces its flags too (absent: no longer flagged)
+            if field.endswith("_response") and field != "en_response":
+                earlier.pop(field[:-len("_response")] + "_flags", None)
+        table[key] = {**earlier, **row}
     return table
 
 
 def _append_lines(path: str, rows: list[dict]):
-    """Appends whole lines and fsyncs, after cutting off a partial last line a crash may have left."""
+    """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
+    given its newline when it is complete JSON (the kill fell just before the newline)."""
     if os.path.exists(path):
         with open(path, "rb+") as f:
             data = f.read()
             if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+                start = data.rfind(b"\n") + 1
+                if _is_json(data[start:].decode("utf-8", errors="replace")):
+                    f.write(b"\n")
+                else:
+                    f.truncate(start)
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -197,7 +225,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 raise ValueError(f"{translations_file}: the row for {item['instruction'][:60]!r} lacks {lacking}.")
             rows.append(row)
         return rows
-    cached = read_translations(cache_path)
+    cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
         todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
         if todo:

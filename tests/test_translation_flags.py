@@ -92,3 +92,13 @@ def test_bad_language_codes_are_refused_before_any_work(lang, message, tmp_path)
         clo.main(["--model", str(tmp_path / "no-model"), "--lang", lang, "--out", str(tmp_path / "run")])
     assert str(e.value).startswith(message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_later_translation_replaces_the_flags_of_an_earlier_one(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    rows = [{"en_instruction": "Q", "en_response": "A", "ko_instruction": "q", "ko_response": "a", "ko_flags": ["cut"]},
+            {"en_instruction": "Q", "en_response": "A", "ko_instruction": "q", "ko_response": "a, fixed"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [row] = D.read_translations(str(path)).values()
+    assert row["ko_response"] == "a, fixed" and "ko_flags" not in row
+    assert D.build_pairs([row], ["ko"]) != []
