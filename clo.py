@@ -445,10 +445,13 @@ def full_tensor(t):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist = Dist(), pack_to=None):
+def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist = Dist(), pack_to=None,
+                    dtype="float32"):
     """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
     no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
-    table is then summed across ranks. Returns (P, 2): [chosen, rejected]."""
+    table is then summed across ranks. dtype is --dtype: the table is computed in the precision of the policy's
+    forward pass (bf16: under the same autocast), so that policy = reference at step 0 and the pair loss starts at
+    log 2. Returns (P, 2): [chosen, rejected], float32."""
     from tqdm import tqdm
     model.eval()
     out = torch.zeros(len(pairs), 2, device=device)
@@ -457,17 +460,33 @@ def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dis
     for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.main)):
         idx = order[b:b + batch_size]
         batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
-        with autocast(device):
+        with autocast(device, dtype):
             sums, _ = sequence_logps(model, batch, 2 * len(idx))
         out[idx, 0], out[idx, 1] = sums[:len(idx)].float(), sums[len(idx):].float()
     return dist.sum(out).cpu()
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; exact fp32 on CPU."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def training_precision(dtype: str) -> str:
+    """--dtype for training -> the dtype the weights are loaded in.
+
+    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision: weights, gradients and
+    AdamW state stay fp32 (LoRA and Adam updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take
+    a step under 0.004), and the forward/backward matmuls run in bf16 under torch.autocast (see autocast()). Pure-bf16
+    weights are not offered: that is another training than fp32's. fp16 needs loss scaling, which clo does not do."""
+    if dtype == "float16":
+        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
+                         "--dtype bfloat16 (mixed precision) or float32.")
+    return "float32"
+
+
+def autocast(device, dtype="float32"):
+    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
+    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
+    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
+    kind = torch.device(device).type
+    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(kind, enabled=False)
 
 
 def global_batches(pairs, args, dist: Dist, epoch: int) -> list[list[int]]:
@@ -545,7 +564,7 @@ def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist(), set
             chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
             nll_mask = torch.tensor([float(in_nll_term(pairs[i], args)) for i in idx], device=device)
             sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
-            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device):
+            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
                 logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
                 r = ref[idx].to(device)                          # (B, 2): reference chosen, rejected
                 parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], chosen_lengths, nll_mask, args.beta,
@@ -639,7 +658,9 @@ def parse_args(argv=None):
     p.add_argument("--no-pack", dest="pack", action="store_false", help="one sequence per row, right-padded, "
                    "instead of packing a batch's sequences into rows of up to --max-len tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="auto: bfloat16 on CUDA and on CPUs with "
+                   "native bf16 matmul, else float32 (model.default_dtype). Training in bfloat16 is mixed precision: "
+                   "fp32 weights and AdamW state, bf16 autocast; the translator runs in bf16 weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: a quarter of "
                    "the run's steps, so a killed run loses at most a quarter of its training; 0: not by steps)")
@@ -668,8 +689,8 @@ def parse_args(argv=None):
     if a.lr is None:
         a.lr = 1e-4 if a.tune == "lora" else 5e-6
     a.pack_to = a.max_len if a.pack else None
-    if a.dtype is None:
-        a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
+    a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
+    training_precision(a.dtype)  # refuses fp16 before any work
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
     return a
@@ -795,7 +816,9 @@ def main(argv=None):
         if dist.world > 1:
             torch.distributed.destroy_process_group()
         return M.read_json(os.path.join(out, "summary.json")).get("final", {})
-    model, tok = M.load_model(folder, args.dtype, args.device)
+    log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision, fp32 weights and AdamW state, bf16 "
+                                                        "autocast" if args.dtype == "bfloat16" else ""))
+    model, tok = M.load_model(folder, training_precision(args.dtype), args.device)
     if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
         M.check_lora_targets(model, args.lora_targets)
     # English items: --data, else the English side of --translations, else the shipped sample
@@ -851,7 +874,7 @@ def main(argv=None):
     ref = load_reference(ref_path, settings, log) if args.resume else None
     if ref is None:
         ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress, dist,
-                              args.pack_to)
+                              args.pack_to, args.dtype)
         if dist.main:
             save_tensors(ref_path, {"logps": ref.contiguous()},
                          {"settings": json.dumps({k: settings[k] for k in REFERENCE_SETTINGS})})
@@ -871,7 +894,7 @@ def main(argv=None):
         trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
     if dist.main:
         if sharded:  # rebuild an unsharded copy on rank 0 from the gathered weights
-            model, _ = M.load_model(args.model, args.dtype, "cpu")
+            model, _ = M.load_model(args.model, training_precision(args.dtype), "cpu")
             set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
             with torch.no_grad():
                 params = dict(model.named_parameters())

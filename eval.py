@@ -512,12 +512,15 @@ def main(argv=None):
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 "
+                   "on CUDA and on CPUs with native bf16 matmul, else float32; see model.default_dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="eval_out")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="under torchrun: minutes a rank may wait")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
+    a.dtype, why = M.resolve_dtype(a.dtype, a.device)
+    print(f"dtype: {a.dtype} ({why})", file=sys.stderr)
     specs = {}
     for spec in a.models:
         if "=" not in spec:
@@ -574,7 +577,7 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
         return None
     if a.judge and len(specs) >= 2:
-        ask = local_judge(a.judge[6:]) if a.judge.startswith("local:") else http_judge(a.judge, a.judge_model,
+        ask = local_judge(a.judge[6:], M.DTYPES[a.dtype], a.device) if a.judge.startswith("local:") else http_judge(a.judge, a.judge_model,
                                                                                         a.judge_key_env)
         names = list(specs)
         for other in names[1:]:

@@ -637,6 +637,59 @@ HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokeniz
 HUB_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py, eval.py and this file's CLI
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware, from /proc/cpuinfo's flags (or the given text).
+
+    x86: avx512_bf16 (AVX512-BF16: Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16 (AMX tiles: Sapphire Rapids
+    and later). AArch64: the "bf16" feature (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/V2). Anything else (no
+    /proc/cpuinfo, e.g. macOS) counts as no. Why not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it answers True on
+    any AVX512-F CPU, where oneDNN emulates bf16 by converting to fp32; on such a CPU (this repository's test machine,
+    a Xeon with avx512f and neither flag) a 2048 x 2048 bf16 matmul ran 5x slower than fp32 and batch-1 decoding read
+    bf16 weights at 8.8 GB/s against fp32's 15.6 (bench/dtype.py)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # x86 says flags, AArch64 says Features
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_dtype(device, cpuinfo: str | None = None) -> tuple[str, str]:
+    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason).
+
+    bf16 where the hardware computes it natively, since it then halves the bytes every matmul and every decoding step
+    reads: CUDA GPUs with bf16 (Ampere and later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 elsewhere,
+    where bf16 is emulated and slower than fp32, and on other devices (mps)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", "CUDA"
+        return "float32", "this GPU has no native bf16"
+    if kind == "cpu":
+        if cpu_has_native_bf16(cpuinfo):
+            return "bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16"
+        return "float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"
+    return "float32", f"bf16 is not chosen automatically on {kind}"
+
+
+def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
+    """--dtype as given ("auto"/None: default_dtype) -> (a DTYPES name, reason), e.g. ("float32", "--dtype float32").
+    Raises ValueError (one line) on a name DTYPES does not know."""
+    if requested in (None, "auto"):
+        return default_dtype(device)
+    if requested not in DTYPES:
+        raise ValueError(f"--dtype {requested}: unknown dtype; use auto, float32 or bfloat16 (or {', '.join(DTYPES)}).")
+    name = str(DTYPES[requested]).removeprefix("torch.")
+    return name, f"--dtype {requested}"
 
 
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
@@ -1499,7 +1552,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 on "
+                   "CUDA and on CPUs with native bf16 matmul, else float32; see default_dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--translate", action="store_true", help="translate TEXT (or stdin lines) instead of chatting")
     p.add_argument("--translator", default="facebook/nllb-200-distilled-600M")
@@ -1508,6 +1562,8 @@ def main(argv=None):
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("text", nargs="*", help="text to translate (default: one text per stdin line)")
     a = p.parse_args(argv)
+    a.dtype, why = resolve_dtype(a.dtype, a.device)
+    print(f"dtype: {a.dtype} ({why})", file=sys.stderr)  # stderr: stdout carries only the answer/translations
     if a.translate:
         translator = load_translator(a.translator, DTYPES[a.dtype], a.device)
         texts = [" ".join(a.text)] if a.text else [line.rstrip("\n") for line in sys.stdin if line.strip()]
