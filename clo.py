@@ -4,6 +4,17 @@
 
 English SFT data -> translated by an NLLB/M2M100 model -> cross-lingual preference pairs -> the CLO loss on a LoRA
 adapter (or on the attention projections, the paper's setting) -> a PEFT adapter and, with --merge, a full checkpoint.
+
+The paper, in code (section numbers of arXiv 2505.14297):
+    Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      main -> translated_rows -> data.translate_items
+    Sec. 3, the two preference pairs per item                       cross_lingual_pairs -> data.build_pairs
+    Sec. 3, sequence log-probs log pi(y|x), summed over tokens       sequence_logps
+    Sec. 3, pi_ref: the initial model, computed once                 reference_logps
+    Sec. 3, the objective L = lam * NLL + (1 - lam) * L_CL           clo_loss
+    Sec. 4, trained parameters: attention Q/K/V/O (or LoRA on them)  set_trainable
+    Sec. 4, baselines SFT and DPO: the same equation, other settings parse_args (lam and the NLL mask)
+    Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
+Below the banner "Plumbing": torchrun, the run folder (atomic writes, --resume checks), checkpoints, export, the CLI.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +37,9 @@ import torch.nn.functional as F
 import data as D
 import model as M
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The CLO loss
+# The CLO loss (Sec. 3)
 
 
 @dataclass
@@ -79,6 +88,10 @@ def in_nll_term(pair, args) -> bool:
     return pair.in_target_lang or args.nll_on == "all"
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence log-probs and the reference table (Sec. 3): pi(y|x) summed over response tokens; pi_ref computed once
+
+
 def sequence_logps(model, batch, n_sequences: int):
     """Summed log pi(response | prompt) of each of the batch's sequences, and its token count: (n,), (n,).
 
@@ -97,9 +110,57 @@ def sequence_logps(model, batch, n_sequences: int):
     return sums, counts
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Parameters to train
+@torch.no_grad()
+def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist | None = None, pack_to=None,
+                    dtype="float32"):
+    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
+    no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
+    table is then summed across ranks. dtype is --dtype: the table is computed in the precision of the policy's
+    forward pass (bf16: under the same autocast), so that policy = reference at step 0 and the pair loss starts at
+    log 2. Returns (P, 2): [chosen, rejected], float32."""
+    from tqdm import tqdm
+    dist = dist or Dist()
+    model.eval()
+    out = torch.zeros(len(pairs), 2, device=device)
+    mine = [i for i in range(len(pairs)) if i % dist.world == dist.rank]
+    order = sorted(mine, key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
+    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.main)):
+        idx = order[b:b + batch_size]
+        batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
+        with autocast(device, dtype):
+            sums, _ = sequence_logps(model, batch, 2 * len(idx))
+        out[idx, 0], out[idx, 1] = sums[:len(idx)].float(), sums[len(idx):].float()
+    return dist.sum(out).cpu()
 
+
+def autocast(device, dtype="float32"):
+    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
+    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
+    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
+    kind = torch.device(device).type
+    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(kind, enabled=False)
+
+
+def training_precision(dtype: str) -> str:
+    """--dtype for training -> the dtype the weights are loaded in.
+
+    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision: weights, gradients and
+    AdamW state stay fp32 (LoRA and Adam updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take
+    a step under 0.004), and the forward/backward matmuls run in bf16 under torch.autocast (see autocast()). Pure-bf16
+    weights are not offered: that is another training than fp32's. fp16 needs loss scaling, which clo does not do."""
+    if dtype == "float16":
+        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
+                         "--dtype bfloat16 (mixed precision) or float32.")
+    return "float32"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What is trained (Sec. 4): the attention projections, or LoRA on them
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def set_trainable(model, tune: str, targets, r: int, alpha: float, dropout: float) -> list[str]:
     """--tune lora: LoRA adapters on `targets`; attn: the full Q/K/V/O weights (the paper's setting); full: all."""
@@ -115,7 +176,387 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run folder: every file written atomically, and every piece of saved state tagged with the settings it belongs to
+# The loop: AdamW, warmup + cosine, accumulation over micro-batches and ranks, clipping
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warmup to `peak`, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def global_batches(pairs, args, dist, epoch: int) -> list[list[int]]:
+    """Length-grouped batches of batch_size x world pairs; rank r trains on every world-th pair of each. A last batch
+    with fewer pairs than ranks is dropped (every rank must take part in every step)."""
+    batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch)
+    return [b for b in batches if len(b) >= dist.world]
+
+
+def train(args, model, pairs, tok, ref, run: Run) -> dict:
+    """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
+    grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks. A checkpoint (tagged with
+    `settings`, see run_settings) every --save-every steps (default: a quarter of the run) and every --save-minutes;
+    with --stop-after N, one after step N, and the return value has "stopped": True."""
+    device, out, log, dist, settings = args.device, run.out, run.log, run.dist, run.settings
+    plan = global_batches(pairs, args, dist, 0)
+    batches_per_epoch = len(plan)
+    left_out = len(pairs) - sum(map(len, plan))
+    if left_out:  # every rank must take part in every step
+        log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer pairs than the "
+            f"{dist.world} ranks (use a --batch-size that divides the pairs, or fewer ranks, to keep them)")
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    total = args.max_steps or steps_per_epoch * args.epochs
+    warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    engine = wrap_for_training(model, args, dist)  # before the optimizer: FSDP replaces the parameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    ckpt = os.path.join(out, "checkpoint")
+    step, done_batches = 0, 0
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    save_every = math.ceil(total / 4) if args.save_every is None else args.save_every
+    if args.resume and os.path.exists(os.path.join(ckpt, "progress.json")):  # main() found and checked it
+        progress = load_checkpoint(ckpt, model, optimizer)
+        step, done_batches = progress["step"], progress["batches_done"]
+        log(f"resumed from {ckpt} at step {step} of {total}")
+        if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
+            rows = []
+            for number, line in D.read_lines(metrics_path, own=True, log=log):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{metrics_path}: line {number}: not valid JSON ({e.msg}); delete the line (or "
+                                     "the file) and resume again.") from e
+            D.write_jsonl(metrics_path, [r for r in rows if r.get("step", 0) <= step])
+    elif dist.main and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    cadence = [f"every {save_every} steps"] * bool(save_every) + [f"every {args.save_minutes:g} minutes"] * bool(
+        args.save_minutes)
+    log(f"checkpoints: {' and '.join(cadence) or 'none'} ({total} steps in all), in {ckpt}")
+    saved_at = time.perf_counter()
+    dist.barrier()
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not (args.progress and dist.main))
+    model.train()
+    last = {}
+    t0 = time.perf_counter()
+    pairs_seen = 0
+    epoch, batches = None, []
+    while step < total:
+        if done_batches // batches_per_epoch != epoch:  # a new epoch: its shuffled batch order
+            epoch = done_batches // batches_per_epoch
+            batches = global_batches(pairs, args, dist, epoch)
+        micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
+        # Sec. 3's means run over the pairs (and NLL tokens) of the whole optimizer step, however it is split into
+        # micro-batches and ranks: the denominators are the step's counts, known to every rank from the batch plan.
+        step_pairs = [pairs[i] for global_idx in micro for i in global_idx]
+        n_pairs = len(step_pairs)
+        n_nll_tokens = float(sum(len(p.chosen) for p in step_pairs if in_nll_term(p, args)))
+        optimizer.zero_grad(set_to_none=True)
+        logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
+        for k, global_idx in enumerate(micro):
+            idx = global_idx[dist.rank::dist.world]
+            B = len(idx)
+            batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
+            chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
+            nll_mask = torch.tensor([float(in_nll_term(pairs[i], args)) for i in idx], device=device)
+            sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
+            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
+                logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
+                r = ref[idx].to(device)                          # (B, 2): reference chosen, rejected
+                parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], chosen_lengths, nll_mask, args.beta,
+                                 args.lam, n_pairs=n_pairs, n_nll_tokens=n_nll_tokens)
+                # each micro-batch's loss is its share of the step's; DDP and FSDP average gradients over ranks,
+                # so scaling by world makes them the sum of the ranks' shares
+                (parts.loss * dist.world).backward()
+            if not torch.isfinite(parts.loss):
+                raise FloatingPointError(
+                    f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
+                    f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {ckpt} (if one was "
+                    "written). Try a lower --lr, or --dtype float32.")
+            logged += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
+                                   parts.margin]).float()
+            pairs_seen += len(global_idx)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = full_tensor(grad_norm).item()
+        lr = lr_at(step, total, warmup, args.lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+        step += 1
+        done_batches += len(micro)
+        loss, nll, pair_loss, acc, margin = dist.sum(logged).tolist()
+        last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), "loss": round(loss, 5),
+                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
+                "margin": round(margin, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
+        if dist.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
+        bar.update(1)
+        due = bool(save_every) and step % save_every == 0
+        if args.save_minutes:
+            late = time.perf_counter() - saved_at >= 60 * args.save_minutes
+            if dist.world > 1:  # every rank takes part in a save (FSDP gathers): rank clocks differ, so agree
+                late = dist.sum(torch.tensor([float(late)], device=device)).item() > 0
+            due = due or late
+        stop = bool(args.stop_after) and args.stop_after <= step < total
+        if (due and step < total) or stop:  # the final step needs none: the outputs follow
+            save_checkpoint(ckpt, model, optimizer, step, done_batches, dist, settings)
+            saved_at = time.perf_counter()
+            RUN["checkpoint"] = (ckpt, step)
+        if stop:
+            bar.close()
+            log(f"stopped after step {step} of {total} (--stop-after {args.stop_after}): checkpoint in {ckpt}; "
+                "continue with --resume")
+            dist.barrier()
+            return {**last, "stopped": True}
+    bar.close()
+    return last
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipeline: main() is the paper's recipe top to bottom; each step is one function
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = start_run(args)                                    # ranks, the run folder, what --resume may reuse
+    if run.resume == "finished":
+        return finish(run, M.read_json(os.path.join(run.out, "summary.json")).get("final", {}))
+    model, tok = load_policy(args, run)                      # pi_theta; before any update it is also pi_ref
+    items = english_items(args)                              # (x_en, y_en)
+    rows = translated_rows(args, items, run)                 # + (x_l, y_l)
+    pairs = cross_lingual_pairs(args, rows, run)             # x_en: y_en > y_l and x_l: y_l > y_en
+    tokenized = tokenize(args, pairs, tok, run)
+    ref = reference_table(args, model, tokenized, tok, run)  # log pi_ref(y|x) of every response, once
+    wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
+            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
+                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
+    last = train(args, model, tokenized, tok, ref, run)
+    if not last.get("stopped"):                              # --stop-after: a checkpoint, no outputs yet
+        save_outputs(args, model, last, run)                 # adapter, merged checkpoint, summary.json
+    return finish(run, last)
+
+
+@dataclass
+class Run:
+    """What the pipeline's steps share: the run folder, the ranks, the log (rank 0 prints), the settings that saved
+    state is checked against, and what --resume found (a checkpoint's progress, "finished" or None)."""
+    out: str
+    dist: Dist
+    log: object
+    settings: dict
+    resume: dict | str | None
+    report: dict = field(default_factory=dict)  # what became of the pairs: printed, and kept in summary.json
+
+
+def start_run(args) -> Run:
+    check_languages(args.langs, args.translations)
+    dist = setup_distributed(args)
+    RUN.update(out=args.out, checkpoint=None)
+    log = print if dist.main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    args.model_folder = M.resolve_checkpoint(args.model)
+    settings = run_settings(args, args.model_folder, dist.world)  # checked before the model loads: a refusal is quick
+    return Run(args.out, dist, log, settings, start_run_folder(args, settings, log, dist))
+
+
+def load_policy(args, run: Run):
+    run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision, fp32 weights and AdamW state, bf16 "
+                                                            "autocast" if args.dtype == "bfloat16" else ""))
+    model, tok = M.load_model(args.model_folder, training_precision(args.dtype), args.device)
+    if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
+        M.check_lora_targets(model, args.lora_targets)
+    return model, tok
+
+
+def english_items(args) -> list[dict]:
+    """--data, else the English side of --translations, else the Alpaca seed tasks shipped in samples/."""
+    if args.translations and not args.data:
+        items = D.items_from_translations(args.translations)[:args.num_samples or None]
+        if not items:
+            raise ValueError(f"{args.translations}: no rows found; the file is empty.")
+        return items
+    return D.load_sft(args.data, args.num_samples)
+
+
+def translated_rows(args, items, run: Run) -> list[dict]:
+    """One row per item with en_* and <lang>_* fields: from --translations, or translated by rank 0 into the run's
+    cache (resumable), which the other ranks then read."""
+    def get_translator():
+        if not run.dist.main:
+            raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
+        try:
+            return M.load_translator(args.translator, args.dtype, args.device)
+        except Exception as e:
+            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
+                             "with pre-translated data to train without an MT model.") from e
+
+    cache = os.path.join(run.out, "translations.jsonl")
+    if run.dist.main:
+        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations,
+                                 num_beams=args.num_beams, log=run.log)
+    run.dist.barrier()
+    if not run.dist.main:
+        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=run.log)
+    flags = D.translation_flags(rows, args.langs)
+    if flags["flagged"]:
+        run.log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence "
+                f"cut at the MT model's input limit, {flags['degenerate']} degenerate after a retry; marked in "
+                f"{args.translations or cache}): " + ("kept (--keep-flagged)" if args.keep_flagged else
+                                                      "left out of the pairs (--keep-flagged keeps them)"))
+    run.report.update(translation_flags=flags, dropped_flagged=0 if args.keep_flagged else 2 * flags["flagged"])
+    return rows
+
+
+def cross_lingual_pairs(args, rows, run: Run) -> list[dict]:
+    pairs = D.build_pairs(rows, args.langs, args.keep_flagged)
+    if run.dist.main:
+        D.write_jsonl(os.path.join(run.out, "pairs.jsonl"), pairs)
+    return pairs
+
+
+def tokenize(args, pairs, tok, run: Run) -> list[D.TokenizedPair]:
+    tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
+    report["pairs"] += run.report["dropped_flagged"]
+    run.report.update(report)
+    r = run.report
+    run.log(f"pairs: {r['kept']} kept of {r['pairs']} ({r['dropped_flagged']} dropped for a flagged translation, "
+            f"{r['dropped_empty']} for empty text, {r['dropped_long_prompt']} for a prompt over half of --max-len "
+            f"{args.max_len}, {r['truncated']} responses truncated; {r['boundary_moved']} with a token across the "
+            "prompt/response boundary, scored as response)")
+    if not tokenized:
+        raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
+    run.settings["pairs"] = pairs_digest(tokenized)
+    if isinstance(run.resume, dict):  # the checkpoint's pairs: known only now, after translation and tokenization
+        refuse_if_changed(run.out, run.resume.get("settings"), run.settings, ["pairs"])
+    return tokenized
+
+
+def reference_table(args, model, tokenized, tok, run: Run) -> torch.Tensor:
+    """log pi_ref of every pair's chosen and rejected response (P, 2); with --resume, the saved table when it was
+    computed for these pairs, model and numerics."""
+    path = os.path.join(run.out, "reference_logps.safetensors")
+    ref = load_reference(path, run.settings, run.log) if args.resume else None
+    if ref is None:
+        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress,
+                              run.dist, args.pack_to, args.dtype)
+        if run.dist.main:
+            save_tensors(path, {"logps": ref.contiguous()},
+                         {"settings": json.dumps({k: run.settings[k] for k in REFERENCE_SETTINGS})})
+    return ref
+
+
+def save_outputs(args, model, last, run: Run):
+    """The adapter (PEFT layout) and/or the merged checkpoint, then summary.json, which marks the run finished."""
+    model.eval()
+    sharded = args.fsdp and run.dist.world > 1
+    if sharded:  # every rank takes part in gathering the shards
+        trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if run.dist.main:
+        if sharded:  # rebuild an unsharded copy on rank 0 from the gathered weights
+            model, _ = M.load_model(args.model_folder, training_precision(args.dtype), "cpu")
+            set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for n, t in trained.items():
+                    params[n].copy_(t)
+        if args.tune == "lora":
+            save_adapter(run.out, model, args)
+        if args.merge or args.tune != "lora":
+            save_merged(os.path.join(run.out, "merged"), model, model.source)
+        summary = {"run": run.out, "steps": last.get("step"), "final": last, "pairs": run.report,
+                   "ranks": run.dist.world, "settings": run.settings}
+        save_json(os.path.join(run.out, "summary.json"), summary)  # marks the run finished (start_run_folder) ...
+        for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):  # ... before its checkpoint goes
+            shutil.rmtree(os.path.join(run.out, name), ignore_errors=True)
+        RUN["checkpoint"] = None
+        run.log(f"done: {run.out}  step {last.get('step')}  loss {last.get('loss')}  reward acc "
+                f"{last.get('reward_acc')}  margin {last.get('margin')}  nll {last.get('nll')}")
+
+
+def finish(run: Run, last: dict) -> dict:
+    run.dist.barrier()
+    if run.dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return last
+
+
+# ======================================================================================================================
+# Plumbing: torchrun, the run folder, checkpoints, export, the command line. Nothing below is the paper's method.
+# ======================================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torchrun: PyTorch's DDP or FSDP2 (fully_shard); one process = the same code with world = 1
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a no-op alone)."""
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(args) -> Dist:
+    """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs (one per process, by LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import datetime
+    if args.device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    # long enough for rank 0 to translate the data while the others wait at a barrier
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(minutes=args.dist_timeout))
+    return Dist(torch.distributed.get_rank(), world)
+
+
+def wrap_for_training(model, args, dist: Dist):
+    """DDP (trainable parameters replicated, gradients averaged) or, with --fsdp, FSDP2 (each decoder layer's
+    parameters sharded across ranks, gathered per layer on use). Alone: the model itself."""
+    if dist.world == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for p in model.parameters():  # FSDP shards row-major tensors only (see model.column_major_wide_weights)
+            p.data = p.data.contiguous()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
+
+
+def full_tensor(t):
+    """A parameter's whole value, also when FSDP holds only this rank's shard of it (a DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run folder: every file written atomically, every piece of saved state tagged with the settings it belongs to
+
 
 RUN = {"out": None, "checkpoint": None}  # what a stopped run leaves: for the one line of Ctrl-C or a full disk
 
@@ -156,10 +597,10 @@ def save_json(path: str, obj):
 # that plus everything that shapes the updates and the batch plan. Not here, since they change nothing or only float
 # rounding: --no-pack, --grad-checkpoint, --fsdp, --merge, --save-every, --save-minutes, --progress.
 REFERENCE_SETTINGS = ("model", "model_files", "dtype", "device", "lang", "max_len", "pairs")
+
 TRAINING_SETTINGS = REFERENCE_SETTINGS + (
     "method", "beta", "lam", "sft_target_only", "tune", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
     "warmup", "weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "world", "seed")
-
 
 def model_identity(folder: str) -> str:
     """A cheap identity of a checkpoint folder: name, size and modification time of config.json and of each weight
@@ -223,8 +664,86 @@ def refuse_if_changed(what: str, old: dict | None, new: dict, keys):
                          "new --out (or drop --resume) to start over.")
 
 
+def start_run_folder(args, settings: dict, log=print, dist: Dist | None = None):
+    """Before any work. Without --resume: a new run; what an earlier run left in --out (checkpoint, metrics,
+    summary) is removed, said if a checkpoint goes, and args.json written. With --resume: the original args.json is
+    kept, and the folder is checked against this run's settings (all but the pairs, checked once tokenized):
+    returns "finished" (summary.json there), the checkpoint's progress dict, or None (no checkpoint: step 0).
+    A setting that differs raises ValueError naming it."""
+    dist = dist or Dist()
+    out = args.out
+    summary, args_path = os.path.join(out, "summary.json"), os.path.join(out, "args.json")
+    checked = [k for k in TRAINING_SETTINGS if k != "pairs"]
+    saved = {k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")}
+    if not args.resume:
+        if dist.main:
+            os.makedirs(out, exist_ok=True)
+            found = find_checkpoint(out, log, fix=False)
+            if found:
+                log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to continue "
+                    "that run instead, stop this one and add --resume")
+            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            for name in ("summary.json", "metrics.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+            save_json(args_path, saved)
+        dist.barrier()
+        return None
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        find_checkpoint(out, log, fix=True)  # a checkpoint a kill left as checkpoint.tmp/.old: into place
+        if not os.path.exists(args_path):
+            save_json(args_path, saved)
+    dist.barrier()
+    if os.path.exists(summary):
+        done = M.read_json(summary)
+        refuse_if_changed(out, done.get("settings"), settings, checked)
+        log(f"{out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume to "
+            "train it again, or use a new --out.")
+        return "finished"
+    found = find_checkpoint(out, log, fix=False)
+    if found is None:
+        log(f"--resume: no checkpoint in {out}: starting at step 0")
+        return None
+    refuse_if_changed(out, found[1].get("settings"), settings, checked)
+    RUN["checkpoint"] = (found[0], found[1]["step"])
+    return found[1]
+
+
+def load_reference(path: str, settings: dict, log=print):
+    """--resume: the reference table a run computed before, when it is whole and was computed for these pairs, model
+    and numerics; else None (recomputed, and said)."""
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            old = json.loads((f.metadata() or {}).get("settings", "null"))
+            logps = f.get_tensor("logps")
+    except Exception:
+        log(f"{path}: unreadable (cut short by a kill?): recomputing it")
+        return None
+    diffs = setting_differences(old, settings, REFERENCE_SETTINGS)
+    if diffs:
+        log(f"{path}: computed with {'; '.join(diffs)}: recomputing it")
+        return None
+    return logps
+
+
+def kept() -> str:
+    """What a run stopped by Ctrl-C or a full disk leaves, for exit_on_error's one line."""
+    if RUN["checkpoint"]:
+        folder, step = RUN["checkpoint"]
+        return f"kept: {folder} (step {step}); continue with --resume"
+    if RUN["out"]:
+        return (f"no checkpoint in {RUN['out']} yet: --resume will start at step 0 (finished translations are kept "
+                "in its cache)")
+    return ""
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, written to a temporary folder and renamed into place (atomic)
+# Checkpoints: safetensors + JSON in a temporary folder, renamed into place
 
 
 def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None, settings=None):
@@ -366,261 +885,7 @@ def save_merged(folder, model, source):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def lr_at(step, total, warmup, peak):
-    """Linear warmup to `peak`, then cosine decay to zero."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data parallelism (torchrun): PyTorch's DDP or FSDP2 (fully_shard); one process = the same code with world = 1
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (a no-op alone)."""
-        if self.world > 1:
-            t = t.clone()
-            torch.distributed.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def setup_distributed(args) -> Dist:
-    """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs (one per process, by LOCAL_RANK), gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import datetime
-    if args.device.startswith("cuda"):
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-    # long enough for rank 0 to translate the data while the others wait at a barrier
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                                         timeout=datetime.timedelta(minutes=args.dist_timeout))
-    return Dist(torch.distributed.get_rank(), world)
-
-
-def wrap_for_training(model, args, dist: Dist):
-    """DDP (trainable parameters replicated, gradients averaged) or, with --fsdp, FSDP2 (each decoder layer's
-    parameters sharded across ranks, gathered per layer on use). Alone: the model itself."""
-    if dist.world == 1:
-        return model
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for p in model.parameters():  # FSDP shards row-major tensors only (see model.column_major_wide_weights)
-            p.data = p.data.contiguous()
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
-
-
-def full_tensor(t):
-    """A parameter's whole value, also when FSDP holds only this rank's shard of it (a DTensor)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
-
-
-@torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist = Dist(), pack_to=None,
-                    dtype="float32"):
-    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
-    no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
-    table is then summed across ranks. dtype is --dtype: the table is computed in the precision of the policy's
-    forward pass (bf16: under the same autocast), so that policy = reference at step 0 and the pair loss starts at
-    log 2. Returns (P, 2): [chosen, rejected], float32."""
-    from tqdm import tqdm
-    model.eval()
-    out = torch.zeros(len(pairs), 2, device=device)
-    mine = [i for i in range(len(pairs)) if i % dist.world == dist.rank]
-    order = sorted(mine, key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
-    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.main)):
-        idx = order[b:b + batch_size]
-        batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
-        with autocast(device, dtype):
-            sums, _ = sequence_logps(model, batch, 2 * len(idx))
-        out[idx, 0], out[idx, 1] = sums[:len(idx)].float(), sums[len(idx):].float()
-    return dist.sum(out).cpu()
-
-
-def training_precision(dtype: str) -> str:
-    """--dtype for training -> the dtype the weights are loaded in.
-
-    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision: weights, gradients and
-    AdamW state stay fp32 (LoRA and Adam updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take
-    a step under 0.004), and the forward/backward matmuls run in bf16 under torch.autocast (see autocast()). Pure-bf16
-    weights are not offered: that is another training than fp32's. fp16 needs loss scaling, which clo does not do."""
-    if dtype == "float16":
-        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
-                         "--dtype bfloat16 (mixed precision) or float32.")
-    return "float32"
-
-
-def autocast(device, dtype="float32"):
-    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
-    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
-    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
-    kind = torch.device(device).type
-    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
-        return torch.autocast(kind, dtype=torch.bfloat16)
-    return torch.autocast(kind, enabled=False)
-
-
-def global_batches(pairs, args, dist: Dist, epoch: int) -> list[list[int]]:
-    """Length-grouped batches of batch_size x world pairs; rank r trains on every world-th pair of each. A last batch
-    with fewer pairs than ranks is dropped (every rank must take part in every step)."""
-    batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch)
-    return [b for b in batches if len(b) >= dist.world]
-
-
-def train(args, model, tok, pairs, ref, out, log=print, dist: Dist = Dist(), settings: dict | None = None):
-    """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
-    grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks. A checkpoint (tagged with
-    `settings`, see run_settings) every --save-every steps (default: a quarter of the run) and every --save-minutes;
-    with --stop-after N, one after step N, and the return value has "stopped": True."""
-    device = args.device
-    plan = global_batches(pairs, args, dist, 0)
-    batches_per_epoch = len(plan)
-    left_out = len(pairs) - sum(map(len, plan))
-    if left_out:  # every rank must take part in every step
-        log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer pairs than the "
-            f"{dist.world} ranks (use a --batch-size that divides the pairs, or fewer ranks, to keep them)")
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    total = args.max_steps or steps_per_epoch * args.epochs
-    warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
-    engine = wrap_for_training(model, args, dist)  # before the optimizer: FSDP replaces the parameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    ckpt = os.path.join(out, "checkpoint")
-    step, done_batches = 0, 0
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    save_every = math.ceil(total / 4) if args.save_every is None else args.save_every
-    if args.resume and os.path.exists(os.path.join(ckpt, "progress.json")):  # main() found and checked it
-        progress = load_checkpoint(ckpt, model, optimizer)
-        step, done_batches = progress["step"], progress["batches_done"]
-        log(f"resumed from {ckpt} at step {step} of {total}")
-        if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
-            rows = []
-            for number, line in D.read_lines(metrics_path, own=True, log=log):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{metrics_path}: line {number}: not valid JSON ({e.msg}); delete the line (or "
-                                     "the file) and resume again.") from e
-            D.write_jsonl(metrics_path, [r for r in rows if r.get("step", 0) <= step])
-    elif dist.main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    cadence = [f"every {save_every} steps"] * bool(save_every) + [f"every {args.save_minutes:g} minutes"] * bool(
-        args.save_minutes)
-    log(f"checkpoints: {' and '.join(cadence) or 'none'} ({total} steps in all), in {ckpt}")
-    saved_at = time.perf_counter()
-    dist.barrier()
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not (args.progress and dist.main))
-    model.train()
-    last = {}
-    t0 = time.perf_counter()
-    pairs_seen = 0
-    epoch, batches = None, []
-    while step < total:
-        if done_batches // batches_per_epoch != epoch:  # a new epoch: its shuffled batch order
-            epoch = done_batches // batches_per_epoch
-            batches = global_batches(pairs, args, dist, epoch)
-        micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
-        # Sec. 3's means run over the pairs (and NLL tokens) of the whole optimizer step, however it is split into
-        # micro-batches and ranks: the denominators are the step's counts, known to every rank from the batch plan.
-        step_pairs = [pairs[i] for global_idx in micro for i in global_idx]
-        n_pairs = len(step_pairs)
-        n_nll_tokens = float(sum(len(p.chosen) for p in step_pairs if in_nll_term(p, args)))
-        optimizer.zero_grad(set_to_none=True)
-        logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
-        for k, global_idx in enumerate(micro):
-            idx = global_idx[dist.rank::dist.world]
-            B = len(idx)
-            batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
-            chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
-            nll_mask = torch.tensor([float(in_nll_term(pairs[i], args)) for i in idx], device=device)
-            sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
-            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
-                logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
-                r = ref[idx].to(device)                          # (B, 2): reference chosen, rejected
-                parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], chosen_lengths, nll_mask, args.beta,
-                                 args.lam, n_pairs=n_pairs, n_nll_tokens=n_nll_tokens)
-                # each micro-batch's loss is its share of the step's; DDP and FSDP average gradients over ranks,
-                # so scaling by world makes them the sum of the ranks' shares
-                (parts.loss * dist.world).backward()
-            if not torch.isfinite(parts.loss):
-                raise FloatingPointError(
-                    f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
-                    f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {ckpt} (if one was "
-                    "written). Try a lower --lr, or --dtype float32.")
-            logged += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
-                                   parts.margin]).float()
-            pairs_seen += len(global_idx)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = full_tensor(grad_norm).item()
-        lr = lr_at(step, total, warmup, args.lr)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.step()
-        step += 1
-        done_batches += len(micro)
-        loss, nll, pair_loss, acc, margin = dist.sum(logged).tolist()
-        last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), "loss": round(loss, 5),
-                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
-                "margin": round(margin, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
-        if dist.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
-        bar.update(1)
-        due = bool(save_every) and step % save_every == 0
-        if args.save_minutes:
-            late = time.perf_counter() - saved_at >= 60 * args.save_minutes
-            if dist.world > 1:  # every rank takes part in a save (FSDP gathers): rank clocks differ, so agree
-                late = dist.sum(torch.tensor([float(late)], device=device)).item() > 0
-            due = due or late
-        stop = bool(args.stop_after) and args.stop_after <= step < total
-        if (due and step < total) or stop:  # the final step needs none: the outputs follow
-            save_checkpoint(ckpt, model, optimizer, step, done_batches, dist, settings)
-            saved_at = time.perf_counter()
-            RUN["checkpoint"] = (ckpt, step)
-        if stop:
-            bar.close()
-            log(f"stopped after step {step} of {total} (--stop-after {args.stop_after}): checkpoint in {ckpt}; "
-                "continue with --resume")
-            dist.barrier()
-            return {**last, "stopped": True}
-    bar.close()
-    return last
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
+# Command line
 
 
 def parse_args(argv=None):
@@ -722,200 +987,6 @@ def check_languages(langs: list[str], translations: str | None):
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"--lang {lang}: unknown language code.{hint} Use ISO 639-1 codes "
                              f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
-
-
-def start_run_folder(args, settings: dict, log=print, dist: Dist = Dist()):
-    """Before any work. Without --resume: a new run; what an earlier run left in --out (checkpoint, metrics,
-    summary) is removed, said if a checkpoint goes, and args.json written. With --resume: the original args.json is
-    kept, and the folder is checked against this run's settings (all but the pairs, checked once tokenized):
-    returns "finished" (summary.json there), the checkpoint's progress dict, or None (no checkpoint: step 0).
-    A setting that differs raises ValueError naming it."""
-    out = args.out
-    summary, args_path = os.path.join(out, "summary.json"), os.path.join(out, "args.json")
-    checked = [k for k in TRAINING_SETTINGS if k != "pairs"]
-    saved = {k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")}
-    if not args.resume:
-        if dist.main:
-            os.makedirs(out, exist_ok=True)
-            found = find_checkpoint(out, log, fix=False)
-            if found:
-                log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to continue "
-                    "that run instead, stop this one and add --resume")
-            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-            for name in ("summary.json", "metrics.jsonl"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out, name))
-            save_json(args_path, saved)
-        dist.barrier()
-        return None
-    if dist.main:
-        os.makedirs(out, exist_ok=True)
-        find_checkpoint(out, log, fix=True)  # a checkpoint a kill left as checkpoint.tmp/.old: into place
-        if not os.path.exists(args_path):
-            save_json(args_path, saved)
-    dist.barrier()
-    if os.path.exists(summary):
-        done = M.read_json(summary)
-        refuse_if_changed(out, done.get("settings"), settings, checked)
-        log(f"{out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume to "
-            "train it again, or use a new --out.")
-        return "finished"
-    found = find_checkpoint(out, log, fix=False)
-    if found is None:
-        log(f"--resume: no checkpoint in {out}: starting at step 0")
-        return None
-    refuse_if_changed(out, found[1].get("settings"), settings, checked)
-    RUN["checkpoint"] = (found[0], found[1]["step"])
-    return found[1]
-
-
-def load_reference(path: str, settings: dict, log=print):
-    """--resume: the reference table a run computed before, when it is whole and was computed for these pairs, model
-    and numerics; else None (recomputed, and said)."""
-    if not os.path.exists(path):
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            old = json.loads((f.metadata() or {}).get("settings", "null"))
-            logps = f.get_tensor("logps")
-    except Exception:
-        log(f"{path}: unreadable (cut short by a kill?): recomputing it")
-        return None
-    diffs = setting_differences(old, settings, REFERENCE_SETTINGS)
-    if diffs:
-        log(f"{path}: computed with {'; '.join(diffs)}: recomputing it")
-        return None
-    return logps
-
-
-def kept() -> str:
-    """What a run stopped by Ctrl-C or a full disk leaves, for exit_on_error's one line."""
-    if RUN["checkpoint"]:
-        folder, step = RUN["checkpoint"]
-        return f"kept: {folder} (step {step}); continue with --resume"
-    if RUN["out"]:
-        return (f"no checkpoint in {RUN['out']} yet: --resume will start at step 0 (finished translations are kept "
-                "in its cache)")
-    return ""
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_languages(args.langs, args.translations)
-    dist = setup_distributed(args)
-    out = args.out
-    RUN.update(out=out, checkpoint=None)
-    log = print if dist.main else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    folder = M.resolve_checkpoint(args.model)
-    settings = run_settings(args, folder, dist.world)  # checked before the model loads: a refusal is quick
-    resume = start_run_folder(args, settings, log, dist)
-    if resume == "finished":
-        if dist.world > 1:
-            torch.distributed.destroy_process_group()
-        return M.read_json(os.path.join(out, "summary.json")).get("final", {})
-    log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision, fp32 weights and AdamW state, bf16 "
-                                                        "autocast" if args.dtype == "bfloat16" else ""))
-    model, tok = M.load_model(folder, training_precision(args.dtype), args.device)
-    if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
-        M.check_lora_targets(model, args.lora_targets)
-    # English items: --data, else the English side of --translations, else the shipped sample
-    if args.translations and not args.data:
-        items = D.items_from_translations(args.translations)
-        if args.num_samples:
-            items = items[:args.num_samples]
-        if not items:
-            raise ValueError(f"{args.translations}: no rows found; the file is empty.")
-    else:
-        items = D.load_sft(args.data, args.num_samples)
-
-    def get_translator():
-        if not dist.main:
-            raise RuntimeError(f"rank {dist.rank}: translations missing from the cache that rank 0 wrote.")
-        try:
-            return M.load_translator(args.translator, args.dtype, args.device)
-        except Exception as e:
-            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
-                             "with pre-translated data to train without an MT model.") from e
-
-    cache = os.path.join(out, "translations.jsonl")
-    if dist.main:  # only rank 0 translates and writes the cache; the others read it once it is complete
-        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations,
-                                 num_beams=args.num_beams, log=log)
-    dist.barrier()
-    if not dist.main:
-        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=log)
-    flags = D.translation_flags(rows, args.langs)
-    if flags["flagged"]:
-        log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence cut "
-            f"at the MT model's input limit, {flags['degenerate']} degenerate after a retry; marked in "
-            f"{args.translations or cache}): " + ("kept (--keep-flagged)" if args.keep_flagged else
-                                                  "left out of the pairs (--keep-flagged keeps them)"))
-    pairs = D.build_pairs(rows, args.langs, args.keep_flagged)
-    if dist.main:
-        D.write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
-    tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
-    report["dropped_flagged"] = 0 if args.keep_flagged else 2 * flags["flagged"]
-    report["pairs"] += report["dropped_flagged"]
-    report["translation_flags"] = flags
-    log(f"pairs: {report['kept']} kept of {report['pairs']} ({report['dropped_flagged']} dropped for a flagged "
-        f"translation, {report['dropped_empty']} for empty text, "
-        f"{report['dropped_long_prompt']} for a prompt over half of --max-len {args.max_len}, "
-        f"{report['truncated']} responses truncated; {report['boundary_moved']} with a token across the "
-        "prompt/response boundary, scored as response)")
-    if not tokenized:
-        raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
-    settings["pairs"] = pairs_digest(tokenized)
-    if isinstance(resume, dict):  # the checkpoint's pairs: known only now, after translation and tokenization
-        refuse_if_changed(out, resume.get("settings"), settings, ["pairs"])
-    ref_path = os.path.join(out, "reference_logps.safetensors")
-    ref = load_reference(ref_path, settings, log) if args.resume else None
-    if ref is None:
-        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress, dist,
-                              args.pack_to, args.dtype)
-        if dist.main:
-            save_tensors(ref_path, {"logps": ref.contiguous()},
-                         {"settings": json.dumps({k: settings[k] for k in REFERENCE_SETTINGS})})
-    wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-    model.gradient_checkpointing = args.grad_checkpoint
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training {n_train:,} parameters ({args.tune}: {len(wrapped)} tensors/modules), {len(tokenized)} pairs"
-        + (f", {dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""))
-    last = train(args, model, tok, tokenized, ref, out, log, dist, settings)
-    if last.get("stopped"):  # --stop-after: the checkpoint is written; no outputs yet
-        if dist.world > 1:
-            torch.distributed.destroy_process_group()
-        return last
-    model.eval()
-    sharded = args.fsdp and dist.world > 1
-    if sharded:  # every rank takes part in gathering the shards
-        trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
-    if dist.main:
-        if sharded:  # rebuild an unsharded copy on rank 0 from the gathered weights
-            model, _ = M.load_model(args.model, training_precision(args.dtype), "cpu")
-            set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for n, t in trained.items():
-                    params[n].copy_(t)
-        if args.tune == "lora":
-            save_adapter(out, model, args)
-        if args.merge or args.tune != "lora":
-            save_merged(os.path.join(out, "merged"), model, model.source)
-        summary = {"run": out, "steps": last.get("step"), "final": last, "pairs": report, "ranks": dist.world,
-                   "settings": settings}
-        save_json(os.path.join(out, "summary.json"), summary)  # marks the run finished (see start_run_folder) ...
-        for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):  # ... before its checkpoint goes
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        RUN["checkpoint"] = None
-        log(f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
-            f"margin {last.get('margin')}  nll {last.get('nll')}")
-    dist.barrier()
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
-    return last
 
 
 def exit_on_error(main_fn, *errors, kept=None):
