@@ -715,13 +715,13 @@ def check_languages(langs: list[str], translations: str | None):
                                  f"its languages: {', '.join(have) or 'none'}.")
         return
     for lang in langs:
-        if not (lang in M.FLORES_CODES or re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang)):
+        if not (lang in D.FLORES_CODES or re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang)):
             stem = lang.lower()[:2]  # KO, korean, ko_KR -> ko
-            close = [stem] if stem in M.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(M.FLORES_CODES),
+            close = [stem] if stem in D.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(D.FLORES_CODES),
                                                                                     n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"--lang {lang}: unknown language code.{hint} Use ISO 639-1 codes "
-                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+                             f"({', '.join(sorted(D.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
 
 
 def start_run_folder(args, settings: dict, log=print, dist: Dist = Dist()):
@@ -835,7 +835,7 @@ def main(argv=None):
         if not dist.main:
             raise RuntimeError(f"rank {dist.rank}: translations missing from the cache that rank 0 wrote.")
         try:
-            return M.load_translator(args.translator, args.dtype, args.device)
+            return D.load_translator(args.translator, args.dtype, args.device)
         except Exception as e:
             raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
                              "with pre-translated data to train without an MT model.") from e

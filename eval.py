@@ -490,7 +490,7 @@ def read_prompts(a, langs) -> list[dict]:
         return rows
     items = [{"instruction": r["instruction"], "response": ""} for r in rows[:a.num_prompts]]
     out = D.translate_items(items, langs[1:], os.path.join(a.out, "alpaca_eval.translations.jsonl"),
-                            lambda: M.load_translator(a.translator, a.dtype, a.device))
+                            lambda: D.load_translator(a.translator, a.dtype, a.device))
     return [{"lang": l, "prompt": r[f"{l}_instruction"]} for l in langs for r in out]
 
 

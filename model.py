@@ -1,7 +1,8 @@
 """model.py: the two networks CLO needs, written from scratch in PyTorch.
 
 1. A Llama-family decoder-only chat model (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM), the model CLO adapts.
-2. The M2M100 / NLLB-200 encoder-decoder, the machine translator that builds the target-language data.
+2. The M2M100 / NLLB-200 encoder-decoder network and its decoding (greedy, beam search); the text side of translation
+   (language codes, sentence splitting, batching, retries) is data.py's Translator.
 
 Plus what both need: safetensors loading from a folder or a Hugging Face hub id (never pickle), the tokenizer and a
 sandboxed chat template, KV-cached generation, and LoRA adapters written by hand.
@@ -9,19 +10,16 @@ sandboxed chat template, KV-cached generation, and LoRA adapters written by hand
 Parameter names follow the Hugging Face checkpoints exactly (model.layers.0.self_attn.q_proj.weight, ...), so a
 checkpoint loads with no renaming and what we save loads back into transformers and peft.
 
-Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator -> CLI.
+Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator network.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import difflib
 import glob
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -828,16 +826,22 @@ def column_major_wide_weights(model: nn.Module):
             w.data = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).t()
 
 
-def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
-    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode."""
+def open_checkpoint(path_or_id: str, dtype) -> tuple[str, torch.dtype, str, dict]:
+    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict). dtype may be a
+    DTYPES name. Errors: no config.json in the folder (FileNotFoundError); see resolve_checkpoint, read_json."""
     folder = resolve_checkpoint(path_or_id)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    raw = read_json(cfg_path)
+    return folder, dtype, cfg_path, read_json(cfg_path)
+
+
+def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
+    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode."""
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
     if raw.get("model_type") == "m2m_100":
-        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with load_translator().")
+        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with data.load_translator().")
     cfg = LlamaConfig.from_hf(raw, cfg_path)
     model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
@@ -1307,276 +1311,16 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
     return _strip(hyps[:, 0, 2:].tolist(), cfg)
 
 
-# ISO 639-1 -> FLORES-200 code (NLLB's language tokens). M2M100 checkpoints use __xx__ tokens instead.
-FLORES_CODES = {
-    "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
-    "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
-    "ja": "jpn_Jpan", "ru": "rus_Cyrl", "uk": "ukr_Cyrl", "pl": "pol_Latn", "cs": "ces_Latn", "ar": "arb_Arab",
-    "fa": "pes_Arab", "he": "heb_Hebr", "tr": "tur_Latn", "hi": "hin_Deva", "bn": "ben_Beng", "ur": "urd_Arab",
-    "ta": "tam_Taml", "te": "tel_Telu", "th": "tha_Thai", "vi": "vie_Latn", "ms": "zsm_Latn", "tl": "tgl_Latn",
-    "el": "ell_Grek", "sv": "swe_Latn", "da": "dan_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "ro": "ron_Latn",
-    "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
-}
-
-
-def language_token(vocab: dict, code: str) -> tuple[str, int]:
-    """Accepts an ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang); returns the checkpoint's language token."""
-    for token in (FLORES_CODES.get(code), code, f"__{code}__"):
-        if token is not None and token in vocab:
-            return token, vocab[token]
-    known = sorted(t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__", t))
-    names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
-    close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
-    hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise ValueError(f"language {code!r} is not supported by this translator.{hint} Use an ISO 639-1 code "
-                     f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
-
-
-SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=\S)")
-LINE_PREFIX = re.compile(r"^(\s*(?:[-*+]\s+|\d+[.)]\s+|#{1,6}\s+|>\s*)*)")
-FENCE = re.compile(r"^\s*(```|~~~)")
-INLINE_CODE = re.compile(r"`[^`\n]+`")
-
-
-def split_for_translation(text: str):
-    """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
-
-    Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
-    kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
-    translation). Returns (plan, sentences): plan is a list of lines, each either a verbatim string or
-    (prefix, [(sentence_index, code_spans, separator), ...]).
-    """
-    plan, sentences, in_fence = [], [], False
-    for line in text.split("\n"):
-        if FENCE.match(line):
-            in_fence = not in_fence
-            plan.append(line)
-            continue
-        if in_fence or not line.strip():
-            plan.append(line)
-            continue
-        prefix = LINE_PREFIX.match(line).group(1)
-        body = line[len(prefix):]
-        if not re.search(r"[^\W\d_]", body):  # nothing to translate: numbers, symbols, code-only lines
-            plan.append(line)
-            continue
-        parts = []
-        for sentence in (piece for s in SENTENCE_END.split(body) for piece in split_long(s)):
-            spans = INLINE_CODE.findall(sentence)
-            for i, span in enumerate(spans):
-                sentence = sentence.replace(span, f"<{i}>", 1)
-            parts.append((len(sentences), spans))
-            sentences.append(sentence)
-        plan.append((prefix, parts))
-    return plan, sentences
-
-
-def split_long(sentence: str, max_chars: int = 400) -> list[str]:
-    """A run-on sentence (over max_chars, ~100+ tokens) cut at clause marks, else between words, into pieces the MT
-    model translates whole: NLLB drops or garbles the tail of long inputs, and cutting by tokens would lose text."""
-    if len(sentence) <= max_chars:
-        return [sentence]
-    pieces, current = [], ""
-    for chunk in re.split(r"(?<=[,;:])\s+", sentence):
-        words = chunk.split(" ") if len(chunk) > max_chars else [chunk]
-        for word in words:
-            joiner = " " if current else ""
-            if current and len(current) + len(joiner) + len(word) > max_chars:
-                pieces.append(current)
-                current, joiner = "", ""
-            current += joiner + word
-    return pieces + ([current] if current else [])
-
-
-def join_translation(plan, translated: list[str]) -> str:
-    lines = []
-    for entry in plan:
-        if isinstance(entry, str):
-            lines.append(entry)
-            continue
-        prefix, parts = entry
-        out = []
-        for index, spans in parts:
-            sentence = translated[index]
-            for i, span in enumerate(spans):
-                if f"<{i}>" in sentence:
-                    sentence = sentence.replace(f"<{i}>", span, 1)
-                else:  # the model dropped the placeholder: keep the code span, at the end, rather than lose it
-                    sentence = f"{sentence} {span}"
-            out.append(sentence)
-        lines.append(prefix + " ".join(out))
-    return "\n".join(lines)
-
-
-def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
-    """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
-    if len(output_ids) > 3 * len(source_ids) + 10:
-        return True
-    n = len(output_ids)
-    for size in range(1, 9):
-        for start in range(0, n - 4 * size + 1):
-            unit = output_ids[start:start + size]
-            if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
-                return True
-    return False
-
-
-class Translator:
-    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids."""
-
-    def __init__(self, model: M2M100ForConditionalGeneration, tokenizer, source: str = ""):
-        self.model, self.tok, self.source = model, tokenizer, source
-        self.vocab = tokenizer.get_vocab()
-
-    def lang_id(self, code: str) -> int:
-        return language_token(self.vocab, code)[1]
-
-    def encode_source(self, text: str, src: str) -> list[int]:
-        """NLLB's current layout: [src_lang_code] tokens [eos]."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.lang_id(src)] + ids + [self.model.config.eos_token_id]
-
-    def pad_batch(self, sources: list[list[int]]):
-        """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
-        device = self.model.lm_head.weight.device
-        S = max(len(s) for s in sources)
-        ids = torch.full((len(sources), S), self.model.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(sources), S, dtype=torch.long)
-        for i, s in enumerate(sources):
-            ids[i, S - len(s):] = torch.tensor(s)
-            mask[i, S - len(s):] = 1
-        return ids.to(device), mask.to(device)
-
-    def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4, max_new_tokens: int = 200,
-                 length_penalty: float = 1.0, early_stopping=False) -> list[list[int]]:
-        """Raw decoding of laid-out sources; returns the ids after the forced target-language token (no eos, no pad)."""
-        forced = self.lang_id(tgt)
-        if num_beams <= 1:
-            return seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
-        return seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens,
-                                   length_penalty, early_stopping)
-
-    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
-        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens. Returns the sources'
-        ids, the outputs' ids, and the indices of the sentences cut to max_input_tokens."""
-        from tqdm import tqdm
-        sources, cut = [], set()
-        for i, s in enumerate(sentences):
-            ids = self.encode_source(s, src)
-            if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
-                ids = ids[:max_input_tokens - 1] + [ids[-1]]
-                cut.add(i)
-            sources.append(ids)
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        out: list[list[int]] = [[] for _ in sources]
-        bar = tqdm(total=len(sources), desc=f"translate {src}->{tgt}", unit="sent", disable=not progress)
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            ids, mask = self.pad_batch([sources[i] for i in idx])
-            longest = max(len(sources[i]) for i in idx)
-            for i, gen in zip(idx, self.generate(ids, mask, tgt, num_beams, 2 * longest + 10)):
-                out[i] = gen
-            bar.update(len(idx))
-        bar.close()
-        return sources, out, cut
-
-    def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
-                  batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
-        """Translates real texts (see translate_flagged); returns the translations only."""
-        return self.translate_flagged(texts, src, tgt, num_beams, batch_size, max_input_tokens, progress)[0]
-
-    def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
-                          batch_size: int = 16, max_input_tokens: int = 256,
-                          progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts: markdown lines, lists and code survive; degenerate outputs are retried with the other
-        decoding (beam <-> greedy). Returns the translations and, per text, its problems: "cut" (a sentence longer
-        than max_input_tokens was cut, its tail untranslated) and "degenerate" (still degenerate after the retry)."""
-        self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
-        plans, sentences, owner = [], [], []
-        for t_index, text in enumerate(texts):
-            plan, sents = split_for_translation(text)
-            plan = [(e[0], [(i + len(sentences), spans) for i, spans in e[1]]) if isinstance(e, tuple) else e
-                    for e in plan]
-            plans.append(plan)
-            sentences += sents
-            owner += [t_index] * len(sents)
-        unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
-        sources, outputs, cut = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
-                                                          progress)
-        bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)]
-        if bad:
-            _, retried, _ = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
-                                                      batch_size, max_input_tokens, False)
-            for i, r in zip(bad, retried):
-                if not is_degenerate(sources[i], r):
-                    outputs[i] = r
-        by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
-        still_bad = {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}
-        was_cut = {unique[i] for i in cut}
-        flags = [[] for _ in texts]
-        for t, sent in zip(owner, sentences):
-            for name, bad_set in (("cut", was_cut), ("degenerate", still_bad)):
-                if sent in bad_set and name not in flags[t]:
-                    flags[t].append(name)
-        translated = [by_text[sent] for sent in sentences]
-        return [join_translation(plan, translated) for plan in plans], flags
-
-
-def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
-    """Loads an M2M100 / NLLB-200 checkpoint (same loader rules as load_model) -> Translator."""
+def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu"):
+    """Loads an M2M100 / NLLB-200 checkpoint (same loader rules as load_model) -> (network in eval mode,
+    tokenizers.Tokenizer of its tokenizer.json, folder). data.load_translator wraps them into a Translator."""
     from tokenizers import Tokenizer as HFTokenizer
-    folder = resolve_checkpoint(path_or_id)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    cfg = M2M100Config.from_hf(read_json(cfg_path), cfg_path)
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
+    cfg = M2M100Config.from_hf(raw, cfg_path)
     model = build_on_meta(M2M100ForConditionalGeneration, cfg, dtype, device)
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
     tok_path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{folder}: no tokenizer.json (NLLB checkpoints on the hub ship one).")
-    return Translator(model.eval(), HFTokenizer.from_file(tok_path), folder)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI: chat once, or translate
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat once with a Llama-family model, or translate with M2M100/NLLB.")
-    p.add_argument("--model", help="chat model: local folder or hub id")
-    p.add_argument("--prompt", help="user message to answer")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 on "
-                   "CUDA and on CPUs with native bf16 matmul, else float32; see default_dtype)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--translate", action="store_true", help="translate TEXT (or stdin lines) instead of chatting")
-    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M")
-    p.add_argument("--src", default="en")
-    p.add_argument("--tgt", default="ko")
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("text", nargs="*", help="text to translate (default: one text per stdin line)")
-    a = p.parse_args(argv)
-    a.dtype, why = resolve_dtype(a.dtype, a.device)
-    print(f"dtype: {a.dtype} ({why})", file=sys.stderr)  # stderr: stdout carries only the answer/translations
-    if a.translate:
-        translator = load_translator(a.translator, DTYPES[a.dtype], a.device)
-        texts = [" ".join(a.text)] if a.text else [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        for out in translator.translate(texts, a.src, a.tgt, num_beams=a.num_beams, progress=len(texts) > 1):
-            print(out)
-        return
-    if not a.model or a.prompt is None:
-        p.error("give --model and --prompt to chat, or --translate")
-    model, tok = load_model(a.model, DTYPES[a.dtype], a.device)
-    ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}])
-    new = generate(model, tok, [ids], a.max_new_tokens, a.temperature, a.top_p, a.seed)[0]
-    print(tok.decode(new))
-
-
-if __name__ == "__main__":
-    main()
+    return model.eval(), HFTokenizer.from_file(tok_path), folder
