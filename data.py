@@ -273,14 +273,13 @@ class Translator:
             mask[i, S - len(s):] = 1
         return ids.to(device), mask.to(device)
 
-    def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4, max_new_tokens: int = 200,
-                 length_penalty: float = 1.0, early_stopping=False) -> list[list[int]]:
+    def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4,
+                 max_new_tokens: int = 200) -> list[list[int]]:
         """Raw decoding of laid-out sources; returns the ids after the forced target-language token (no eos, no pad)."""
         forced = self.lang_id(tgt)
         if num_beams <= 1:
             return M.seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
-        return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens,
-                                   length_penalty, early_stopping)
+        return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens)
 
     def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
         """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens. Returns the sources'

@@ -1247,14 +1247,14 @@ def _strip(rows, cfg):
 
 @torch.inference_mode()
 def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_beams: int = 4,
-                        max_new_tokens: int = 200, length_penalty: float = 1.0, early_stopping=False):
-    """Beam search as transformers (v4.50+) runs it, so that both return the same tokens.
+                        max_new_tokens: int = 200):
+    """Beam search as transformers (v4.50+) runs it with its defaults (length_penalty 1.0, early_stopping False), so
+    that both return the same tokens.
 
     Each step scores every continuation of every running beam by its summed log-probability and keeps the best
     2 * num_beams candidates. Candidates ending in eos among the top num_beams become finished hypotheses, scored
-    sum_logprob / generated_length ** length_penalty; the best num_beams candidates that did not end go on running.
-    A source is done when no running beam can beat its worst kept hypothesis (early_stopping False: judged at the
-    current length; "never": at the longest possible length; True: as soon as num_beams hypotheses exist).
+    sum_logprob / generated_length; the best num_beams candidates that did not end go on running. A source is done
+    when its best running beam, scored at the current length, cannot beat its worst kept hypothesis.
     """
     cfg = model.config
     device = input_ids.device
@@ -1288,22 +1288,18 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
         running = cand.gather(1, go_on[:, :, None].expand(B, K, max_len))
         running_scores = (top_scores + ends.float() * NEG).gather(1, go_on)
         parent = from_beam.gather(1, go_on) + torch.arange(B, device=device)[:, None] * K
-        # candidates that ended in the top K join the hypotheses, scored with the length penalty
-        new_scores = top_scores / ((cur + 1 - 1) ** length_penalty)
-        closed = (hyp_done.all(-1, keepdim=True) & (early_stopping is True)) | ~improvable
+        # candidates that ended in the top K join the hypotheses (of a source still improvable), scored per token
         new_done = ends & in_top_k
-        new_scores = new_scores + closed.float() * NEG + (~new_done).float() * NEG
+        new_scores = top_scores / cur + (~improvable).float() * NEG + (~new_done).float() * NEG
         best = torch.cat((hyp_scores, new_scores), 1).topk(K).indices
         hyps = torch.cat((hyps, cand), 1).gather(1, best[:, :, None].expand(B, K, max_len))
         hyp_scores = torch.cat((hyp_scores, new_scores), 1).gather(1, best)
         hyp_done = torch.cat((hyp_done, new_done), 1).gather(1, best)
         cur += 1
-        best_len = (max_len - 1) if (early_stopping == "never" and length_penalty > 0) else (cur - 1)
-        best_possible = running_scores[:, :1] / (best_len ** length_penalty)
+        best_possible = running_scores[:, :1] / (cur - 1)
         worst_kept = torch.where(hyp_done, hyp_scores.min(1, keepdim=True).values, NEG)
         improvable = improvable & (best_possible > worst_kept).any(-1, keepdim=True)
-        all_closed = bool(hyp_done.all()) and early_stopping is True
-        if not bool(improvable.any()) or all_closed or bool(ends.all()):
+        if not bool(improvable.any()) or bool(ends.all()):
             break
         for kv in cache:
             kv.reorder(parent.view(-1))
