@@ -1074,7 +1074,7 @@ def sinusoidal_positions(n_positions: int, dim: int, padding_idx: int) -> torch.
     return table
 
 
-class SeqAttention(nn.Module):
+class M2M100Attention(nn.Module):
     """Multi-head attention with biases, for self-attention (encoder, decoder) and cross-attention."""
 
     def __init__(self, d_model: int, n_heads: int):
@@ -1097,10 +1097,10 @@ class SeqAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-class TranslatorEncoderLayer(nn.Module):
+class M2M100EncoderLayer(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
-        self.self_attn = SeqAttention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn = M2M100Attention(cfg.d_model, cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
@@ -1113,14 +1113,14 @@ class TranslatorEncoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class TranslatorDecoderLayer(nn.Module):
+class M2M100DecoderLayer(nn.Module):
     """Decoder layer: causal self-attention (KV cached), cross-attention to the encoder, feed-forward."""
 
     def __init__(self, cfg: M2M100Config):
         super().__init__()
-        self.self_attn = SeqAttention(cfg.d_model, cfg.decoder_attention_heads)
+        self.self_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.encoder_attn = SeqAttention(cfg.d_model, cfg.decoder_attention_heads)
+        self.encoder_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.decoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.decoder_ffn_dim, cfg.d_model)
@@ -1136,20 +1136,30 @@ class TranslatorDecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class M2M100Stack(nn.Module):
-    def __init__(self, cfg: M2M100Config, n_layers: int, layer_cls):
+class M2M100Encoder(nn.Module):
+    """The encoder's layers and final norm. Its embed_tokens is the shared matrix (see tie_weights); embedding and
+    positions are applied in M2M100ForConditionalGeneration.encode."""
+
+    def __init__(self, cfg: M2M100Config, n_layers: int | None = None, layer_cls=M2M100EncoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers))
+        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers or cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model)
 
 
-class M2M100Body(nn.Module):
+class M2M100Decoder(M2M100Encoder):
+    """The decoder's layers and final norm: the encoder's layout with decoder layers."""
+
+    def __init__(self, cfg: M2M100Config):
+        super().__init__(cfg, cfg.decoder_layers, M2M100DecoderLayer)
+
+
+class M2M100Model(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.encoder = M2M100Stack(cfg, cfg.encoder_layers, TranslatorEncoderLayer)
-        self.decoder = M2M100Stack(cfg, cfg.decoder_layers, TranslatorDecoderLayer)
+        self.encoder = M2M100Encoder(cfg)
+        self.decoder = M2M100Decoder(cfg)
 
 
 class M2M100ForConditionalGeneration(nn.Module):
@@ -1158,7 +1168,7 @@ class M2M100ForConditionalGeneration(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
         self.config = cfg
-        self.model = M2M100Body(cfg)
+        self.model = M2M100Model(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
