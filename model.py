@@ -221,6 +221,25 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def visible_keys(query_seq, key_seq, start: int, window: int | None):
+    """The attention rule, for every layout: (B, 1, T, S) bool, True where the query at slot start + t may attend to
+    the key at slot s. query_seq (B, T) and key_seq (B, S) give the sequence each slot belongs to (-1: padding);
+    queries sit at slots [start, start + T), keys at slots [0, S).
+
+    A query sees a key when the key is at or before it (causal), belongs to the same sequence, is not padding, and
+    (sliding_window, Mistral) is fewer than `window` slots back: a sequence fills consecutive slots, so the slot
+    distance is the position distance. Every slot sees itself, so that a padding query's row is never empty (which
+    would give NaN); real tokens never read padding rows. A new window pattern changes this function only."""
+    device = key_seq.device
+    q = torch.arange(start, start + query_seq.shape[1], device=device)[:, None]  # (T, 1)
+    k = torch.arange(key_seq.shape[1], device=device)[None, :]                   # (1, S)
+    see = k <= q
+    if window is not None:
+        see = see & (q - k < window)
+    same = (query_seq[:, :, None] == key_seq[:, None, :]) & (key_seq[:, None, :] >= 0)  # (B, T, S)
+    return (see[None] & same | (k == q)[None])[:, None]
+
+
 class LlamaForCausalLM(nn.Module):
     """A Llama-family decoder. `model(input_ids, attention_mask)` returns logits (B, T, vocab)."""
 
@@ -271,23 +290,17 @@ class LlamaForCausalLM(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         end = start + T
-        if segments is not None:
-            q, k = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
-            same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)  # (B, T, T)
-            mask = ((k <= q)[None] & same | (k == q)[None])[:, None]                             # (B, 1, T, T)
-            window = self.config.sliding_window
-            if window is not None:
-                mask = mask & ((positions[:, :, None] - positions[:, None, :]) < window)[:, None] | (k == q)
-        elif attention_mask is None:
-            positions = torch.arange(start, end, device=device).expand(B, T)
-            mask = None
-            window = self.config.sliding_window
-            if (start > 0 and T > 1) or (window is not None and end > window):
-                mask = self._mask(torch.ones(B, end, dtype=torch.bool, device=device), start, end)
-        else:
-            key_valid = attention_mask[:, :end].bool()
+        window = self.config.sliding_window
+        if segments is not None:  # packed rows: sequences as given
+            mask = visible_keys(segments, segments, 0, window)
+        else:  # one sequence per row (0), padding keys -1; every query, padding too, counts as the row's sequence
+            key_valid = (torch.ones(B, end, dtype=torch.bool, device=device) if attention_mask is None
+                         else attention_mask[:, :end].bool())
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
-            mask = self._mask(key_valid, start, end)
+            # None: plain causal attention (no padding, no cache offset, no window reached), SDPA's fastest kernel
+            plain = attention_mask is None and not ((start > 0 and T > 1) or (window is not None and end > window))
+            mask = None if plain else visible_keys(torch.zeros(B, T, dtype=torch.long, device=device),
+                                                   key_valid.long() - 1, start, window)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
         x = self.model.embed_tokens(input_ids)                # (B, T, d_model)
@@ -298,18 +311,6 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
         return self.model.norm(x)
-
-    def _mask(self, key_valid, start, end):
-        """(B, 1, T, S) boolean: query slot q may see key slot k when k <= q, k is a real token, and (Mistral) q - k
-        < window. Each slot may always see itself so that a padding query's row is never empty (which would be NaN);
-        padding rows are never read by real tokens."""
-        q = torch.arange(start, end, device=key_valid.device)[:, None]  # (T, 1)
-        k = torch.arange(end, device=key_valid.device)[None, :]         # (1, S)
-        allowed = k <= q
-        if self.config.sliding_window is not None:
-            allowed = allowed & (q - k < self.config.sliding_window)
-        allowed = (allowed[None] & key_valid[:, None, :]) | (k == q)[None]
-        return allowed[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
