@@ -34,7 +34,6 @@ SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
 
 @dataclass
 class LlamaConfig:
-    model_type: str = "llama"        # llama | mistral | qwen2: the same network up to the switches below
     vocab_size: int = 32000          # rows of the embedding and of the output projection
     hidden_size: int = 4096          # d_model, the width of the residual stream
     intermediate_size: int = 11008   # width of the SwiGLU MLP
@@ -82,7 +81,7 @@ class LlamaConfig:
                              "ship it off).")
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in names and k not in ("rope_scaling", "sliding_window")}
-        kwargs.update(model_type=model_type, rope_scaling=scaling, sliding_window=sliding,
+        kwargs.update(rope_scaling=scaling, sliding_window=sliding,
                       rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                       qkv_bias=model_type == "qwen2", head_dim=cfg.get("head_dim") or 0)
         kwargs.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
@@ -1045,7 +1044,6 @@ class M2M100Config:
     pad_token_id: int = 1           # also the offset of the sinusoidal positions (fairseq's convention)
     eos_token_id: int = 2
     decoder_start_token_id: int = 2  # decoding starts from </s>, then the forced target-language code
-    max_position_embeddings: int = 1024
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "M2M100Config":

@@ -20,7 +20,6 @@ Every comparison with transformers/PEFT is skipped, with a line saying so, where
 """
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
