@@ -30,33 +30,54 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples
 # English SFT data
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """A JSONL file (or a JSON array file) -> list of dicts; a malformed line is an error naming file and line."""
+def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
+    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
+    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
+    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
+    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    lines = data.decode("utf-8", errors="replace" if own else "strict").splitlines()
+    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
+        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
+            "held is redone")
+        lines = lines[:-1]
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
+    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> list of dicts, each with its line number
+    (in an array: its position) as `_line`. A malformed line, or one that is not a JSON object, is an error naming
+    file and line; a last line cut short by a kill in the run's own files (`own`) is dropped and said (read_lines)."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file.")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):  # Alpaca's own release is one JSON array
+    lines = read_lines(path, own, log)
+    if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
         try:
-            rows = json.loads(text)
+            rows = json.loads("\n".join(line for _, line in lines))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from e
-        lines = list(enumerate(rows, 1))
+            raise ValueError(f"{path}: line {lines[e.lineno - 1][0]}: not valid JSON ({e.msg}).") from e
+        numbered = list(enumerate(rows, 1))
     else:
-        lines = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        numbered = []
+        for number, line in lines:
             try:
-                lines.append((number, json.loads(line)))
+                numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
                                  "object.") from e
-    for number, row in lines:
+    for number, row in numbered:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
-    return [dict(row, _line=number) for number, row in lines]
+    return [dict(row, _line=number) for number, row in numbered]
 
 
 def sft_item(row: dict, path: str) -> dict:
@@ -364,29 +385,6 @@ def item_key(item: dict, lang: str) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
 
 
-def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
-    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
-    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
-    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
-    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.decode("utf-8", errors="replace" if own else "strict").splitlines()
-    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
-        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
-            "held is redone")
-        lines = lines[:-1]
-    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-
-
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
 def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str, str], dict]:
     """A parallel JSONL file -> {(english instruction, english response): row}. A user's --translations file is read
     whole; the run's own cache (`own`) may end in a line cut short by a crash: that line is dropped, said, and
@@ -394,11 +392,8 @@ def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str
     table = {}
     if not os.path.exists(path):
         return table
-    for number, line in read_lines(path, own, log):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}).") from e
+    for row in read_jsonl(path, own, log):
+        number = row.pop("_line")
         missing = [k for k in ("en_instruction", "en_response") if k not in row]
         if missing:
             raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
