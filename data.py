@@ -285,14 +285,7 @@ class Translator:
 
     def pad_batch(self, sources: list[list[int]]):
         """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
-        device = self.model.lm_head.weight.device
-        S = max(len(s) for s in sources)
-        ids = torch.full((len(sources), S), self.model.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(sources), S, dtype=torch.long)
-        for i, s in enumerate(sources):
-            ids[i, S - len(s):] = torch.tensor(s)
-            mask[i, S - len(s):] = 1
-        return ids.to(device), mask.to(device)
+        return M.pad_batch(sources, self.model.config.pad_token_id, "left", self.model.lm_head.weight.device)
 
     def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4,
                  max_new_tokens: int = 200) -> list[list[int]]:

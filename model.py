@@ -966,6 +966,19 @@ class Tokenizer:
 # Generation: prefill the prompt into a static KV cache, then decode one token at a time
 
 
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", device="cpu"):
+    """Id lists -> (input_ids (B, longest) with pad_id in the padding, attention_mask (B, longest): 1 real, 0 pad),
+    both long, on `device`. side "left" (generation: every row's last token in the last column) or "right"."""
+    S = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), S), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), S, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        at = slice(S - len(s), S) if side == "left" else slice(0, len(s))
+        ids[i, at] = torch.tensor(s, dtype=torch.long)
+        mask[i, at] = 1
+    return ids.to(device), mask.to(device)
+
+
 def sample_next(logits, temperature: float, top_p: float, generator=None):
     """logits (B, vocab) -> token ids (B,). temperature 0 is greedy; otherwise softmax(logits / T) restricted to the
     smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
@@ -992,14 +1005,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token.")
-    ids = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)
-    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)
-    valid[:, P:] = True  # generated slots are always real tokens
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        valid[i, P - len(p):P] = True
-    ids, valid = ids.to(device), valid.to(device)
-    mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path
+    ids, prompt_mask = pad_batch(prompts, tokenizer.pad_id, "left", device)
+    valid = torch.cat((prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)), 1)
+    mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path (generated slots are real)
     cache = model.new_kv_cache(B, P + max_new_tokens)
     generator = None
     if seed is not None:
