@@ -29,6 +29,20 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------------
 # Llama-family config
 
+
+def hf_config_fields(cls, cfg: dict, source: str, model_types, refusal: str, act_key: str, acts) -> dict:
+    """What both config readers share: checks a transformers config.json dict and returns its entries that are fields
+    of the dataclass `cls` (None values left out: the field's default applies). ValueError (one line naming `source`)
+    when model_type is not one of model_types (the message goes on with `refusal`), or when the activation
+    cfg[act_key] (default acts[0]) is not one of acts."""
+    if cfg.get("model_type") not in model_types:
+        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} {refusal}")
+    act = cfg.get(act_key, acts[0])
+    if act not in acts:
+        raise ValueError(f"{source}: {act_key} {act!r} is not supported ({', '.join(acts)}).")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in cfg.items() if k in names and v is not None}
+
 SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
 
 
@@ -58,13 +72,10 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "LlamaConfig":
         """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`)."""
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_DECODERS:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported decoder types: "
-                             f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported; Llama-family models use 'silu'.")
+        kwargs = hf_config_fields(cls, cfg, source, SUPPORTED_DECODERS, "is not supported. Supported decoder types: "
+                                  f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).",
+                                  "hidden_act", ("silu",))
+        model_type = cfg["model_type"]
         rope = dict(cfg.get("rope_parameters") or {})  # transformers v5 keeps theta and scaling together here
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
@@ -79,14 +90,10 @@ class LlamaConfig:
         if model_type == "qwen2" and cfg.get("use_sliding_window"):
             raise ValueError(f"{source}: Qwen2 with use_sliding_window=true is not supported (Qwen2.5 releases "
                              "ship it off).")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in cfg.items() if k in names and k not in ("rope_scaling", "sliding_window")}
         kwargs.update(rope_scaling=scaling, sliding_window=sliding,
                       rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                       qkv_bias=model_type == "qwen2", head_dim=cfg.get("head_dim") or 0)
-        kwargs.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
-        if kwargs["num_key_value_heads"] is None:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        kwargs.setdefault("num_key_value_heads", kwargs.get("num_attention_heads", cls.num_attention_heads))
         return cls(**kwargs)
 
 
@@ -1055,14 +1062,9 @@ class M2M100Config:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "M2M100Config":
-        if cfg.get("model_type") != "m2m_100":
-            raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not a translator; clo translates "
-                             "with M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').")
-        if cfg.get("activation_function", "relu") not in ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function {cfg['activation_function']!r} is not supported "
-                             f"({', '.join(ACTIVATIONS)}).")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+        return cls(**hf_config_fields(cls, cfg, source, ("m2m_100",), "is not a translator; clo translates with "
+                                      "M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').",
+                                      "activation_function", tuple(ACTIVATIONS)))
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
