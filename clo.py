@@ -843,7 +843,7 @@ def main(argv=None):
     cache = os.path.join(out, "translations.jsonl")
     if dist.main:  # only rank 0 translates and writes the cache; the others read it once it is complete
         rows = D.translate_items(items, args.langs, cache, get_translator, args.translations,
-                                 num_beams=args.num_beams, log=log)
+                                 num_beams=args.num_beams, log=log, progress=args.progress)
     dist.barrier()
     if not dist.main:
         rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=log)

@@ -420,14 +420,17 @@ def _append_lines(path: str, rows: list[dict]):
 
 
 def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None,
-                    translations_file: str | None = None, chunk: int = 8, log=print, **translate_kwargs) -> list[dict]:
+                    translations_file: str | None = None, chunk: int = 8, log=print, progress: bool = True,
+                    **translate_kwargs) -> list[dict]:
     """Returns one row per item with en_* and <lang>_* fields for every language in langs.
 
     Rows come from --translations when given (then no MT model is loaded), else from the run's cache, else from the
     translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run loses at most
     one chunk, a rerun translates only what is missing, and no item is ever written twice.
     `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
+    progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit).
     """
+    from tqdm import tqdm
     if translations_file:
         table = read_translations(translations_file)
         rows = []
@@ -449,10 +452,15 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
             log(f"translating {len(todo)} items to {lang} ({len(items) - len(todo)} already in {cache_path})")
             if not hasattr(translator, "translate_flagged"):
                 translator = translator()
+        bar = tqdm(total=len(todo), desc=f"translate en->{lang}", unit="item", disable=not (progress and todo))
+        sentences = 0
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             texts = [t for it in part for t in (it["instruction"], it["response"])]
             out, flags = translator.translate_flagged(texts, "en", lang, progress=False, **translate_kwargs)
+            sentences += sum(len(split_for_translation(t)[1]) for t in texts)
+            bar.update(len(part))
+            bar.set_postfix_str(f"{sentences / max(bar.format_dict['elapsed'], 1e-6):.1f} sentences/s")
             new = []
             for k, it in enumerate(part):
                 row = {"key": item_key(it, lang), "en_instruction": it["instruction"], "en_response": it["response"],
@@ -464,6 +472,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 key = (it["instruction"], it["response"])
                 cached[key] = {**cached.get(key, {}), **row}
             _append_lines(cache_path, new)
+        bar.close()
     return [cached[(it["instruction"], it["response"])] for it in items]
 
 
