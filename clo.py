@@ -391,7 +391,7 @@ def translated_rows(args, items, run: Run) -> list[dict]:
         if not run.dist.main:
             raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
         try:
-            return M.load_translator(args.translator, args.dtype, args.device)
+            return D.load_translator(args.translator, args.dtype, args.device)
         except Exception as e:
             raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
                              "with pre-translated data to train without an MT model.") from e
@@ -399,7 +399,7 @@ def translated_rows(args, items, run: Run) -> list[dict]:
     cache = os.path.join(run.out, "translations.jsonl")
     if run.dist.main:
         rows = D.translate_items(items, args.langs, cache, get_translator, args.translations,
-                                 num_beams=args.num_beams, log=run.log)
+                                 num_beams=args.num_beams, log=run.log, progress=args.progress)
     run.dist.barrier()
     if not run.dist.main:
         rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=run.log)
@@ -980,13 +980,13 @@ def check_languages(langs: list[str], translations: str | None):
                                  f"its languages: {', '.join(have) or 'none'}.")
         return
     for lang in langs:
-        if not (lang in M.FLORES_CODES or re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang)):
+        if not (lang in D.FLORES_CODES or re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang)):
             stem = lang.lower()[:2]  # KO, korean, ko_KR -> ko
-            close = [stem] if stem in M.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(M.FLORES_CODES),
+            close = [stem] if stem in D.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(D.FLORES_CODES),
                                                                                     n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"--lang {lang}: unknown language code.{hint} Use ISO 639-1 codes "
-                             f"({', '.join(sorted(M.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+                             f"({', '.join(sorted(D.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
 
 
 def exit_on_error(main_fn, *errors, kept=None):

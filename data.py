@@ -10,14 +10,18 @@ Every bad input raises one ValueError naming the file and line (or the value) an
 """
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import torch
+
+import model as M
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "alpaca_seed_en.jsonl")
 
@@ -26,33 +30,54 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples
 # English SFT data
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """A JSONL file (or a JSON array file) -> list of dicts; a malformed line is an error naming file and line."""
+def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
+    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
+    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
+    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
+    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    lines = data.decode("utf-8", errors="replace" if own else "strict").splitlines()
+    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
+        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
+            "held is redone")
+        lines = lines[:-1]
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
+    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> list of dicts, each with its line number
+    (in an array: its position) as `_line`. A malformed line, or one that is not a JSON object, is an error naming
+    file and line; a last line cut short by a kill in the run's own files (`own`) is dropped and said (read_lines)."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file.")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):  # Alpaca's own release is one JSON array
+    lines = read_lines(path, own, log)
+    if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
         try:
-            rows = json.loads(text)
+            rows = json.loads("\n".join(line for _, line in lines))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from e
-        lines = list(enumerate(rows, 1))
+            raise ValueError(f"{path}: line {lines[e.lineno - 1][0]}: not valid JSON ({e.msg}).") from e
+        numbered = list(enumerate(rows, 1))
     else:
-        lines = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        numbered = []
+        for number, line in lines:
             try:
-                lines.append((number, json.loads(line)))
+                numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
                                  "object.") from e
-    for number, row in lines:
+    for number, row in numbered:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
-    return [dict(row, _line=number) for number, row in lines]
+    return [dict(row, _line=number) for number, row in numbered]
 
 
 def sft_item(row: dict, path: str) -> dict:
@@ -126,6 +151,224 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Translation: language codes, sentence splitting, the Translator service around model.py's M2M100 network
+
+
+# ISO 639-1 -> FLORES-200 code (NLLB's language tokens). M2M100 checkpoints use __xx__ tokens instead.
+FLORES_CODES = {
+    "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
+    "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
+    "ja": "jpn_Jpan", "ru": "rus_Cyrl", "uk": "ukr_Cyrl", "pl": "pol_Latn", "cs": "ces_Latn", "ar": "arb_Arab",
+    "fa": "pes_Arab", "he": "heb_Hebr", "tr": "tur_Latn", "hi": "hin_Deva", "bn": "ben_Beng", "ur": "urd_Arab",
+    "ta": "tam_Taml", "te": "tel_Telu", "th": "tha_Thai", "vi": "vie_Latn", "ms": "zsm_Latn", "tl": "tgl_Latn",
+    "el": "ell_Grek", "sv": "swe_Latn", "da": "dan_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "ro": "ron_Latn",
+    "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
+}
+
+
+def language_token(vocab: dict, code: str) -> tuple[str, int]:
+    """Accepts an ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang); returns the checkpoint's language token."""
+    for token in (FLORES_CODES.get(code), code, f"__{code}__"):
+        if token is not None and token in vocab:
+            return token, vocab[token]
+    known = sorted(t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__", t))
+    names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
+    close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ValueError(f"language {code!r} is not supported by this translator.{hint} Use an ISO 639-1 code "
+                     f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=\S)")
+LINE_PREFIX = re.compile(r"^(\s*(?:[-*+]\s+|\d+[.)]\s+|#{1,6}\s+|>\s*)*)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+INLINE_CODE = re.compile(r"`[^`\n]+`")
+
+
+def split_for_translation(text: str):
+    """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
+
+    Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
+    kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
+    translation). Returns (plan, sentences): plan is a list of lines, each either a verbatim string or
+    (prefix, [(sentence_index, code_spans, separator), ...]).
+    """
+    plan, sentences, in_fence = [], [], False
+    for line in text.split("\n"):
+        if FENCE.match(line):
+            in_fence = not in_fence
+            plan.append(line)
+            continue
+        if in_fence or not line.strip():
+            plan.append(line)
+            continue
+        prefix = LINE_PREFIX.match(line).group(1)
+        body = line[len(prefix):]
+        if not re.search(r"[^\W\d_]", body):  # nothing to translate: numbers, symbols, code-only lines
+            plan.append(line)
+            continue
+        parts = []
+        for sentence in (piece for s in SENTENCE_END.split(body) for piece in split_long(s)):
+            spans = INLINE_CODE.findall(sentence)
+            for i, span in enumerate(spans):
+                sentence = sentence.replace(span, f"<{i}>", 1)
+            parts.append((len(sentences), spans))
+            sentences.append(sentence)
+        plan.append((prefix, parts))
+    return plan, sentences
+
+
+def split_long(sentence: str, max_chars: int = 400) -> list[str]:
+    """A run-on sentence (over max_chars, ~100+ tokens) cut at clause marks, else between words, into pieces the MT
+    model translates whole: NLLB drops or garbles the tail of long inputs, and cutting by tokens would lose text."""
+    if len(sentence) <= max_chars:
+        return [sentence]
+    pieces, current = [], ""
+    for chunk in re.split(r"(?<=[,;:])\s+", sentence):
+        words = chunk.split(" ") if len(chunk) > max_chars else [chunk]
+        for word in words:
+            joiner = " " if current else ""
+            if current and len(current) + len(joiner) + len(word) > max_chars:
+                pieces.append(current)
+                current, joiner = "", ""
+            current += joiner + word
+    return pieces + ([current] if current else [])
+
+
+def join_translation(plan, translated: list[str]) -> str:
+    lines = []
+    for entry in plan:
+        if isinstance(entry, str):
+            lines.append(entry)
+            continue
+        prefix, parts = entry
+        out = []
+        for index, spans in parts:
+            sentence = translated[index]
+            for i, span in enumerate(spans):
+                if f"<{i}>" in sentence:
+                    sentence = sentence.replace(f"<{i}>", span, 1)
+                else:  # the model dropped the placeholder: keep the code span, at the end, rather than lose it
+                    sentence = f"{sentence} {span}"
+            out.append(sentence)
+        lines.append(prefix + " ".join(out))
+    return "\n".join(lines)
+
+
+def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
+    """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
+    if len(output_ids) > 3 * len(source_ids) + 10:
+        return True
+    n = len(output_ids)
+    for size in range(1, 9):
+        for start in range(0, n - 4 * size + 1):
+            unit = output_ids[start:start + size]
+            if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
+                return True
+    return False
+
+
+class Translator:
+    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids."""
+
+    def __init__(self, model: M.M2M100ForConditionalGeneration, tokenizer):
+        self.model, self.tok = model, tokenizer
+        self.vocab = tokenizer.get_vocab()
+
+    def lang_id(self, code: str) -> int:
+        return language_token(self.vocab, code)[1]
+
+    def encode_source(self, text: str, src: str) -> list[int]:
+        """NLLB's current layout: [src_lang_code] tokens [eos]."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.lang_id(src)] + ids + [self.model.config.eos_token_id]
+
+    def pad_batch(self, sources: list[list[int]]):
+        """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
+        return M.pad_batch(sources, self.model.config.pad_token_id, "left", self.model.lm_head.weight.device)
+
+    def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4,
+                 max_new_tokens: int = 200) -> list[list[int]]:
+        """Raw decoding of laid-out sources; returns the ids after the forced target-language token (no eos, no pad)."""
+        forced = self.lang_id(tgt)
+        if num_beams <= 1:
+            return M.seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
+        return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens)
+
+    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
+        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens. Returns the sources'
+        ids, the outputs' ids, and the indices of the sentences cut to max_input_tokens."""
+        from tqdm import tqdm
+        sources, cut = [], set()
+        for i, s in enumerate(sentences):
+            ids = self.encode_source(s, src)
+            if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
+                ids = ids[:max_input_tokens - 1] + [ids[-1]]
+                cut.add(i)
+            sources.append(ids)
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[list[int]] = [[] for _ in sources]
+        bar = tqdm(total=len(sources), desc=f"translate {src}->{tgt}", unit="sent", disable=not progress)
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            ids, mask = self.pad_batch([sources[i] for i in idx])
+            longest = max(len(sources[i]) for i in idx)
+            for i, gen in zip(idx, self.generate(ids, mask, tgt, num_beams, 2 * longest + 10)):
+                out[i] = gen
+            bar.update(len(idx))
+        bar.close()
+        return sources, out, cut
+
+    def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
+                  batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
+        """Translates real texts (see translate_flagged); returns the translations only."""
+        return self.translate_flagged(texts, src, tgt, num_beams, batch_size, max_input_tokens, progress)[0]
+
+    def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
+                          batch_size: int = 16, max_input_tokens: int = 256,
+                          progress: bool = True) -> tuple[list[str], list[list[str]]]:
+        """Translates real texts: markdown lines, lists and code survive; degenerate outputs are retried with the other
+        decoding (beam <-> greedy). Returns the translations and, per text, its problems: "cut" (a sentence longer
+        than max_input_tokens was cut, its tail untranslated) and "degenerate" (still degenerate after the retry)."""
+        self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
+        plans, sentences, owner = [], [], []
+        for t_index, text in enumerate(texts):
+            plan, sents = split_for_translation(text)
+            plan = [(e[0], [(i + len(sentences), spans) for i, spans in e[1]]) if isinstance(e, tuple) else e
+                    for e in plan]
+            plans.append(plan)
+            sentences += sents
+            owner += [t_index] * len(sents)
+        unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
+        sources, outputs, cut = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
+                                                          progress)
+        bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)]
+        if bad:
+            _, retried, _ = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
+                                                      batch_size, max_input_tokens, False)
+            for i, r in zip(bad, retried):
+                if not is_degenerate(sources[i], r):
+                    outputs[i] = r
+        by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
+        still_bad = {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}
+        was_cut = {unique[i] for i in cut}
+        flags = [[] for _ in texts]
+        for t, sent in zip(owner, sentences):
+            for name, bad_set in (("cut", was_cut), ("degenerate", still_bad)):
+                if sent in bad_set and name not in flags[t]:
+                    flags[t].append(name)
+        translated = [by_text[sent] for sent in sentences]
+        return [join_translation(plan, translated) for plan in plans], flags
+
+
+def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
+    """Loads an M2M100 / NLLB-200 checkpoint (model.load_m2m100: same loader rules as model.load_model) ->
+    Translator."""
+    network, tokenizer, _ = M.load_m2m100(path_or_id, dtype, device)
+    return Translator(network, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Translation, cached: the same JSONL format as --translations (en_instruction, en_response, ko_instruction, ...)
 
 
@@ -135,29 +378,6 @@ def item_key(item: dict, lang: str) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
 
 
-def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
-    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
-    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
-    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
-    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.decode("utf-8", errors="replace" if own else "strict").splitlines()
-    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
-        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
-            "held is redone")
-        lines = lines[:-1]
-    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-
-
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
 def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str, str], dict]:
     """A parallel JSONL file -> {(english instruction, english response): row}. A user's --translations file is read
     whole; the run's own cache (`own`) may end in a line cut short by a crash: that line is dropped, said, and
@@ -165,11 +385,8 @@ def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str
     table = {}
     if not os.path.exists(path):
         return table
-    for number, line in read_lines(path, own, log):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}).") from e
+    for row in read_jsonl(path, own, log):
+        number = row.pop("_line")
         missing = [k for k in ("en_instruction", "en_response") if k not in row]
         if missing:
             raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
@@ -203,14 +420,17 @@ def _append_lines(path: str, rows: list[dict]):
 
 
 def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None,
-                    translations_file: str | None = None, chunk: int = 8, log=print, **translate_kwargs) -> list[dict]:
+                    translations_file: str | None = None, chunk: int = 8, log=print, progress: bool = True,
+                    **translate_kwargs) -> list[dict]:
     """Returns one row per item with en_* and <lang>_* fields for every language in langs.
 
     Rows come from --translations when given (then no MT model is loaded), else from the run's cache, else from the
     translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run loses at most
     one chunk, a rerun translates only what is missing, and no item is ever written twice.
     `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
+    progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit).
     """
+    from tqdm import tqdm
     if translations_file:
         table = read_translations(translations_file)
         rows = []
@@ -232,10 +452,15 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
             log(f"translating {len(todo)} items to {lang} ({len(items) - len(todo)} already in {cache_path})")
             if not hasattr(translator, "translate_flagged"):
                 translator = translator()
+        bar = tqdm(total=len(todo), desc=f"translate en->{lang}", unit="item", disable=not (progress and todo))
+        sentences = 0
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             texts = [t for it in part for t in (it["instruction"], it["response"])]
             out, flags = translator.translate_flagged(texts, "en", lang, progress=False, **translate_kwargs)
+            sentences += sum(len(split_for_translation(t)[1]) for t in texts)
+            bar.update(len(part))
+            bar.set_postfix_str(f"{sentences / max(bar.format_dict['elapsed'], 1e-6):.1f} sentences/s")
             new = []
             for k, it in enumerate(part):
                 row = {"key": item_key(it, lang), "en_instruction": it["instruction"], "en_response": it["response"],
@@ -247,6 +472,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 key = (it["instruction"], it["response"])
                 cached[key] = {**cached.get(key, {}), **row}
             _append_lines(cache_path, new)
+        bar.close()
     return [cached[(it["instruction"], it["response"])] for it in items]
 
 

@@ -461,7 +461,7 @@ def plot(results: dict, runs: dict, out: str):
     if curves:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for name, path in curves.items():
-            rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl")) if l.strip()]
+            rows = D.read_jsonl(os.path.join(path, "metrics.jsonl"), own=True)
             for ax, key in zip(axes, ("loss", "reward_acc", "nll")):
                 ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
                 ax.set_title(key)
@@ -490,7 +490,7 @@ def read_prompts(a, langs) -> list[dict]:
         return rows
     items = [{"instruction": r["instruction"], "response": ""} for r in rows[:a.num_prompts]]
     out = D.translate_items(items, langs[1:], os.path.join(a.out, "alpaca_eval.translations.jsonl"),
-                            lambda: M.load_translator(a.translator, a.dtype, a.device))
+                            lambda: D.load_translator(a.translator, a.dtype, a.device))
     return [{"lang": l, "prompt": r[f"{l}_instruction"]} for l in langs for r in out]
 
 

@@ -1,7 +1,8 @@
 """model.py: the two networks CLO needs, written from scratch in PyTorch.
 
 1. A Llama-family decoder-only chat model (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM), the model CLO adapts.
-2. The M2M100 / NLLB-200 encoder-decoder, the machine translator that builds the target-language data.
+2. The M2M100 / NLLB-200 encoder-decoder network and its decoding (greedy, beam search); the text side of translation
+   (language codes, sentence splitting, batching, retries) is data.py's Translator.
 
 Plus what both need: safetensors loading from a folder or a Hugging Face hub id (never pickle), the tokenizer and a
 sandboxed chat template, KV-cached generation, and LoRA adapters written by hand.
@@ -9,19 +10,16 @@ sandboxed chat template, KV-cached generation, and LoRA adapters written by hand
 Parameter names follow the Hugging Face checkpoints exactly (model.layers.0.self_attn.q_proj.weight, ...), so a
 checkpoint loads with no renaming and what we save loads back into transformers and peft.
 
-Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator -> CLI.
+Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator network.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import difflib
 import glob
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,12 +29,25 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------------
 # Llama-family config
 
+
+def hf_config_fields(cls, cfg: dict, source: str, model_types, refusal: str, act_key: str, acts) -> dict:
+    """What both config readers share: checks a transformers config.json dict and returns its entries that are fields
+    of the dataclass `cls` (None values left out: the field's default applies). ValueError (one line naming `source`)
+    when model_type is not one of model_types (the message goes on with `refusal`), or when the activation
+    cfg[act_key] (default acts[0]) is not one of acts."""
+    if cfg.get("model_type") not in model_types:
+        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} {refusal}")
+    act = cfg.get(act_key, acts[0])
+    if act not in acts:
+        raise ValueError(f"{source}: {act_key} {act!r} is not supported ({', '.join(acts)}).")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in cfg.items() if k in names and v is not None}
+
 SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
 
 
 @dataclass
 class LlamaConfig:
-    model_type: str = "llama"        # llama | mistral | qwen2: the same network up to the switches below
     vocab_size: int = 32000          # rows of the embedding and of the output projection
     hidden_size: int = 4096          # d_model, the width of the residual stream
     intermediate_size: int = 11008   # width of the SwiGLU MLP
@@ -61,13 +72,10 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "LlamaConfig":
         """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`)."""
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_DECODERS:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported decoder types: "
-                             f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported; Llama-family models use 'silu'.")
+        kwargs = hf_config_fields(cls, cfg, source, SUPPORTED_DECODERS, "is not supported. Supported decoder types: "
+                                  f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).",
+                                  "hidden_act", ("silu",))
+        model_type = cfg["model_type"]
         rope = dict(cfg.get("rope_parameters") or {})  # transformers v5 keeps theta and scaling together here
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
@@ -82,14 +90,10 @@ class LlamaConfig:
         if model_type == "qwen2" and cfg.get("use_sliding_window"):
             raise ValueError(f"{source}: Qwen2 with use_sliding_window=true is not supported (Qwen2.5 releases "
                              "ship it off).")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in cfg.items() if k in names and k not in ("rope_scaling", "sliding_window")}
-        kwargs.update(model_type=model_type, rope_scaling=scaling, sliding_window=sliding,
+        kwargs.update(rope_scaling=scaling, sliding_window=sliding,
                       rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                       qkv_bias=model_type == "qwen2", head_dim=cfg.get("head_dim") or 0)
-        kwargs.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
-        if kwargs["num_key_value_heads"] is None:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        kwargs.setdefault("num_key_value_heads", kwargs.get("num_attention_heads", cls.num_attention_heads))
         return cls(**kwargs)
 
 
@@ -223,6 +227,25 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def visible_keys(query_seq, key_seq, start: int, window: int | None):
+    """The attention rule, for every layout: (B, 1, T, S) bool, True where the query at slot start + t may attend to
+    the key at slot s. query_seq (B, T) and key_seq (B, S) give the sequence each slot belongs to (-1: padding);
+    queries sit at slots [start, start + T), keys at slots [0, S).
+
+    A query sees a key when the key is at or before it (causal), belongs to the same sequence, is not padding, and
+    (sliding_window, Mistral) is fewer than `window` slots back: a sequence fills consecutive slots, so the slot
+    distance is the position distance. Every slot sees itself, so that a padding query's row is never empty (which
+    would give NaN); real tokens never read padding rows. A new window pattern changes this function only."""
+    device = key_seq.device
+    q = torch.arange(start, start + query_seq.shape[1], device=device)[:, None]  # (T, 1)
+    k = torch.arange(key_seq.shape[1], device=device)[None, :]                   # (1, S)
+    see = k <= q
+    if window is not None:
+        see = see & (q - k < window)
+    same = (query_seq[:, :, None] == key_seq[:, None, :]) & (key_seq[:, None, :] >= 0)  # (B, T, S)
+    return (see[None] & same | (k == q)[None])[:, None]
+
+
 class LlamaForCausalLM(nn.Module):
     """A Llama-family decoder. `model(input_ids, attention_mask)` returns logits (B, T, vocab)."""
 
@@ -273,23 +296,17 @@ class LlamaForCausalLM(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         end = start + T
-        if segments is not None:
-            q, k = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
-            same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)  # (B, T, T)
-            mask = ((k <= q)[None] & same | (k == q)[None])[:, None]                             # (B, 1, T, T)
-            window = self.config.sliding_window
-            if window is not None:
-                mask = mask & ((positions[:, :, None] - positions[:, None, :]) < window)[:, None] | (k == q)
-        elif attention_mask is None:
-            positions = torch.arange(start, end, device=device).expand(B, T)
-            mask = None
-            window = self.config.sliding_window
-            if (start > 0 and T > 1) or (window is not None and end > window):
-                mask = self._mask(torch.ones(B, end, dtype=torch.bool, device=device), start, end)
-        else:
-            key_valid = attention_mask[:, :end].bool()
+        window = self.config.sliding_window
+        if segments is not None:  # packed rows: sequences as given
+            mask = visible_keys(segments, segments, 0, window)
+        else:  # one sequence per row (0), padding keys -1; every query, padding too, counts as the row's sequence
+            key_valid = (torch.ones(B, end, dtype=torch.bool, device=device) if attention_mask is None
+                         else attention_mask[:, :end].bool())
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
-            mask = self._mask(key_valid, start, end)
+            # None: plain causal attention (no padding, no cache offset, no window reached), SDPA's fastest kernel
+            plain = attention_mask is None and not ((start > 0 and T > 1) or (window is not None and end > window))
+            mask = None if plain else visible_keys(torch.zeros(B, T, dtype=torch.long, device=device),
+                                                   key_valid.long() - 1, start, window)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
         x = self.model.embed_tokens(input_ids)                # (B, T, d_model)
@@ -300,18 +317,6 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
         return self.model.norm(x)
-
-    def _mask(self, key_valid, start, end):
-        """(B, 1, T, S) boolean: query slot q may see key slot k when k <= q, k is a real token, and (Mistral) q - k
-        < window. Each slot may always see itself so that a padding query's row is never empty (which would be NaN);
-        padding rows are never read by real tokens."""
-        q = torch.arange(start, end, device=key_valid.device)[:, None]  # (T, 1)
-        k = torch.arange(end, device=key_valid.device)[None, :]         # (1, S)
-        allowed = k <= q
-        if self.config.sliding_window is not None:
-            allowed = allowed & (q - k < self.config.sliding_window)
-        allowed = (allowed[None] & key_valid[:, None, :]) | (k == q)[None]
-        return allowed[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -828,16 +833,22 @@ def column_major_wide_weights(model: nn.Module):
             w.data = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).t()
 
 
-def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
-    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode."""
+def open_checkpoint(path_or_id: str, dtype) -> tuple[str, torch.dtype, str, dict]:
+    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict). dtype may be a
+    DTYPES name. Errors: no config.json in the folder (FileNotFoundError); see resolve_checkpoint, read_json."""
     folder = resolve_checkpoint(path_or_id)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    raw = read_json(cfg_path)
+    return folder, dtype, cfg_path, read_json(cfg_path)
+
+
+def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
+    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode."""
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
     if raw.get("model_type") == "m2m_100":
-        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with load_translator().")
+        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with data.load_translator().")
     cfg = LlamaConfig.from_hf(raw, cfg_path)
     model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
@@ -962,6 +973,19 @@ class Tokenizer:
 # Generation: prefill the prompt into a static KV cache, then decode one token at a time
 
 
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", device="cpu"):
+    """Id lists -> (input_ids (B, longest) with pad_id in the padding, attention_mask (B, longest): 1 real, 0 pad),
+    both long, on `device`. side "left" (generation: every row's last token in the last column) or "right"."""
+    S = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), S), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), S, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        at = slice(S - len(s), S) if side == "left" else slice(0, len(s))
+        ids[i, at] = torch.tensor(s, dtype=torch.long)
+        mask[i, at] = 1
+    return ids.to(device), mask.to(device)
+
+
 def sample_next(logits, temperature: float, top_p: float, generator=None):
     """logits (B, vocab) -> token ids (B,). temperature 0 is greedy; otherwise softmax(logits / T) restricted to the
     smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
@@ -988,14 +1012,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token.")
-    ids = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)
-    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)
-    valid[:, P:] = True  # generated slots are always real tokens
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        valid[i, P - len(p):P] = True
-    ids, valid = ids.to(device), valid.to(device)
-    mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path
+    ids, prompt_mask = pad_batch(prompts, tokenizer.pad_id, "left", device)
+    valid = torch.cat((prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)), 1)
+    mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path (generated slots are real)
     cache = model.new_kv_cache(B, P + max_new_tokens)
     generator = None
     if seed is not None:
@@ -1040,18 +1059,12 @@ class M2M100Config:
     pad_token_id: int = 1           # also the offset of the sinusoidal positions (fairseq's convention)
     eos_token_id: int = 2
     decoder_start_token_id: int = 2  # decoding starts from </s>, then the forced target-language code
-    max_position_embeddings: int = 1024
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "M2M100Config":
-        if cfg.get("model_type") != "m2m_100":
-            raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not a translator; clo translates "
-                             "with M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').")
-        if cfg.get("activation_function", "relu") not in ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function {cfg['activation_function']!r} is not supported "
-                             f"({', '.join(ACTIVATIONS)}).")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+        return cls(**hf_config_fields(cls, cfg, source, ("m2m_100",), "is not a translator; clo translates with "
+                                      "M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').",
+                                      "activation_function", tuple(ACTIVATIONS)))
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
@@ -1070,7 +1083,7 @@ def sinusoidal_positions(n_positions: int, dim: int, padding_idx: int) -> torch.
     return table
 
 
-class SeqAttention(nn.Module):
+class M2M100Attention(nn.Module):
     """Multi-head attention with biases, for self-attention (encoder, decoder) and cross-attention."""
 
     def __init__(self, d_model: int, n_heads: int):
@@ -1093,10 +1106,10 @@ class SeqAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-class TranslatorEncoderLayer(nn.Module):
+class M2M100EncoderLayer(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
-        self.self_attn = SeqAttention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn = M2M100Attention(cfg.d_model, cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
@@ -1109,14 +1122,14 @@ class TranslatorEncoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class TranslatorDecoderLayer(nn.Module):
+class M2M100DecoderLayer(nn.Module):
     """Decoder layer: causal self-attention (KV cached), cross-attention to the encoder, feed-forward."""
 
     def __init__(self, cfg: M2M100Config):
         super().__init__()
-        self.self_attn = SeqAttention(cfg.d_model, cfg.decoder_attention_heads)
+        self.self_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.encoder_attn = SeqAttention(cfg.d_model, cfg.decoder_attention_heads)
+        self.encoder_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.decoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.decoder_ffn_dim, cfg.d_model)
@@ -1132,20 +1145,30 @@ class TranslatorDecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class M2M100Stack(nn.Module):
-    def __init__(self, cfg: M2M100Config, n_layers: int, layer_cls):
+class M2M100Encoder(nn.Module):
+    """The encoder's layers and final norm. Its embed_tokens is the shared matrix (see tie_weights); embedding and
+    positions are applied in M2M100ForConditionalGeneration.encode."""
+
+    def __init__(self, cfg: M2M100Config, n_layers: int | None = None, layer_cls=M2M100EncoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers))
+        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers or cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model)
 
 
-class M2M100Body(nn.Module):
+class M2M100Decoder(M2M100Encoder):
+    """The decoder's layers and final norm: the encoder's layout with decoder layers."""
+
+    def __init__(self, cfg: M2M100Config):
+        super().__init__(cfg, cfg.decoder_layers, M2M100DecoderLayer)
+
+
+class M2M100Model(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.encoder = M2M100Stack(cfg, cfg.encoder_layers, TranslatorEncoderLayer)
-        self.decoder = M2M100Stack(cfg, cfg.decoder_layers, TranslatorDecoderLayer)
+        self.encoder = M2M100Encoder(cfg)
+        self.decoder = M2M100Decoder(cfg)
 
 
 class M2M100ForConditionalGeneration(nn.Module):
@@ -1154,7 +1177,7 @@ class M2M100ForConditionalGeneration(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
         self.config = cfg
-        self.model = M2M100Body(cfg)
+        self.model = M2M100Model(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
@@ -1243,14 +1266,14 @@ def _strip(rows, cfg):
 
 @torch.inference_mode()
 def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_beams: int = 4,
-                        max_new_tokens: int = 200, length_penalty: float = 1.0, early_stopping=False):
-    """Beam search as transformers (v4.50+) runs it, so that both return the same tokens.
+                        max_new_tokens: int = 200):
+    """Beam search as transformers (v4.50+) runs it with its defaults (length_penalty 1.0, early_stopping False), so
+    that both return the same tokens.
 
     Each step scores every continuation of every running beam by its summed log-probability and keeps the best
     2 * num_beams candidates. Candidates ending in eos among the top num_beams become finished hypotheses, scored
-    sum_logprob / generated_length ** length_penalty; the best num_beams candidates that did not end go on running.
-    A source is done when no running beam can beat its worst kept hypothesis (early_stopping False: judged at the
-    current length; "never": at the longest possible length; True: as soon as num_beams hypotheses exist).
+    sum_logprob / generated_length; the best num_beams candidates that did not end go on running. A source is done
+    when its best running beam, scored at the current length, cannot beat its worst kept hypothesis.
     """
     cfg = model.config
     device = input_ids.device
@@ -1284,22 +1307,18 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
         running = cand.gather(1, go_on[:, :, None].expand(B, K, max_len))
         running_scores = (top_scores + ends.float() * NEG).gather(1, go_on)
         parent = from_beam.gather(1, go_on) + torch.arange(B, device=device)[:, None] * K
-        # candidates that ended in the top K join the hypotheses, scored with the length penalty
-        new_scores = top_scores / ((cur + 1 - 1) ** length_penalty)
-        closed = (hyp_done.all(-1, keepdim=True) & (early_stopping is True)) | ~improvable
+        # candidates that ended in the top K join the hypotheses (of a source still improvable), scored per token
         new_done = ends & in_top_k
-        new_scores = new_scores + closed.float() * NEG + (~new_done).float() * NEG
+        new_scores = top_scores / cur + (~improvable).float() * NEG + (~new_done).float() * NEG
         best = torch.cat((hyp_scores, new_scores), 1).topk(K).indices
         hyps = torch.cat((hyps, cand), 1).gather(1, best[:, :, None].expand(B, K, max_len))
         hyp_scores = torch.cat((hyp_scores, new_scores), 1).gather(1, best)
         hyp_done = torch.cat((hyp_done, new_done), 1).gather(1, best)
         cur += 1
-        best_len = (max_len - 1) if (early_stopping == "never" and length_penalty > 0) else (cur - 1)
-        best_possible = running_scores[:, :1] / (best_len ** length_penalty)
+        best_possible = running_scores[:, :1] / (cur - 1)
         worst_kept = torch.where(hyp_done, hyp_scores.min(1, keepdim=True).values, NEG)
         improvable = improvable & (best_possible > worst_kept).any(-1, keepdim=True)
-        all_closed = bool(hyp_done.all()) and early_stopping is True
-        if not bool(improvable.any()) or all_closed or bool(ends.all()):
+        if not bool(improvable.any()) or bool(ends.all()):
             break
         for kv in cache:
             kv.reorder(parent.view(-1))
@@ -1307,276 +1326,16 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
     return _strip(hyps[:, 0, 2:].tolist(), cfg)
 
 
-# ISO 639-1 -> FLORES-200 code (NLLB's language tokens). M2M100 checkpoints use __xx__ tokens instead.
-FLORES_CODES = {
-    "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
-    "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
-    "ja": "jpn_Jpan", "ru": "rus_Cyrl", "uk": "ukr_Cyrl", "pl": "pol_Latn", "cs": "ces_Latn", "ar": "arb_Arab",
-    "fa": "pes_Arab", "he": "heb_Hebr", "tr": "tur_Latn", "hi": "hin_Deva", "bn": "ben_Beng", "ur": "urd_Arab",
-    "ta": "tam_Taml", "te": "tel_Telu", "th": "tha_Thai", "vi": "vie_Latn", "ms": "zsm_Latn", "tl": "tgl_Latn",
-    "el": "ell_Grek", "sv": "swe_Latn", "da": "dan_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "ro": "ron_Latn",
-    "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
-}
-
-
-def language_token(vocab: dict, code: str) -> tuple[str, int]:
-    """Accepts an ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang); returns the checkpoint's language token."""
-    for token in (FLORES_CODES.get(code), code, f"__{code}__"):
-        if token is not None and token in vocab:
-            return token, vocab[token]
-    known = sorted(t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__", t))
-    names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
-    close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
-    hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise ValueError(f"language {code!r} is not supported by this translator.{hint} Use an ISO 639-1 code "
-                     f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
-
-
-SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=\S)")
-LINE_PREFIX = re.compile(r"^(\s*(?:[-*+]\s+|\d+[.)]\s+|#{1,6}\s+|>\s*)*)")
-FENCE = re.compile(r"^\s*(```|~~~)")
-INLINE_CODE = re.compile(r"`[^`\n]+`")
-
-
-def split_for_translation(text: str):
-    """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
-
-    Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
-    kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
-    translation). Returns (plan, sentences): plan is a list of lines, each either a verbatim string or
-    (prefix, [(sentence_index, code_spans, separator), ...]).
-    """
-    plan, sentences, in_fence = [], [], False
-    for line in text.split("\n"):
-        if FENCE.match(line):
-            in_fence = not in_fence
-            plan.append(line)
-            continue
-        if in_fence or not line.strip():
-            plan.append(line)
-            continue
-        prefix = LINE_PREFIX.match(line).group(1)
-        body = line[len(prefix):]
-        if not re.search(r"[^\W\d_]", body):  # nothing to translate: numbers, symbols, code-only lines
-            plan.append(line)
-            continue
-        parts = []
-        for sentence in (piece for s in SENTENCE_END.split(body) for piece in split_long(s)):
-            spans = INLINE_CODE.findall(sentence)
-            for i, span in enumerate(spans):
-                sentence = sentence.replace(span, f"<{i}>", 1)
-            parts.append((len(sentences), spans))
-            sentences.append(sentence)
-        plan.append((prefix, parts))
-    return plan, sentences
-
-
-def split_long(sentence: str, max_chars: int = 400) -> list[str]:
-    """A run-on sentence (over max_chars, ~100+ tokens) cut at clause marks, else between words, into pieces the MT
-    model translates whole: NLLB drops or garbles the tail of long inputs, and cutting by tokens would lose text."""
-    if len(sentence) <= max_chars:
-        return [sentence]
-    pieces, current = [], ""
-    for chunk in re.split(r"(?<=[,;:])\s+", sentence):
-        words = chunk.split(" ") if len(chunk) > max_chars else [chunk]
-        for word in words:
-            joiner = " " if current else ""
-            if current and len(current) + len(joiner) + len(word) > max_chars:
-                pieces.append(current)
-                current, joiner = "", ""
-            current += joiner + word
-    return pieces + ([current] if current else [])
-
-
-def join_translation(plan, translated: list[str]) -> str:
-    lines = []
-    for entry in plan:
-        if isinstance(entry, str):
-            lines.append(entry)
-            continue
-        prefix, parts = entry
-        out = []
-        for index, spans in parts:
-            sentence = translated[index]
-            for i, span in enumerate(spans):
-                if f"<{i}>" in sentence:
-                    sentence = sentence.replace(f"<{i}>", span, 1)
-                else:  # the model dropped the placeholder: keep the code span, at the end, rather than lose it
-                    sentence = f"{sentence} {span}"
-            out.append(sentence)
-        lines.append(prefix + " ".join(out))
-    return "\n".join(lines)
-
-
-def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
-    """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
-    if len(output_ids) > 3 * len(source_ids) + 10:
-        return True
-    n = len(output_ids)
-    for size in range(1, 9):
-        for start in range(0, n - 4 * size + 1):
-            unit = output_ids[start:start + size]
-            if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
-                return True
-    return False
-
-
-class Translator:
-    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids."""
-
-    def __init__(self, model: M2M100ForConditionalGeneration, tokenizer, source: str = ""):
-        self.model, self.tok, self.source = model, tokenizer, source
-        self.vocab = tokenizer.get_vocab()
-
-    def lang_id(self, code: str) -> int:
-        return language_token(self.vocab, code)[1]
-
-    def encode_source(self, text: str, src: str) -> list[int]:
-        """NLLB's current layout: [src_lang_code] tokens [eos]."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.lang_id(src)] + ids + [self.model.config.eos_token_id]
-
-    def pad_batch(self, sources: list[list[int]]):
-        """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
-        device = self.model.lm_head.weight.device
-        S = max(len(s) for s in sources)
-        ids = torch.full((len(sources), S), self.model.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(sources), S, dtype=torch.long)
-        for i, s in enumerate(sources):
-            ids[i, S - len(s):] = torch.tensor(s)
-            mask[i, S - len(s):] = 1
-        return ids.to(device), mask.to(device)
-
-    def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4, max_new_tokens: int = 200,
-                 length_penalty: float = 1.0, early_stopping=False) -> list[list[int]]:
-        """Raw decoding of laid-out sources; returns the ids after the forced target-language token (no eos, no pad)."""
-        forced = self.lang_id(tgt)
-        if num_beams <= 1:
-            return seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
-        return seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens,
-                                   length_penalty, early_stopping)
-
-    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
-        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens. Returns the sources'
-        ids, the outputs' ids, and the indices of the sentences cut to max_input_tokens."""
-        from tqdm import tqdm
-        sources, cut = [], set()
-        for i, s in enumerate(sentences):
-            ids = self.encode_source(s, src)
-            if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
-                ids = ids[:max_input_tokens - 1] + [ids[-1]]
-                cut.add(i)
-            sources.append(ids)
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        out: list[list[int]] = [[] for _ in sources]
-        bar = tqdm(total=len(sources), desc=f"translate {src}->{tgt}", unit="sent", disable=not progress)
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            ids, mask = self.pad_batch([sources[i] for i in idx])
-            longest = max(len(sources[i]) for i in idx)
-            for i, gen in zip(idx, self.generate(ids, mask, tgt, num_beams, 2 * longest + 10)):
-                out[i] = gen
-            bar.update(len(idx))
-        bar.close()
-        return sources, out, cut
-
-    def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
-                  batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
-        """Translates real texts (see translate_flagged); returns the translations only."""
-        return self.translate_flagged(texts, src, tgt, num_beams, batch_size, max_input_tokens, progress)[0]
-
-    def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
-                          batch_size: int = 16, max_input_tokens: int = 256,
-                          progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts: markdown lines, lists and code survive; degenerate outputs are retried with the other
-        decoding (beam <-> greedy). Returns the translations and, per text, its problems: "cut" (a sentence longer
-        than max_input_tokens was cut, its tail untranslated) and "degenerate" (still degenerate after the retry)."""
-        self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
-        plans, sentences, owner = [], [], []
-        for t_index, text in enumerate(texts):
-            plan, sents = split_for_translation(text)
-            plan = [(e[0], [(i + len(sentences), spans) for i, spans in e[1]]) if isinstance(e, tuple) else e
-                    for e in plan]
-            plans.append(plan)
-            sentences += sents
-            owner += [t_index] * len(sents)
-        unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
-        sources, outputs, cut = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
-                                                          progress)
-        bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)]
-        if bad:
-            _, retried, _ = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
-                                                      batch_size, max_input_tokens, False)
-            for i, r in zip(bad, retried):
-                if not is_degenerate(sources[i], r):
-                    outputs[i] = r
-        by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
-        still_bad = {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}
-        was_cut = {unique[i] for i in cut}
-        flags = [[] for _ in texts]
-        for t, sent in zip(owner, sentences):
-            for name, bad_set in (("cut", was_cut), ("degenerate", still_bad)):
-                if sent in bad_set and name not in flags[t]:
-                    flags[t].append(name)
-        translated = [by_text[sent] for sent in sentences]
-        return [join_translation(plan, translated) for plan in plans], flags
-
-
-def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
-    """Loads an M2M100 / NLLB-200 checkpoint (same loader rules as load_model) -> Translator."""
+def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu"):
+    """Loads an M2M100 / NLLB-200 checkpoint (same loader rules as load_model) -> (network in eval mode,
+    tokenizers.Tokenizer of its tokenizer.json, folder). data.load_translator wraps them into a Translator."""
     from tokenizers import Tokenizer as HFTokenizer
-    folder = resolve_checkpoint(path_or_id)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    cfg = M2M100Config.from_hf(read_json(cfg_path), cfg_path)
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
+    cfg = M2M100Config.from_hf(raw, cfg_path)
     model = build_on_meta(M2M100ForConditionalGeneration, cfg, dtype, device)
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
     tok_path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{folder}: no tokenizer.json (NLLB checkpoints on the hub ship one).")
-    return Translator(model.eval(), HFTokenizer.from_file(tok_path), folder)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI: chat once, or translate
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat once with a Llama-family model, or translate with M2M100/NLLB.")
-    p.add_argument("--model", help="chat model: local folder or hub id")
-    p.add_argument("--prompt", help="user message to answer")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 on "
-                   "CUDA and on CPUs with native bf16 matmul, else float32; see default_dtype)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--translate", action="store_true", help="translate TEXT (or stdin lines) instead of chatting")
-    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M")
-    p.add_argument("--src", default="en")
-    p.add_argument("--tgt", default="ko")
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("text", nargs="*", help="text to translate (default: one text per stdin line)")
-    a = p.parse_args(argv)
-    a.dtype, why = resolve_dtype(a.dtype, a.device)
-    print(f"dtype: {a.dtype} ({why})", file=sys.stderr)  # stderr: stdout carries only the answer/translations
-    if a.translate:
-        translator = load_translator(a.translator, DTYPES[a.dtype], a.device)
-        texts = [" ".join(a.text)] if a.text else [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        for out in translator.translate(texts, a.src, a.tgt, num_beams=a.num_beams, progress=len(texts) > 1):
-            print(out)
-        return
-    if not a.model or a.prompt is None:
-        p.error("give --model and --prompt to chat, or --translate")
-    model, tok = load_model(a.model, DTYPES[a.dtype], a.device)
-    ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}])
-    new = generate(model, tok, [ids], a.max_new_tokens, a.temperature, a.top_p, a.seed)[0]
-    print(tok.decode(new))
-
-
-if __name__ == "__main__":
-    main()
+    return model.eval(), HFTokenizer.from_file(tok_path), folder

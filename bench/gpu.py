@@ -20,7 +20,6 @@ Every comparison with transformers/PEFT is skipped, with a line saying so, where
 """
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -229,11 +228,11 @@ def translation(cfg, device, new_tokens, tmp):
                                                                  if k in M.M2M100Config.__dataclass_fields__}))
     with torch.no_grad():
         m32.model.shared.weight.mul_(0.05)  # as tests/tiny.py: small tied embeddings, varied random outputs
-    t32 = M.Translator(m32.eval(), tok)
+    t32 = D.Translator(m32.eval(), tok)
     ids, mask = t32.pad_batch([t32.encode_source(s, "en") for s in SENTENCES])
     out32 = t32.generate(ids, mask, "ko", num_beams=4, max_new_tokens=new_tokens)
     import copy
-    t16 = M.Translator(copy.deepcopy(m32).to(torch.bfloat16), tok)
+    t16 = D.Translator(copy.deepcopy(m32).to(torch.bfloat16), tok)
     t16.model.positions = torch.zeros(0, device=device)
     sec, out16 = timed(lambda: t16.generate(ids, mask, "ko", num_beams=4, max_new_tokens=new_tokens), device, 2)
     row = {"clo_sent_s": len(SENTENCES) / sec, "same_as_clo_fp32": f"{sum(a == b for a, b in zip(out16, out32))}/"

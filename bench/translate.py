@@ -14,6 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
 import model as M  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Machine learning models learn patterns from data.",
@@ -50,7 +51,7 @@ def main():
     a = p.parse_args()
     from transformers import M2M100ForConditionalGeneration
     folder = random_nllb600m(tempfile.mkdtemp()) if a.random_nllb600m else M.resolve_checkpoint(a.model)
-    ours = M.load_translator(folder)
+    ours = D.load_translator(folder)
     ref = M2M100ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     ids, mask = ours.pad_batch([ours.encode_source(s, "en") for s in SENTENCES[:a.batch_size]])
     n = ids.shape[0]

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import data as D
 import model as M
 import tiny
 from conftest import ROOT, smollm2_path
@@ -263,22 +264,4 @@ def test_more_loader_errors(tmp_path):
     with pytest.raises(ValueError, match="tensor 'model.vision_tower.weight' has no place in this model"):
         M.load_model(extra)
     with pytest.raises(ValueError, match="is not a translator"):
-        M.load_translator(tiny.make_llama(str(tmp_path / "not-mt")))
-
-
-def test_chat_and_translate_cli(llama_dir, m2m_dir):
-    chat = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--model", llama_dir, "--prompt", "Hello",
-                           "--max-new-tokens", "5"], capture_output=True, text=True)
-    assert chat.returncode == 0, chat.stderr
-    ours, tok = M.load_model(llama_dir)
-    expected = tok.decode(M.generate(ours, tok, [tok.apply_chat_template([{"role": "user", "content": "Hello"}])],
-                                     5)[0])
-    assert chat.stdout == expected + "\n"
-    args = [sys.executable, os.path.join(ROOT, "model.py"), "--translate", "--translator", m2m_dir, "--src", "en",
-            "--tgt", "ko", "--num-beams", "2"]
-    one = subprocess.run(args + ["Hello there."], capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    translator = M.load_translator(m2m_dir)
-    assert one.stdout == translator.translate(["Hello there."], "en", "ko", num_beams=2, progress=False)[0] + "\n"
-    lines = subprocess.run(args, input="Hello there.\nGood morning.\n", capture_output=True, text=True)
-    assert lines.returncode == 0 and lines.stdout.count("\n") == 2
+        D.load_translator(tiny.make_llama(str(tmp_path / "not-mt")))

@@ -37,7 +37,7 @@ def copy_through(self, input_ids, attention_mask, tgt="ko", num_beams=4, max_new
 
 def test_a_cut_sentence_is_flagged_once(setup):
     _, _, m2m, _ = setup
-    tr = M.load_translator(m2m)
+    tr = D.load_translator(m2m)
     texts, flags = tr.translate_flagged(["Hello!", f"The code is {BLOB} and nothing else.", BLOB], "en", "ko",
                                         num_beams=1, progress=False)
     assert flags == [[], ["cut"], ["cut"]] and len(texts) == 3
@@ -46,7 +46,7 @@ def test_a_cut_sentence_is_flagged_once(setup):
 @pytest.mark.parametrize("keep", [False, True])
 def test_flagged_translations_are_marked_counted_and_left_out(setup, keep, capsys, monkeypatch):
     tmp, llama, m2m, sft = setup
-    monkeypatch.setattr(M.Translator, "generate", copy_through)
+    monkeypatch.setattr(D.Translator, "generate", copy_through)
     out = tmp / f"run-keep{keep}"
     clo.main(["--model", llama, "--translator", m2m, "--data", sft, "--lang", "ko", "--num-beams", "1",
               "--max-steps", "1", "--max-len", "4096", "--out", str(out), "--no-progress",

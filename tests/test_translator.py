@@ -3,7 +3,7 @@ text splitter that lets a sentence-level MT model translate real SFT responses."
 import pytest
 import torch
 
-import model as M
+import data as D
 
 transformers = pytest.importorskip("transformers")
 
@@ -13,7 +13,7 @@ TEXTS = ["Hello, how are you today?", "The quick brown fox jumps over the lazy d
 
 @pytest.fixture(scope="module")
 def pair(m2m_dir):
-    ours = M.load_translator(m2m_dir)
+    ours = D.load_translator(m2m_dir)
     ref = transformers.M2M100ForConditionalGeneration.from_pretrained(m2m_dir, dtype=torch.float32).eval()
     return ours, ref
 
@@ -68,7 +68,7 @@ def runs_to_limit(tmp_path_factory):
     """A checkpoint with no eos bias: every hypothesis runs to max_new_tokens (the other stopping path)."""
     import tiny
     folder = tiny.make_m2m100(str(tmp_path_factory.mktemp("m2m_long")), seed=0)
-    return M.load_translator(folder), transformers.M2M100ForConditionalGeneration.from_pretrained(folder).eval()
+    return D.load_translator(folder), transformers.M2M100ForConditionalGeneration.from_pretrained(folder).eval()
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
@@ -100,16 +100,16 @@ def test_translate_keeps_structure_and_code(pair):
 
 def test_splitter_roundtrip_and_degenerate_detection():
     text = "First one. Second one? Third!\n\n* item with `code`\n```\nx = 1. y\n```\n123"
-    plan, sentences = M.split_for_translation(text)
+    plan, sentences = D.split_for_translation(text)
     assert sentences == ["First one.", "Second one?", "Third!", "item with <0>"]
-    assert M.join_translation(plan, sentences) == text  # identity translation gives the text back
-    assert M.is_degenerate([5] * 10, [7, 8, 9] * 5)  # a phrase four times in a row
-    assert M.is_degenerate([5] * 3, list(range(40)))  # far longer than its source
-    assert not M.is_degenerate([5] * 10, [1, 2, 3, 4, 5, 6, 1, 2])
+    assert D.join_translation(plan, sentences) == text  # identity translation gives the text back
+    assert D.is_degenerate([5] * 10, [7, 8, 9] * 5)  # a phrase four times in a row
+    assert D.is_degenerate([5] * 3, list(range(40)))  # far longer than its source
+    assert not D.is_degenerate([5] * 10, [1, 2, 3, 4, 5, 6, 1, 2])
     run_on = ", ".join(f"clause number {i} goes on and on" for i in range(40)) + "."
-    pieces = M.split_long(run_on, max_chars=200)
+    pieces = D.split_long(run_on, max_chars=200)
     assert len(pieces) > 1 and all(len(p) <= 200 for p in pieces) and " ".join(pieces) == run_on
     words = "x" * 50 + " " + " ".join(["word"] * 200)
-    assert " ".join(M.split_long(words, 100)) == words and max(map(len, M.split_long(words, 100))) <= 100
-    plan, sentences = M.split_for_translation(run_on)
-    assert len(sentences) > 1 and M.join_translation(plan, sentences) == run_on
+    assert " ".join(D.split_long(words, 100)) == words and max(map(len, D.split_long(words, 100))) <= 100
+    plan, sentences = D.split_for_translation(run_on)
+    assert len(sentences) > 1 and D.join_translation(plan, sentences) == run_on
