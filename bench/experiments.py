@@ -221,14 +221,25 @@ def write_json(path, obj):
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written file that would count as done
 
 
+def material_settings(a):
+    """What an evaluation depends on besides the model: a cached OUT/eval/<run>.json is reused only if these match."""
+    return {k: getattr(a, k) for k in ("lang", "fidelity", "num_prompts", "heldout", "num_heldout", "mc", "num_mc",
+                                       "max_new_tokens", "judge")}
+
+
 def eval_run(name, path, material, a, log, ref=None, base_answers=None):
     dest = os.path.join(a.out, "eval", f"{name}.json")
+    settings = material_settings(a)
     if os.path.exists(dest):
         with open(dest) as f:
-            return json.load(f)
+            done = json.load(f)
+        if done.get("settings") != settings:  # a table must not mix evaluations on different material
+            raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now {settings}; use "
+                             "another --out, or delete OUT/eval to evaluate every run again.")
+        return done
     t = time.time()
     metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
-    result = {"run": name, "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
+    result = {"run": name, "settings": settings, "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
     write_json(dest, result)
     log(f"{name}: evaluated in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
                                                                         if not k.startswith("pref_margin")))
@@ -336,6 +347,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
+    p.add_argument("--report-only", action="store_true", help="train and evaluate nothing: write the table, JSON and "
+                   "figure from the evaluations already in OUT/eval (a partial grid, while another process runs)")
     a = p.parse_args(argv)
     a.train_args = train_args
     a.sizes = [int(s) for s in a.sizes.split(",")]
@@ -362,8 +375,19 @@ def main(argv=None):
     a = parse_args(argv)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
-    write_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
+    if not a.report_only:
+        write_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
     runs = plan(a)
+    if a.report_only:
+        evals = {}
+        for name in ["base"] + [r[0] for r in runs]:
+            path = os.path.join(a.out, "eval", f"{name}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    evals[name] = json.load(f)
+        if "base" not in evals:
+            raise ValueError(f"{a.out}/eval/base.json: not there yet; nothing to report.")
+        return report(evals, runs, a)
     material = heldout_material(a)
     bar = tqdm(total=len(runs) * 2 + 1, desc="experiments", unit="step")
     log = bar.write
@@ -378,6 +402,10 @@ def main(argv=None):
         evals[name] = eval_run(name, os.path.join(a.out, "runs", name), material, a, log, ref, base["answers"])
         bar.update(1)
     bar.close()
+    return report(evals, runs, a)
+
+
+def report(evals, runs, a):
     table = aggregate(evals, runs, a)
     write_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},

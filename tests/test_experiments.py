@@ -125,6 +125,12 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
     assert os.path.exists(out / "eval" / "sft-n2-s0.json") and os.path.exists(out / "eval" / "clo-n4-s0.json")
     log = open(out / "runs" / "sft-n2-s0" / "train.log").read()
     assert log.count("clo.py") == 1  # the finished run's log holds one command: it was not started again
+    # a partial report from what is evaluated, and no mixing of evaluations made on other material
+    assert set(X.main(argv[:argv.index("--")] + ["--report-only"])) == {"base", "sft", "clo"}
+    changed = list(argv)
+    changed[changed.index("--num-prompts") + 1] = "1"
+    with pytest.raises(ValueError, match="other settings"):
+        X.main(changed)
 
 
 def test_sft_dpo_plan_trains_sft_once(tmp_path):
