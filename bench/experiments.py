@@ -33,6 +33,7 @@ import argparse
 import difflib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -190,6 +191,19 @@ def plan(a):
     return runs
 
 
+def share_translations(out, a):
+    """English --data (clo.py translates it): seed a new run's translation cache with the largest one another run of
+    the grid has, so each item is translated once for the whole grid. clo.py's cache is keyed by item and language,
+    so rows of items this run does not use are harmless."""
+    cache = os.path.join(out, "translations.jsonl")
+    if os.path.exists(cache):
+        return
+    done = [os.path.join(a.out, "runs", r, "translations.jsonl") for r in os.listdir(os.path.join(a.out, "runs"))]
+    done = [p for p in done if os.path.exists(p) and p != cache]
+    if done:
+        shutil.copyfile(max(done, key=os.path.getsize), cache)
+
+
 def train_run(name, argv, a, log):
     """One clo.py run as a subprocess, output to RUN/train.log. Skipped when finished (summary.json); resumed from its
     checkpoint when one was left by a kill."""
@@ -199,6 +213,8 @@ def train_run(name, argv, a, log):
         return False
     resume = os.path.isdir(os.path.join(out, "checkpoint"))
     os.makedirs(out, exist_ok=True)
+    if not a.parallel:
+        share_translations(out, a)
     cmd = [sys.executable, os.path.join(HERE, "clo.py")] + argv + ["--out", out] + (["--resume"] if resume else [])
     log(f"{name}: training{' (resumed)' if resume else ''}")
     t = time.time()

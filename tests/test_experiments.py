@@ -143,3 +143,17 @@ def test_sft_dpo_plan_trains_sft_once(tmp_path):
     assert "--merge" in sft and sft[sft.index("--data") + 1] == "oasst1" and sft[-2:] == ["--lr", "1e-4"]
     assert dpo[dpo.index("--model") + 1] == os.path.join(str(tmp_path), "runs", "sft-n8-s0", "merged")
     assert dpo[dpo.index("--method") + 1] == "dpo"
+
+
+def test_translations_shared_across_the_grid(tmp_path):
+    a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--out", str(tmp_path), "--mc"])
+    runs = tmp_path / "runs"
+    for name, lines in (("sft-n2-s0", 2), ("sft-n4-s0", 4)):
+        os.makedirs(runs / name)
+        (runs / name / "translations.jsonl").write_text("{}\n" * lines)
+    os.makedirs(runs / "clo-n4-s0")
+    X.share_translations(str(runs / "clo-n4-s0"), a)
+    assert (runs / "clo-n4-s0" / "translations.jsonl").read_text() == "{}\n" * 4   # the largest cache
+    (runs / "sft-n2-s0" / "translations.jsonl").write_text("mine\n")
+    X.share_translations(str(runs / "sft-n2-s0"), a)
+    assert (runs / "sft-n2-s0" / "translations.jsonl").read_text() == "mine\n"     # never overwrites a run's own
