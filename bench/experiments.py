@@ -325,8 +325,8 @@ def figure(table, a, path):
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{os.path.basename(a.model.rstrip('/'))}, {a.lang}: held-out metrics (mean ± std over seeds "
-                 f"{','.join(map(str, a.seeds))})")
+    fig.suptitle(f"{os.path.basename(a.model.rstrip('/'))}, {a.lang}: held-out metrics, mean ± std over the seeds "
+                 "finished (n per point: results.json)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
