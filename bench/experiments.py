@@ -1,0 +1,440 @@
+"""The paper's experiments as one command: base -> SFT, SFT+DPO and CLO at several data sizes and seeds, each run
+evaluated on held-out material, written as a table, JSON and the paper's figure (metric against number of items).
+
+    python bench/experiments.py --model MODEL --lang sw --data samples/sib200_parallel.jsonl \
+        --sizes 64,128,256 --seeds 0,1 --methods sft,sft+dpo,clo --out runs/exp-sw [-- clo.py options ...]
+
+Everything after `--` goes to every clo.py run unchanged (--lr, --epochs, --tune, --beta, --lam, --max-len, ...), so
+all methods share seeds, data and budget. `--data oasst1` with a translator works as in clo.py (translated once per
+run folder, cached); offline, pass a parallel file (bench/build_parallel.py builds them from ../shared/data).
+
+Runs (OUT/runs/<method>-n<N>-s<seed>/) are clo.py subprocesses: a kill loses at most the run in progress; a run is
+finished when its summary.json exists, and a rerun skips it (an interrupted one continues from its checkpoint with
+clo.py --resume). SFT+DPO is `--method sft --merge` (the SFT run, shared with the SFT method) then `--method dpo` on
+its merged/ folder. Each finished run is evaluated into OUT/eval/<run>.json (skipped if present); base is
+OUT/eval/base.json. Then OUT/results.json (every run's metrics and the mean/std over seeds), OUT/table.md and
+OUT/figure.png.
+
+Held-out metrics (none of this material is trained on):
+- fidelity_<l>: share of answers to target-language prompts (--fidelity file, default MGSM questions) that are in the
+  prompt's language AND not an echo (is_echo: a copy or continuation of the prompt counts as a failure);
+  in_lang_<l> is the same without the echo rule, echo_<l> the share of echoes. Same for English (fidelity_en).
+- pref_acc_<l>: TRL's eval reward accuracy on held-out pairs (--heldout) with the BASE model as reference: the share
+  of target-language prompts for which the model, relative to the base model, prefers the target-language answer to
+  the English one (margin > 0); pref_acc_en: English prompt, English answer preferred. Undefined for base itself.
+- nll_<l>, nll_en: mean per-token NLL of the held-out reference answers (eval.response_nll).
+- mc_<l>, mc_en: multiple-choice accuracy (lm-eval-harness scoring, eval.multiple_choice_accuracy), --mc files.
+- win_<l>: with --judge, the pairwise win rate of each run over base on the target-language prompts (eval.win_rate).
+The primary metric (stated before running, README "Experiments") is fidelity_<target>.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+SHARED = os.path.join(HERE, "..", "shared", "data")
+METHODS = ("sft", "sft+dpo", "clo", "dpo")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The echo rule
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def is_echo(prompt: str, answer: str, share: float = 0.5, head: int = 20) -> bool:
+    """Whether an answer merely repeats or continues its prompt (counted as a fidelity failure, whatever its language).
+
+    After collapsing whitespace and case: the answer is empty; or it starts with the prompt's first `head` characters
+    (the whole prompt if shorter: repeating the prompt, possibly then continuing it); or its longest stretch copied
+    from the prompt (longest common substring, characters) covers at least `share` of the answer. A real answer that
+    quotes a short phrase of the question is not an echo."""
+    p, a = _norm(prompt), _norm(answer)
+    if not a:
+        return True
+    if p and a.startswith(p[:head]):
+        return True
+    m = difflib.SequenceMatcher(None, a, p, autojunk=False).find_longest_match(0, len(a), 0, len(p))
+    return m.size >= share * len(a)
+
+
+def fidelity(prompts, answers, lang):
+    """{fidelity, in_lang, echo}: shares of answers in `lang` and not an echo; in `lang`; echoes."""
+    import eval as E
+    detected = [E.detect_language(a) for a in answers]
+    echo = [is_echo(p, a) for p, a in zip(prompts, answers)]
+    n = len(answers)
+    return {"fidelity": sum(d == lang and not e for d, e in zip(detected, echo)) / n,
+            "in_lang": sum(d == lang for d in detected) / n, "echo": sum(echo) / n}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out material
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def heldout_material(a):
+    """The evaluation inputs, fixed for every model: fidelity prompts, held-out parallel rows, multiple-choice rows."""
+    import eval as E
+    langs = (a.lang, "en")
+    fid_rows = read_jsonl(a.fidelity)
+    for lang in langs:
+        if f"{lang}_instruction" not in fid_rows[0]:
+            raise ValueError(f"--fidelity {a.fidelity}: no {lang}_instruction column; pass a file with prompts in "
+                             f"{lang} (e.g. samples/sib200_heldout.jsonl).")
+    fid_rows = E.subset(fid_rows, a.num_prompts, seed=0)
+    held = read_jsonl(a.heldout)
+    for lang in langs:
+        if f"{lang}_response" not in held[0]:
+            raise ValueError(f"--heldout {a.heldout}: no {lang}_instruction/{lang}_response columns.")
+    held = E.subset(held, a.num_heldout, seed=0)
+    mc = []
+    for path in a.mc:
+        mc += E.subset(E.read_multiple_choice(path), a.num_mc, seed=0)
+    return {"prompts": {lang: [r[f"{lang}_instruction"] for r in fid_rows] for lang in langs}, "heldout": held,
+            "mc": mc}
+
+
+def pair_logps(model, tok, rows, lang, batch_size=8):
+    """Summed log-probs of both answers to each row's `lang` prompt: (own-language answer, other answer) lists.
+    For the target language the other answer is English; for English it is the target language's."""
+    import torch
+    import clo
+    import data as D
+    other = rows[0]["_other"]
+    own, alt = [], []
+    with torch.no_grad():
+        for b in range(0, len(rows), batch_size):
+            seqs = []
+            for r in rows[b:b + batch_size]:
+                o = "en" if lang != "en" else other
+                prompt_ids, (y_own, y_alt), _ = D.conversation_tokens(
+                    tok, r[f"{lang}_instruction"], [r[f"{lang}_response"], r[f"{o}_response"]])
+                seqs += [(prompt_ids, y_own), (prompt_ids, y_alt)]
+            batch = [t.to(model.lm_head.weight.device) for t in D.collate_sequences(seqs, tok.pad_id)]
+            logp, _ = clo.sequence_logps(model, batch, len(seqs))
+            own += logp[0::2].tolist()
+            alt += logp[1::2].tolist()
+    return own, alt
+
+
+def evaluate(path, material, a, name, ref=None, base_answers=None):
+    """Every metric for one model (a checkpoint or a clo run folder). Returns (metrics, answers, logps)."""
+    import torch
+    import eval as E
+    torch.manual_seed(0)
+    model, tok = E.load_for_eval(path, device=a.device)
+    metrics, answers, logps = {}, {}, {}
+    for lang in (a.lang, "en"):
+        prompts = material["prompts"][lang]
+        answers[lang] = E.answer_prompts(model, tok, prompts, a.max_new_tokens, progress=False)
+        f = fidelity(prompts, answers[lang], lang)
+        metrics.update({f"{k}_{lang}": v for k, v in f.items()})
+        metrics[f"nll_{lang}"] = E.response_nll(model, tok, material["heldout"], lang)
+        rows = [dict(r, _other=a.lang) for r in material["heldout"]]
+        logps[lang] = pair_logps(model, tok, rows, lang)
+        if ref is not None:  # margin of the (own-language answer, other answer) pair relative to the base model
+            margins = [(po - ro) - (pa - ra) for po, pa, ro, ra in zip(*logps[lang], *ref[lang])]
+            metrics[f"pref_acc_{lang}"] = sum(m > 0 for m in margins) / len(margins)
+            metrics[f"pref_margin_{lang}"] = sum(margins) / len(margins)
+    if material["mc"]:
+        for lang, r in E.multiple_choice_accuracy(model, tok, material["mc"], progress=False).items():
+            metrics[f"mc_{lang}"] = r["acc"]
+    if a.judge and base_answers is not None:
+        ask = E.local_judge(a.judge[6:]) if a.judge.startswith("local:") else E.http_judge(a.judge, a.judge_model)
+        prompts = material["prompts"][a.lang]
+        metrics[f"win_{a.lang}"] = E.win_rate(ask, prompts, [a.lang] * len(prompts), answers[a.lang],
+                                              base_answers[a.lang])["win_rate"]
+    return metrics, answers, logps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def plan(a):
+    """The training runs, in order: (name, method, size, seed, clo.py argv without --out). SFT+DPO's SFT stage is the
+    SFT run of the same size and seed (merged), so it is trained once."""
+    runs = []
+    for size in a.sizes:
+        for seed in a.seeds:
+            common = ["--lang", a.lang, "--num-samples", str(size), "--seed", str(seed), "--no-progress"]
+            common += ["--translations" if a.parallel else "--data", a.data]
+            sft = f"sft-n{size}-s{seed}"
+            for method in a.methods:
+                if method in ("sft", "sft+dpo") and sft not in [r[0] for r in runs]:
+                    runs.append((sft, "sft", size, seed,
+                                 ["--model", a.model, "--method", "sft"] + common
+                                 + (["--merge"] if "sft+dpo" in a.methods else []) + a.train_args))
+                if method == "sft+dpo":
+                    runs.append((f"sftdpo-n{size}-s{seed}", "sft+dpo", size, seed,
+                                 ["--model", os.path.join(a.out, "runs", sft, "merged"), "--method", "dpo"]
+                                 + common + a.train_args))
+                elif method in ("clo", "dpo"):
+                    runs.append((f"{method}-n{size}-s{seed}", method, size, seed,
+                                 ["--model", a.model, "--method", method] + common + a.train_args))
+    return runs
+
+
+def share_translations(out, a):
+    """English --data (clo.py translates it): seed a new run's translation cache with the largest one another run of
+    the grid has, so each item is translated once for the whole grid. clo.py's cache is keyed by item and language,
+    so rows of items this run does not use are harmless."""
+    cache = os.path.join(out, "translations.jsonl")
+    if os.path.exists(cache):
+        return
+    done = [os.path.join(a.out, "runs", r, "translations.jsonl") for r in os.listdir(os.path.join(a.out, "runs"))]
+    done = [p for p in done if os.path.exists(p) and p != cache]
+    if done:
+        shutil.copyfile(max(done, key=os.path.getsize), cache)
+
+
+def train_run(name, argv, a, log):
+    """One clo.py run as a subprocess, output to RUN/train.log. Skipped when finished (summary.json); resumed from its
+    checkpoint when one was left by a kill."""
+    out = os.path.join(a.out, "runs", name)
+    if os.path.exists(os.path.join(out, "summary.json")):
+        log(f"{name}: finished earlier, skipped")
+        return False
+    resume = os.path.isdir(os.path.join(out, "checkpoint"))
+    os.makedirs(out, exist_ok=True)
+    if not a.parallel:
+        share_translations(out, a)
+    cmd = [sys.executable, os.path.join(HERE, "clo.py")] + argv + ["--out", out] + (["--resume"] if resume else [])
+    log(f"{name}: training{' (resumed)' if resume else ''}")
+    t = time.time()
+    with open(os.path.join(out, "train.log"), "a") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode
+    if rc != 0:
+        with open(os.path.join(out, "train.log")) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"{name}: clo.py exited with {rc}; its log ({out}/train.log) ends:\n{tail}")
+    log(f"{name}: trained in {time.time() - t:.0f} s")
+    return True
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)  # atomic: a kill never leaves a half-written file that would count as done
+
+
+def material_settings(a):
+    """What an evaluation depends on besides the model: a cached OUT/eval/<run>.json is reused only if these match."""
+    return {k: getattr(a, k) for k in ("lang", "fidelity", "num_prompts", "heldout", "num_heldout", "mc", "num_mc",
+                                       "max_new_tokens", "judge")}
+
+
+def eval_run(name, path, material, a, log, ref=None, base_answers=None):
+    dest = os.path.join(a.out, "eval", f"{name}.json")
+    settings = material_settings(a)
+    if os.path.exists(dest):
+        with open(dest) as f:
+            done = json.load(f)
+        if done.get("settings") != settings:  # a table must not mix evaluations on different material
+            raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now {settings}; use "
+                             "another --out, or delete OUT/eval to evaluate every run again.")
+        return done
+    t = time.time()
+    metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
+    result = {"run": name, "settings": settings, "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
+    write_json(dest, result)
+    log(f"{name}: evaluated in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
+                                                                        if not k.startswith("pref_margin")))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def aggregate(evals, runs, a):
+    """{method: {size: {metric: {mean, std, n, values}}}}; base is method 'base', size 0. std: sample standard
+    deviation over seeds (0 with one seed)."""
+    import statistics
+    groups = {("base", 0): [evals["base"]["metrics"]]}
+    for name, method, size, seed, _ in runs:
+        if name in evals:
+            groups.setdefault((method, size), []).append(evals[name]["metrics"])
+    table = {}
+    for (method, size), ms in groups.items():
+        cell = {}
+        for k in sorted({k for m in ms for k in m}):
+            vals = [m[k] for m in ms if k in m]
+            cell[k] = {"mean": sum(vals) / len(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                       "n": len(vals), "values": vals}
+        table.setdefault(method, {})[str(size)] = cell
+    return table
+
+
+def metric_columns(table, a):
+    keys = sorted({k for m in table.values() for c in m.values() for k in c if not k.startswith("pref_margin")})
+    first = [f"fidelity_{a.lang}"]
+    return first + [k for k in keys if k not in first]
+
+
+def markdown(table, a):
+    cols = metric_columns(table, a)
+    lines = ["| method | items | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method in ["base"] + [m for m in METHODS if m in table]:
+        for size, cell in sorted(table[method].items(), key=lambda kv: int(kv[0])):
+            vals = [f"{cell[c]['mean']:.3f} ± {cell[c]['std']:.3f}" if c in cell else "" for c in cols]
+            lines.append(f"| {method} | {size if method != 'base' else 0} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(table, a, path):
+    """One panel per metric: mean over seeds against the number of items, one line per method (error bars: std),
+    base as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = metric_columns(table, a)
+    ncol = 4
+    nrow = (len(cols) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, col in zip(axes.flat, cols):
+        for method in [m for m in METHODS if m in table]:
+            pts = sorted((int(s), c[col]) for s, c in table[method].items() if col in c)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
+                            marker="o", capsize=3, label=method)
+        if col in table["base"]["0"]:
+            ax.axhline(table["base"]["0"][col]["mean"], color="gray", linestyle="--", label="base")
+        ax.set_title(col)
+        ax.set_xlabel("items")
+        ax.set_xscale("log", base=2)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{os.path.basename(a.model.rstrip('/'))}, {a.lang}: held-out metrics, mean ± std over the seeds "
+                 "finished (n per point: results.json)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="chat model (folder or hub id)")
+    p.add_argument("--lang", required=True, help="one target language (ISO 639-1)")
+    p.add_argument("--data", default=os.path.join(HERE, "samples", "sib200_parallel.jsonl"),
+                   help="parallel JSONL (clo.py --translations format), or English data for clo.py --data "
+                        "(oasst1, Alpaca) translated by the MT model")
+    p.add_argument("--sizes", default="64,128,256", help="numbers of items (the first N of --data)")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--methods", default="sft,sft+dpo,clo", help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--heldout", default=os.path.join(HERE, "samples", "sib200_heldout.jsonl"),
+                   help="held-out parallel JSONL: preference accuracy and NLL")
+    p.add_argument("--num-heldout", type=int, default=64)
+    p.add_argument("--fidelity", default=None, help="parallel JSONL whose <lang>_instruction/en_instruction are the "
+                   "fidelity prompts (default: MGSM questions where the language has them, else --heldout)")
+    p.add_argument("--num-prompts", type=int, default=32, help="fidelity prompts per language")
+    p.add_argument("--mc", nargs="*", default=None, help="multiple-choice files (default: XCOPA val in the target "
+                   "language and its English translation, where ../shared/data has them)")
+    p.add_argument("--num-mc", type=int, default=100)
+    p.add_argument("--judge", default=None, help="OpenAI-compatible URL or local:PATH: win rate over base")
+    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report-only", action="store_true", help="train and evaluate nothing: write the table, JSON and "
+                   "figure from the evaluations already in OUT/eval (a partial grid, while another process runs)")
+    a = p.parse_args(argv)
+    a.train_args = train_args
+    a.sizes = [int(s) for s in a.sizes.split(",")]
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.methods = [m.strip() for m in a.methods.split(",")]
+    for m in a.methods:
+        if m not in METHODS:
+            raise ValueError(f"--methods: {m!r} is not one of {', '.join(METHODS)}.")
+    if a.fidelity is None:
+        mgsm = os.path.join(HERE, "samples", "mgsm_parallel_en_de_sw_zh.jsonl")
+        a.fidelity = mgsm if a.lang in ("de", "sw", "zh") else a.heldout
+    if a.mc is None:
+        a.mc = [p for p in (os.path.join(SHARED, "xcopa", f"val.{a.lang}.jsonl"),
+                            os.path.join(SHARED, "xcopa", f"val.{a.lang}.en-translation.jsonl")) if os.path.exists(p)]
+    a.out = os.path.abspath(a.out)
+    a.parallel = a.data.endswith(".jsonl") and os.path.exists(a.data) and "en_instruction" in read_jsonl(a.data)[0]
+    if a.parallel:
+        a.data = os.path.abspath(a.data)
+    return a
+
+
+def main(argv=None):
+    from tqdm import tqdm
+    a = parse_args(argv)
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
+    if not a.report_only:
+        write_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
+    runs = plan(a)
+    if a.report_only:
+        evals = {}
+        for name in ["base"] + [r[0] for r in runs]:
+            path = os.path.join(a.out, "eval", f"{name}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    evals[name] = json.load(f)
+        if "base" not in evals:
+            raise ValueError(f"{a.out}/eval/base.json: not there yet; nothing to report.")
+        return report(evals, runs, a)
+    material = heldout_material(a)
+    bar = tqdm(total=len(runs) * 2 + 1, desc="experiments", unit="step")
+    log = bar.write
+    base = eval_run("base", a.model, material, a, log)
+    ref = {lang: tuple(v) for lang, v in base["logps"].items()}
+    bar.update(1)
+    evals = {"base": base}
+    for name, method, size, seed, argv_run in runs:
+        bar.set_postfix_str(name)
+        train_run(name, argv_run, a, log)
+        bar.update(1)
+        evals[name] = eval_run(name, os.path.join(a.out, "runs", name), material, a, log, ref, base["answers"])
+        bar.update(1)
+    bar.close()
+    return report(evals, runs, a)
+
+
+def report(evals, runs, a):
+    table = aggregate(evals, runs, a)
+    write_json(os.path.join(a.out, "results.json"),
+               {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
+                "table": table, "runs": {n: e["metrics"] for n, e in evals.items()}})
+    md = markdown(table, a)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(md)
+    figure(table, a, os.path.join(a.out, "figure.png"))
+    print(md)
+    print(f"wrote {a.out}/results.json, table.md, figure.png")
+    return table
+
+
+if __name__ == "__main__":
+    import clo
+    clo.exit_on_error(main)

@@ -1,0 +1,159 @@
+"""bench/experiments.py: the echo rule on hand-made cases, the held-out preference accuracy against a by-hand
+computation, and the whole command end to end on a tiny checkpoint (two sizes, two methods, one seed), including a
+rerun after a 'kill' that must not redo finished runs."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import tiny
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import experiments as X  # noqa: E402
+
+
+def test_echo_rule():
+    q = "Janets Enten legen 16 Eier pro Tag. Wie viel Dollar nimmt sie täglich ein?"
+    assert X.is_echo(q, q)                                                  # verbatim repeat
+    assert X.is_echo(q, "  janets enten legen 16 Eier\npro Tag. Und dann kauft sie noch Brot.")  # repeat + continue
+    assert X.is_echo(q, "Sie sagt: Wie viel Dollar nimmt sie täglich ein?")  # mostly copied (LCS >= half)
+    assert X.is_echo(q, "")                                                 # nothing
+    assert not X.is_echo(q, "Sie verdient 18 Dollar am Tag, denn 16 - 3 - 4 = 9 Eier zu je 2 Dollar.")
+    assert not X.is_echo(q, "Die Enten legen viele Eier; sie verkauft den Rest für 2 Dollar und verdient 18 Dollar.")
+    # the boundary: a copied stretch of exactly half the answer is an echo, just under half is not
+    assert X.is_echo("abcdefgh", "abcd" + "wxyz")
+    assert not X.is_echo("abcdefgh", "bcd" + "wxyz")
+
+
+def test_fidelity_counts_echoes_as_failures():
+    q = ["Schreibe einen Satz über Reisen und über die schönsten Orte in Deutschland."] * 3
+    answers = [q[0],                                                        # German, but an echo
+               "Die Alpen sind im Sommer ein wunderbares Reiseziel für Wanderer aus aller Welt.",  # German answer
+               "The Alps are a wonderful destination for hikers from all over the world."]      # English
+    f = X.fidelity(q, answers, "de")
+    assert f == {"fidelity": pytest.approx(1 / 3), "in_lang": pytest.approx(2 / 3), "echo": pytest.approx(1 / 3)}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def parallel_rows(n, offset=0):
+    return [{"en_instruction": f"Write about the dog number {i}.", "en_response": f"The dog {i} sleeps today.",
+             "de_instruction": f"Schreibe über den Hund Nummer {i}.", "de_response": f"Der Hund {i} schläft heute."}
+            for i in range(offset, offset + n)]
+
+
+def test_preference_accuracy_by_hand(tmp_path, llama_dir):
+    """pref_acc from evaluate() equals the margins computed by hand from clo.sequence_logps on each pair."""
+    import clo
+    import data as D
+    import model as M
+    held = parallel_rows(3, 100)
+    base, tok = M.load_model(llama_dir)
+    other = tiny.make_llama(str(tmp_path / "other"), seed=5)
+    pol, _ = M.load_model(other)
+
+    def logp(model, prompt, response):
+        p, (r,), _ = D.conversation_tokens(tok, prompt, [response])
+        return clo.sequence_logps(model, D.collate_sequences([(p, r)], tok.pad_id), 1)[0].item()
+    want = {}
+    for lang, o in (("de", "en"), ("en", "de")):
+        hits = 0
+        for r in held:
+            x = r[f"{lang}_instruction"]
+            m = ((logp(pol, x, r[f"{lang}_response"]) - logp(base, x, r[f"{lang}_response"]))
+                 - (logp(pol, x, r[f"{o}_response"]) - logp(base, x, r[f"{o}_response"])))
+            hits += m > 0
+        want[lang] = hits / len(held)
+    a = X.parse_args(["--model", llama_dir, "--lang", "de", "--out", str(tmp_path / "o"), "--mc"])
+    material = {"prompts": {"de": ["Hallo"], "en": ["Hello"]}, "heldout": held, "mc": []}
+    _, _, ref = X.evaluate(llama_dir, material, a, "base")
+    metrics, _, _ = X.evaluate(other, material, a, "other", ref={k: tuple(v) for k, v in ref.items()})
+    assert metrics["pref_acc_de"] == pytest.approx(want["de"])
+    assert metrics["pref_acc_en"] == pytest.approx(want["en"])
+
+
+def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
+    data, held, mc = tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "mc.jsonl"
+    write_jsonl(data, parallel_rows(4))
+    write_jsonl(held, parallel_rows(3, 100))
+    write_jsonl(mc, [{"question": "The dog", "choices": ["sleeps", "flies"], "answer": 0, "lang": "en"},
+                     {"question": "Der Hund", "choices": ["schläft", "fliegt"], "answer": 0, "lang": "de"}])
+    out = tmp_path / "exp"
+    argv = ["--model", llama_dir, "--lang", "de", "--data", str(data), "--sizes", "2,4", "--seeds", "0",
+            "--methods", "sft,clo", "--heldout", str(held), "--num-prompts", "2", "--mc", str(mc),
+            "--max-new-tokens", "8", "--out", str(out),
+            "--", "--epochs", "1", "--batch-size", "2", "--grad-accum", "1", "--max-len", "128"]
+    X.main(argv)
+    names = ["sft-n2-s0", "clo-n2-s0", "sft-n4-s0", "clo-n4-s0"]
+    for n in names:
+        assert os.path.exists(out / "runs" / n / "summary.json"), n
+        assert os.path.exists(out / "eval" / f"{n}.json"), n
+        args = json.load(open(out / "runs" / n / "args.json"))
+        assert args["num_samples"] == int(n.split("-n")[1].split("-")[0]) and args["seed"] == 0
+        assert args["method"] == n.split("-")[0] and args["epochs"] == 1
+    res = json.load(open(out / "results.json"))
+    assert res["primary_metric"] == "fidelity_de"
+    assert set(res["table"]) == {"base", "sft", "clo"} and set(res["table"]["clo"]) == {"2", "4"}
+    cell = res["table"]["clo"]["4"]
+    for k in ("fidelity_de", "fidelity_en", "echo_de", "in_lang_de", "pref_acc_de", "pref_acc_en", "nll_de",
+              "nll_en", "mc_de", "mc_en"):
+        assert k in cell, k
+    assert "pref_acc_de" not in res["table"]["base"]["0"]  # base against itself has no margin
+    table = open(out / "table.md").read()
+    assert "| clo | 4 |" in table and "| sft | 2 |" in table and "±" in table
+    assert open(out / "figure.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the figure's numbers are the evaluations' numbers
+    assert cell["nll_de"]["mean"] == json.load(open(out / "eval" / "clo-n4-s0.json"))["metrics"]["nll_de"]
+
+    # a 'kill': one run lost its folder mid-training (no summary.json), one evaluation never got written
+    stamps = {n: os.path.getmtime(out / "runs" / n / "summary.json") for n in names}
+    import shutil
+    shutil.rmtree(out / "runs" / "clo-n4-s0")
+    os.remove(out / "eval" / "clo-n4-s0.json")
+    os.remove(out / "eval" / "sft-n2-s0.json")
+    X.main(argv)
+    for n in ("sft-n2-s0", "clo-n2-s0", "sft-n4-s0"):
+        assert os.path.getmtime(out / "runs" / n / "summary.json") == stamps[n], f"{n} was trained again"
+    assert os.path.exists(out / "runs" / "clo-n4-s0" / "summary.json")
+    assert os.path.exists(out / "eval" / "sft-n2-s0.json") and os.path.exists(out / "eval" / "clo-n4-s0.json")
+    log = open(out / "runs" / "sft-n2-s0" / "train.log").read()
+    assert log.count("clo.py") == 1  # the finished run's log holds one command: it was not started again
+    # a partial report from what is evaluated, and no mixing of evaluations made on other material
+    assert set(X.main(argv[:argv.index("--")] + ["--report-only"])) == {"base", "sft", "clo"}
+    changed = list(argv)
+    changed[changed.index("--num-prompts") + 1] = "1"
+    with pytest.raises(ValueError, match="other settings"):
+        X.main(changed)
+
+
+def test_sft_dpo_plan_trains_sft_once(tmp_path):
+    a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--sizes", "8", "--seeds", "0,1",
+                      "--methods", "sft,sft+dpo,clo", "--out", str(tmp_path), "--mc", "--", "--lr", "1e-4"])
+    runs = X.plan(a)
+    names = [r[0] for r in runs]
+    assert names == ["sft-n8-s0", "sftdpo-n8-s0", "clo-n8-s0", "sft-n8-s1", "sftdpo-n8-s1", "clo-n8-s1"]
+    sft, dpo = runs[0][4], runs[1][4]
+    assert "--merge" in sft and sft[sft.index("--data") + 1] == "oasst1" and sft[-2:] == ["--lr", "1e-4"]
+    assert dpo[dpo.index("--model") + 1] == os.path.join(str(tmp_path), "runs", "sft-n8-s0", "merged")
+    assert dpo[dpo.index("--method") + 1] == "dpo"
+
+
+def test_translations_shared_across_the_grid(tmp_path):
+    a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--out", str(tmp_path), "--mc"])
+    runs = tmp_path / "runs"
+    for name, lines in (("sft-n2-s0", 2), ("sft-n4-s0", 4)):
+        os.makedirs(runs / name)
+        (runs / name / "translations.jsonl").write_text("{}\n" * lines)
+    os.makedirs(runs / "clo-n4-s0")
+    X.share_translations(str(runs / "clo-n4-s0"), a)
+    assert (runs / "clo-n4-s0" / "translations.jsonl").read_text() == "{}\n" * 4   # the largest cache
+    (runs / "sft-n2-s0" / "translations.jsonl").write_text("mine\n")
+    X.share_translations(str(runs / "sft-n2-s0"), a)
+    assert (runs / "sft-n2-s0" / "translations.jsonl").read_text() == "mine\n"     # never overwrites a run's own
