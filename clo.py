@@ -92,6 +92,10 @@ def in_nll_term(pair, args) -> bool:
 # Sequence log-probs and the reference table (Sec. 3): pi(y|x) summed over response tokens; pi_ref computed once
 
 
+# The reference table's two columns: log pi_ref(y_c|x) and log pi_ref(y_r|x) of each pair (reference_logps)
+CHOSEN, REJECTED = 0, 1
+
+
 def sequence_logps(model, batch, n_sequences: int):
     """Summed log pi(response | prompt) of each of the batch's sequences, and its token count: (n,), (n,).
 
@@ -129,7 +133,7 @@ def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dis
         batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
         with autocast(device, dtype):
             sums, _ = sequence_logps(model, batch, 2 * len(idx))
-        out[idx, 0], out[idx, 1] = sums[:len(idx)].float(), sums[len(idx):].float()
+        out[idx, CHOSEN], out[idx, REJECTED] = sums[:len(idx)].float(), sums[len(idx):].float()
     return dist.sum(out).cpu()
 
 
@@ -264,9 +268,9 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
             sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
             with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
                 logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
-                r = ref[idx].to(device)                          # (B, 2): reference chosen, rejected
-                parts = clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], chosen_lengths, nll_mask, args.beta,
-                                 args.lam, n_pairs=n_pairs, n_nll_tokens=n_nll_tokens)
+                r = ref[idx].to(device)                          # (B, 2)
+                parts = clo_loss(logp[:B], logp[B:], r[:, CHOSEN], r[:, REJECTED], chosen_lengths, nll_mask,
+                                 args.beta, args.lam, n_pairs=n_pairs, n_nll_tokens=n_nll_tokens)
                 # each micro-batch's loss is its share of the step's; DDP and FSDP average gradients over ranks,
                 # so scaling by world makes them the sum of the ranks' shares
                 (parts.loss * dist.world).backward()

@@ -273,7 +273,7 @@ def choice_logprobs(model, tok, rows, batch_tokens: int = 16384, progress=True) 
     length-sorted batches of about batch_tokens tokens, each position projected onto the vocabulary only if scored."""
     from tqdm import tqdm
     enc = (lambda s: tok.tok.encode(s, add_special_tokens=True).ids) if hasattr(tok, "tok") else tok.encode
-    limit = getattr(getattr(model, "cfg", None), "max_position_embeddings", 2048)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
     seqs, requests = {}, []                                   # input ids -> index; (seq, first scored pos, targets)
     for r in rows:
         ctx = enc(r["context"])

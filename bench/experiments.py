@@ -34,6 +34,7 @@ import difflib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -211,7 +212,7 @@ def train_run(name, argv, a, log):
     if os.path.exists(os.path.join(out, "summary.json")):
         log(f"{name}: finished earlier, skipped")
         return False
-    resume = os.path.isdir(os.path.join(out, "checkpoint"))
+    resume = os.path.exists(os.path.join(out, "args.json"))  # started before: clo.py finds whatever checkpoint is left
     os.makedirs(out, exist_ok=True)
     if not a.parallel:
         share_translations(out, a)
@@ -386,8 +387,13 @@ def parse_args(argv=None):
     return a
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # subprocess.run then kills the clo.py child too; Ctrl-C already does this
+
+
 def main(argv=None):
     from tqdm import tqdm
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     a = parse_args(argv)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
