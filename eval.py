@@ -140,7 +140,7 @@ BENCH_LANGS = {"en": ("eng_Latn", "EN-US", ""), "ar": ("arb_Arab", "AR-XY", "Ara
                "it": ("ita_Latn", "IT-IT", "Italian"), "ja": ("jpn_Jpan", "JA-JP", "Japanese"),
                "ko": ("kor_Hang", "KO-KR", "Korean"), "pt": ("por_Latn", "PT-BR", "Brazilian Portuguese"),
                "sw": ("swh_Latn", "SW-KE", "Swahili"), "yo": ("yor_Latn", "YO-NG", "Yoruba"),
-               "zh": ("zho_Hans", "ZN-CN", "Simplified Chinese"),  # ZN-CN: the hub file's own (mis)spelling
+               "zh": ("zho_Hans", "ZH-CN", "Simplified Chinese"),
                "et": ("est_Latn", None, ""), "ht": ("hat_Latn", None, ""), "ru": ("rus_Cyrl", None, ""),
                "ta": ("tam_Taml", None, ""), "th": ("tha_Thai", None, ""), "tr": ("tur_Latn", None, ""),
                "vi": ("vie_Latn", None, "")}
