@@ -741,6 +741,8 @@ def validate_args(a):
         raise ValueError(f"--lora-dropout {a.lora_dropout}: must be at least 0 and below 1.")
     if not a.lora_targets:
         raise ValueError("--lora-targets is empty; name linear layers, e.g. q_proj,k_proj,v_proj,o_proj.")
+    if a.dtype != "auto":  # an explicit --dtype needs no device: fp16 is refused before the files are read
+        training_precision(M.resolve_dtype(a.dtype, "cpu")[0])
     try:
         device = torch.device(a.device)
     except RuntimeError:
