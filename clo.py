@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -893,54 +894,72 @@ def save_merged(folder, model, source):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.")
-    p.add_argument("--model", required=True, help="chat model to adapt: local folder or hub id")
+    class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: X)" after each help, but not for on/off
+        def _get_help_string(self, action):  # flags, required options, or None defaults (their help says it)
+            if action.required or action.default is None or action.nargs == 0:
+                return action.help
+            return super()._get_help_string(action)
+
+    p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.",
+                                formatter_class=Help)
+    p.add_argument("--model", required=True, help="chat model to adapt: a local checkpoint folder "
+                   "(config.json, *.safetensors, tokenizer.json) or a hub id")
     p.add_argument("--lang", required=True, help="target language(s), ISO 639-1 or FLORES-200: ko, or ko,sw")
-    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<lang>-<method>)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<lang>-<method>)")
     p.add_argument("--data", default=None, help="English SFT data: Alpaca JSON/JSONL, chat JSONL, or 'oasst1' "
-                   "(default: the Alpaca seed tasks shipped in samples/)")
-    p.add_argument("--num-samples", type=int, default=None, help="use the first N items (paper: 3200 or 6400)")
-    p.add_argument("--translations", default=None, help="pre-translated parallel JSONL (skips the MT model)")
-    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB checkpoint")
+                   "(default: the English side of --translations, else the Alpaca seed tasks in samples/)")
+    p.add_argument("--num-samples", type=int, default=None, help="use the first N items (paper: 3200 or 6400; "
+                   "default: all)")
+    p.add_argument("--translations", default=None, help="pre-translated parallel JSONL (en_instruction, "
+                   "en_response, <lang>_instruction, <lang>_response): no MT model is used (default: none, the "
+                   "data is translated by --translator)")
+    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB checkpoint "
+                   "(folder or hub id) that translates the English data when --translations is not given")
     p.add_argument("--num-beams", type=int, default=4, help="translation beam width")
     p.add_argument("--keep-flagged", action="store_true", help="train also on items whose translation was flagged "
                    "(a sentence cut at the MT model's input limit, or degenerate output); default: left out")
-    p.add_argument("--method", default="clo", choices=("clo", "sft", "dpo"))
+    p.add_argument("--method", default="clo", choices=("clo", "sft", "dpo"), help="clo: the paper's loss; sft, "
+                   "dpo: its baselines on the same pairs (sft: lam 1, dpo: lam 0)")
     p.add_argument("--sft-target-only", action="store_true", help="sft: NLL on target-language responses only")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature of the pair term")
     p.add_argument("--lam", type=float, default=0.5, help="weight of the NLL term (1 - lam on the pair term)")
-    p.add_argument("--tune", default="lora", choices=("lora", "attn", "full"))
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default=",".join(ATTENTION_PROJECTIONS))
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--tune", default="lora", choices=("lora", "attn", "full"), help="what trains: LoRA on "
+                   "--lora-targets, the full attention projections (the paper's choice), or every weight")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale: alpha / r")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input, 0 to <1")
+    p.add_argument("--lora-targets", default=",".join(ATTENTION_PROJECTIONS), help="comma-separated names of "
+                   "the linear layers that get LoRA (also gate_proj, up_proj, down_proj, lm_head)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the pairs")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run --epochs)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 lora, 5e-6 attn/full)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 for lora, 5e-6 for "
+                   "attn/full)")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup: a fraction of steps (<1) or a step count")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + response (see data.py)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory")
     p.add_argument("--no-pack", dest="pack", action="store_false", help="one sequence per row, right-padded, "
                    "instead of packing a batch's sequences into rows of up to --max-len tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order, LoRA init and dropout")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="auto: bfloat16 on CUDA and on CPUs with "
                    "native bf16 matmul, else float32 (model.default_dtype). Training in bfloat16 is mixed precision: "
                    "fp32 weights and AdamW state, bf16 autocast; the translator runs in bf16 weights")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
+                   "cuda:N; the default is cuda where torch finds a GPU")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: a quarter of "
                    "the run's steps, so a killed run loses at most a quarter of its training; 0: not by steps)")
     p.add_argument("--save-minutes", type=float, default=30.0, help="also checkpoint when this many minutes have "
-                   "passed since the last one (default 30; 0: not by time)")
+                   "passed since the last one (0: not by time)")
     p.add_argument("--resume", action="store_true", help="continue a stopped or killed run in --out from its last "
                    "checkpoint; refused, naming the setting, if a setting it depends on differs")
     p.add_argument("--stop-after", type=int, default=0, help="save a checkpoint and exit normally after N steps; "
-                   "continue later with --resume")
+                   "continue later with --resume (0: run to the end)")
     p.add_argument("--merge", action="store_true", help="also write a full merged checkpoint to RUN_DIR/merged")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still "
+                   "print)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
                    "(rank 0 translates while the others wait)")
@@ -958,11 +977,145 @@ def parse_args(argv=None):
     if a.lr is None:
         a.lr = 1e-4 if a.tune == "lora" else 5e-6
     a.pack_to = a.max_len if a.pack else None
-    a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
-    training_precision(a.dtype)  # refuses fp16 before any work
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
+    validate_args(a)  # before the dtype, which reads --device
+    a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
+    training_precision(a.dtype)  # refuses fp16 before any work
     return a
+
+
+def validate_args(a):
+    """Every check that needs no weights, before any work: nothing is written and nothing loaded when one fails.
+    Raises ValueError with one line naming the option, value (file, line) and what to do. In order: numbers out of
+    range, --device, --lang (check_languages), --translations and --data files (read and parsed whole: a bad row is
+    found now, not after the model has loaded), --model when it is a local folder (a folder, with config.json of a
+    chat model, safetensors weights, a tokenizer, and the --lora-targets layers: checked on a weightless copy), --out.
+    A hub id is not looked up here: main() fetches it."""
+    at_least = {"--epochs": (a.epochs, 1), "--batch-size": (a.batch_size, 1), "--grad-accum": (a.grad_accum, 1),
+                "--max-len": (a.max_len, 1), "--num-beams": (a.num_beams, 1), "--lora-r": (a.lora_r, 1),
+                "--num-samples": (a.num_samples, 1), "--max-steps": (a.max_steps, 0), "--stop-after": (a.stop_after, 0),
+                "--save-every": (a.save_every, 0), "--save-minutes": (a.save_minutes, 0), "--warmup": (a.warmup, 0),
+                "--weight-decay": (a.weight_decay, 0), "--max-grad-norm": (a.max_grad_norm, 0)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be at least {low}.")
+    above_zero = {"--lr": a.lr, "--beta": a.beta, "--lora-alpha": a.lora_alpha, "--dist-timeout": a.dist_timeout}
+    for flag, value in above_zero.items():
+        if not value > 0:
+            raise ValueError(f"{flag} {value}: must be above 0.")
+    if not 0 <= a.lam <= 1:
+        raise ValueError(f"--lam {a.lam}: must be between 0 and 1 (the NLL term's weight; 1 - lam on the pair term).")
+    if not 0 <= a.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout {a.lora_dropout}: must be at least 0 and below 1.")
+    if not a.lora_targets:
+        raise ValueError("--lora-targets is empty; name linear layers, e.g. q_proj,k_proj,v_proj,o_proj.")
+    if a.dtype != "auto":  # an explicit --dtype needs no device: fp16 is refused before the files are read
+        training_precision(M.resolve_dtype(a.dtype, "cpu")[0])
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device {a.device}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {a.device}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
+                         "build of torch on a machine with a GPU.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {a.device}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {a.device}: MPS is not available here; use --device cpu.")
+    for flag, file in (("--translations", a.translations), ("--data", None if a.data == "oasst1" else a.data)):
+        if file and not os.path.isfile(file):
+            raise ValueError(f"{flag} {file}: no such file.")
+    if a.translations and not D.read_lines(a.translations):
+        raise ValueError(f"--translations {a.translations}: no rows; the file is empty.")
+    check_languages(a.langs, a.translations)
+    if a.translations:  # the rows main() will read: every target column of every row used, each named by its line
+        if a.data:
+            items = [] if a.data == "oasst1" else D.load_sft(a.data, a.num_samples)
+            D.translate_items(items, a.langs, "", None, a.translations)  # with a file: reads it, loads nothing
+        else:
+            first = {}  # English item -> (line, fields of every line of that item: later lines add to earlier ones)
+            for number, line in D.read_lines(a.translations):
+                row = json.loads(line)  # valid: check_languages read the whole file
+                key = (row["en_instruction"], row["en_response"])
+                first[key] = (first.get(key, (number, {}))[0], {**first.get(key, (number, {}))[1], **row})
+            for number, row in list(first.values())[:a.num_samples]:
+                lacking = [f"{l}_{f}" for l in a.langs for f in ("instruction", "response")
+                           if not isinstance(row.get(f"{l}_{f}"), str)]
+                if lacking:
+                    raise ValueError(f"{a.translations}: line {number}: lacks {', '.join(lacking)} (a string each); "
+                                     "fill it in, or drop the row.")
+    elif a.data and a.data != "oasst1":
+        D.load_sft(a.data, a.num_samples)  # one line naming file, line and field on a bad row
+    path = os.path.expanduser(a.model)
+    # a local path as model.resolve_checkpoint takes one, and also models/smol when models/ is here: not a hub id
+    if (os.path.exists(path) or a.model.startswith((".", "/", "~")) or path.count("/") > 1
+            or ("/" in path and os.path.isdir(os.path.dirname(path)))):
+        get = "`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir models/smollm2`, say"
+        if not os.path.isdir(path):
+            raise ValueError(f"--model {a.model}: no such folder. Give a local checkpoint folder (config.json, "
+                             f"*.safetensors, tokenizer.json; {get}) or a hub id.")
+        config = os.path.join(path, "config.json")
+        if not os.path.exists(config):
+            if os.path.exists(os.path.join(path, "adapter_config.json")):
+                raise ValueError(f"--model {a.model}: holds a LoRA adapter, not a model; pass the model it was "
+                                 "trained on (base_model_name_or_path in its adapter_config.json), or the merged/ "
+                                 "folder of a run trained with --merge.")
+            if os.path.exists(os.path.join(path, "args.json")):
+                raise ValueError(f"--model {a.model}: a clo run folder without a model in it; pass its merged/ "
+                                 "folder (a run trained with --merge), or the model it was trained on.")
+            raise ValueError(f"--model {a.model}: no config.json there; give a Hugging Face checkpoint folder "
+                             f"(config.json, *.safetensors, tokenizer.json; {get}).")
+        raw = M.read_json(config)
+        if raw.get("model_type") in ("m2m_100", "nllb", "nllb-moe"):
+            raise ValueError(f"--model {a.model}: an M2M100/NLLB translator, not a chat model; pass it as "
+                             f"--translator {a.model}, and the chat model to adapt as --model.")
+        M.safetensors_files(path)  # refuses a folder without safetensors weights, or with pickles only
+        M.Tokenizer(path, raw)
+        if a.tune == "lora":  # on a weightless copy: a bad --lora-targets is said before anything loads
+            with torch.device("meta"):
+                shape = M.LlamaForCausalLM(M.LlamaConfig.from_hf(raw, config))
+            M.check_lora_targets(shape, a.lora_targets)
+    out = os.path.abspath(a.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {a.out}: is a file; give a folder (created if missing).")
+    above = os.path.dirname(out)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"--out {a.out}: {above} is a file, so the folder cannot be made there; give another path.")
+    if not os.access(above, os.W_OK):
+        raise ValueError(f"--out {a.out}: {above} is not writable; give a folder you can write to.")
+
+
+def final_message(args, out: str, last: dict) -> str:
+    """The lines a finished run ends with (rank 0): the final numbers, where each output is, and what to run next,
+    as TRL's and torchtune's trainers end. `last`: train()'s last step dict; with last["stopped"] (--stop-after) the
+    checkpoint and the --resume command instead."""
+    q = shlex.quote
+    if last.get("stopped"):
+        return (f"stopped after step {last.get('step')} (--stop-after): checkpoint in {os.path.join(out, 'checkpoint')}"
+                f"; continue with: python clo.py ... --out {q(out)} --resume (the same options)")
+    merged = os.path.join(out, "merged")
+    lines = [f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
+             f"margin {last.get('margin')}  nll {last.get('nll')}"]
+    if args.tune == "lora":
+        lines.append(f"  adapter:  {os.path.join(out, 'adapter_model.safetensors')} + adapter_config.json (PEFT "
+                     f"LoRA on {args.model})")
+    if args.merge or args.tune != "lora":
+        lines.append(f"  merged:   {merged}/ (a full checkpoint: config.json, model.safetensors, tokenizer)")
+    lines.append(f"  metrics:  {os.path.join(out, 'metrics.jsonl')} (one line per step); summary: "
+                 f"{os.path.join(out, 'summary.json')}; pairs trained on: {os.path.join(out, 'pairs.jsonl')}")
+    lines.append(f"next: python eval.py --models base={q(args.model)} {args.method}={q(out)} --langs "
+                 f"{','.join(args.langs)} --out {q(out + '-eval')}")
+    if args.merge or args.tune != "lora":
+        lines.append(f"  transformers: AutoModelForCausalLM.from_pretrained({merged!r})")
+    if args.tune == "lora":
+        lines.append(f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({args.model!r}), "
+                     f"{out!r})")
+    return "\n".join(lines)
 
 
 def check_languages(langs: list[str], translations: str | None):

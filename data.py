@@ -92,7 +92,7 @@ def sft_item(row: dict, path: str) -> dict:
         if reply is None:
             raise ValueError(f"{where}: 'messages' has no assistant turn after the first user turn.")
         return {"instruction": user.get("content") or "", "response": reply.get("content") or ""}
-    missing = [k for k in ("instruction", "output") if k not in row]
+    missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]  # absent, or null/number
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}. Expected Alpaca format (instruction, input, output) "
                          "or chat format (messages: [{role: user, ...}, {role: assistant, ...}]).")

@@ -105,15 +105,16 @@ def fidelity(answers, langs):
 
 
 @torch.no_grad()
-def response_nll(model, tok, rows, lang, batch_size=4):
+def response_nll(model, tok, rows, lang, batch_size=4, progress=True):
     """Mean per-token NLL of the reference answers `<lang>_response` given `<lang>_instruction`, tokenized as in
-    training (data.conversation_tokens)."""
+    training (data.conversation_tokens). `progress`: a bar over the batches."""
+    from tqdm import tqdm
     seqs = []
     for r in rows:
         prompt_ids, (response_ids,), _ = D.conversation_tokens(tok, r[f"{lang}_instruction"], [r[f"{lang}_response"]])
         seqs.append((prompt_ids, response_ids))
     total, count = 0.0, 0
-    for b in range(0, len(seqs), batch_size):
+    for b in tqdm(range(0, len(seqs), batch_size), desc=f"held-out NLL {lang}", unit="batch", disable=not progress):
         part = seqs[b:b + batch_size]
         batch = [t.to(model.lm_head.weight.device) for t in D.collate_sequences(part, tok.pad_id)]
         logp, n = clo.sequence_logps(model, batch, len(part))
@@ -494,39 +495,125 @@ def read_prompts(a, langs) -> list[dict]:
     return [{"lang": l, "prompt": r[f"{l}_instruction"]} for l in langs for r in out]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.")
-    p.add_argument("--models", nargs="+", required=True, help="NAME=PATH: checkpoint, hub id or clo run folder")
-    p.add_argument("--langs", default="ko", help="target languages (English is always added)")
+def parse_args(argv=None):
+    class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: X)" after each help, but not for on/off
+        def _get_help_string(self, action):  # flags, required options, or None defaults (their help says it)
+            if action.required or action.default is None or action.nargs == 0:
+                return action.help
+            return super()._get_help_string(action)
+
+    p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.", formatter_class=Help)
+    p.add_argument("--models", nargs="+", required=True, help="NAME=PATH ...: a checkpoint folder, a hub id, or a "
+                   "finished clo run folder (its adapter on the base model it names, or its merged/); the first is "
+                   "the baseline of the judge's win rates")
+    p.add_argument("--langs", default="ko", help="target languages, comma-separated (English is always added)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="JSONL {lang, prompt}; or alpaca_eval (the hub's) or "
                    "an alpaca_eval.json file: English instructions, translated into each --langs by --translator")
     p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB, for alpaca_eval")
-    p.add_argument("--bench", default="", help=f"comma-separated, of {','.join(BENCHMARKS)}: the harness's scores")
-    p.add_argument("--bench-dir", default=None, help="local benchmark files, named as on the hub (see bench_file)")
-    p.add_argument("--num-items", type=int, default=None, help="a fixed, seeded subset of each benchmark's items")
-    p.add_argument("--num-prompts", type=int, default=10, help="per language")
-    p.add_argument("--heldout", default=DEFAULT_HELDOUT, help="parallel JSONL for NLL (en_/<lang>_ fields)")
+    p.add_argument("--bench", default="", help=f"comma-separated, of {','.join(BENCHMARKS)}: the harness's scores "
+                   "(belebele, mmmlu: fetched from the hub by name; xcopa: --bench-dir)")
+    p.add_argument("--bench-dir", default=None, help="local benchmark files, named as on the hub (see bench_file; "
+                   "default: none, fetch them)")
+    p.add_argument("--num-items", type=int, default=None, help="a fixed, seeded subset of each benchmark's items "
+                   "(default: all)")
+    p.add_argument("--num-prompts", type=int, default=10, help="prompts per language")
+    p.add_argument("--heldout", default=DEFAULT_HELDOUT, help="parallel JSONL for NLL (en_/<lang>_ fields); '' for "
+                   "none")
     p.add_argument("--mc", nargs="*", default=[], help="multiple-choice JSONL files (generic or XCOPA)")
-    p.add_argument("--judge", default=None, help="OpenAI-compatible URL, or local:PATH for a local judge model")
-    p.add_argument("--judge-model", default="gpt-4o-mini")
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--judge", default=None, help="OpenAI-compatible URL, or local:PATH for a local judge model "
+                   "(default: no judge)")
+    p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to the --judge URL")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap, in tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 "
                    "on CUDA and on CPUs with native bf16 matmul, else float32; see model.default_dtype)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="eval_out")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
+                   "cuda:N; the default is cuda where torch finds a GPU")
+    p.add_argument("--out", default="eval_out", help="folder for results.json, results.md and charts")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="under torchrun: minutes a rank may wait")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a = p.parse_args(argv)
+    validate_args(a)
+    return a
+
+
+def check_model_path(flag: str, path: str):
+    """A local model path eval can load, else ValueError naming it and what to do: a checkpoint folder, or a
+    finished clo run (adapter_config.json, or merged/). Hub ids (owner/name, not a folder here) pass: main() fetches
+    them all before loading any. Checks the files only; loads nothing."""
+    local = os.path.expanduser(path)
+    if not (os.path.exists(local) or path.startswith((".", "/", "~")) or local.count("/") > 1
+            or ("/" in local and os.path.isdir(os.path.dirname(local)))):
+        return
+    if not os.path.isdir(local):
+        raise ValueError(f"{flag}: {path}: no such folder. Give a checkpoint folder, a clo run folder or a hub id.")
+    if os.path.exists(os.path.join(local, "adapter_config.json")):
+        base = M.adapter_config(local).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}/adapter_config.json: base_model_name_or_path is not set; it names the model "
+                             "the adapter belongs to.")
+        if os.path.isabs(base) or base.startswith("."):
+            check_model_path(f"{flag} (its base model, from {path}/adapter_config.json)", base)
+        return
+    folder = os.path.join(local, "merged") if os.path.exists(os.path.join(local, "merged", "config.json")) else local
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        if os.path.exists(os.path.join(local, "args.json")):
+            raise ValueError(f"{flag}: {path} is a clo run that has not finished (no adapter_config.json or merged/ "
+                             "yet): let it finish, or continue it with `python clo.py ... --out "
+                             f"{path} --resume`.")
+        raise ValueError(f"{flag}: {path}: no config.json; give a checkpoint folder (config.json, *.safetensors, "
+                         "tokenizer.json) or a finished clo run folder.")
+    if M.read_json(os.path.join(folder, "config.json")).get("model_type") in ("m2m_100", "nllb", "nllb-moe"):
+        raise ValueError(f"{flag}: {path} is an M2M100/NLLB translator, not a chat model.")
+    M.safetensors_files(folder)
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        raise ValueError(f"{flag}: {path}: no tokenizer.json; clo reads fast-tokenizer files only.")
+
+
+def validate_args(a):
+    """Every check that needs no weights, before any work (nothing written, nothing loaded), one line each: numbers,
+    --device, NAME=PATH of --models (all of them, see check_model_path), the files to read, --out."""
+    for flag, value in {"--batch-size": a.batch_size, "--max-new-tokens": a.max_new_tokens,
+                        "--num-prompts": a.num_prompts, "--num-items": a.num_items}.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1.")
+    if not a.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout {a.dist_timeout}: must be above 0.")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device {a.device}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {a.device}: CUDA is not available ({why}); use --device cpu.")
+    a.specs = {}
+    for spec in a.models:
+        name, eq, path = spec.partition("=")
+        if not (eq and name and path):
+            raise ValueError(f"--models {spec}: expected NAME=PATH, e.g. base=models/smollm2 clo=runs/smollm2-de-clo.")
+        if name in a.specs:
+            raise ValueError(f"--models: the name {name} is given twice; give each model its own name.")
+        check_model_path(f"--models {name}", path)
+        a.specs[name] = path
+    if a.judge and a.judge.startswith("local:"):
+        check_model_path("--judge", a.judge[len("local:"):])
+    files = [("--heldout", a.heldout)] + [("--mc", f) for f in a.mc]
+    if a.prompts != "alpaca_eval":
+        files.append(("--prompts", a.prompts))
+    for flag, path in files:
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file.")
+    out = os.path.abspath(a.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {a.out}: is a file; give a folder (created if missing).")
+
+
+def main(argv=None):
+    a = parse_args(argv)
     a.dtype, why = M.resolve_dtype(a.dtype, a.device)
     print(f"dtype: {a.dtype} ({why})", file=sys.stderr)
-    specs = {}
-    for spec in a.models:
-        if "=" not in spec:
-            p.error(f"--models {spec!r}: expected NAME=PATH")
-        name, path = spec.split("=", 1)
-        specs[name] = path
+    specs = a.specs
     langs = ["en"] + [l for l in a.langs.split(",") if l and l != "en"]
     os.makedirs(a.out, exist_ok=True)
     prompts = [r for r in read_prompts(a, langs) if r.get("lang") in langs]
@@ -550,6 +637,9 @@ def main(argv=None):
                 continue
             bench_rows[bench, lang] = subset(read_multiple_choice(path, lang), a.num_items)
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
+    for name, path in specs.items():  # every hub id fetched (or found in the cache) before any model loads
+        if not os.path.isdir(os.path.expanduser(path)):
+            M.resolve_checkpoint(path)
     results, answers, details = {}, {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
@@ -564,7 +654,7 @@ def main(argv=None):
         for lang in langs:
             rows = [r for r in heldout if f"{lang}_response" in r]
             if rows:
-                res[f"nll_{lang}"] = response_nll(model, tok, rows, lang)
+                res[f"nll_{lang}"] = response_nll(model, tok, rows, lang, progress=a.progress)
         for lang, acc in multiple_choice_accuracy(model, tok, mc_rows, a.progress).items():
             res[f"mc_acc_{lang}"] = acc["acc"]
         for (bench, lang), rows in bench_rows.items():

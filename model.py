@@ -738,7 +738,7 @@ def resolve_checkpoint(path_or_id: str) -> str:
             pass
         raise OSError(f"{path_or_id}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). "
                       "Check the id and your network, log in with `hf auth login` for gated models, or pass a local "
-                      "folder.") from e
+                      f"folder (there is no folder {path_or_id} here).") from e
     try:
         files = hub_files_to_fetch(listing, lambda: read_json(hub.hf_hub_download(path, HUB_INDEX)))
     except ValueError as e:

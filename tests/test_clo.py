@@ -302,7 +302,7 @@ def test_bad_input_messages(tmp_path, llama_dir, parallel_file):
     r = run_clo("--model", llama_dir, "--lang", "xx", "--out", str(tmp_path / "r4"), check=False)
     assert r.returncode == 2 and "--lang xx: unknown language code" in r.stderr
     r = run_clo("--model", str(tmp_path / "no-model"), "--lang", "ko", "--out", str(tmp_path / "r5"), check=False)
-    assert r.returncode == 2 and "no-model: not a checkpoint folder" in r.stderr
+    assert r.returncode == 2 and "no-model: no such folder" in r.stderr and not (tmp_path / "r5").exists()
     r = run_clo("--model", llama_dir, "--lang", "ko", "--num-samples", "2", "--translator", str(tmp_path / "no-mt"),
                 "--out", str(tmp_path / "r6"), check=False)
     assert r.returncode == 2 and "--translator" in r.stderr and "could not load it" in r.stderr \
