@@ -480,8 +480,7 @@ def save_outputs(args, model, last, run: Run):
         for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):  # ... before its checkpoint goes
             shutil.rmtree(os.path.join(run.out, name), ignore_errors=True)
         RUN["checkpoint"] = None
-        run.log(f"done: {run.out}  step {last.get('step')}  loss {last.get('loss')}  reward acc "
-                f"{last.get('reward_acc')}  margin {last.get('margin')}  nll {last.get('nll')}")
+        run.log(final_message(args, run.out, last))
 
 
 def finish(run: Run, last: dict) -> dict:
