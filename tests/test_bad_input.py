@@ -65,7 +65,7 @@ CASES = [
     (CLO[:5] + ["korean"] + CLO[6:], f"error: --lang korean: {PARALLEL} has no korean_instruction/korean_response "
                                      "columns; its languages: de, ko."),
     (CLO[:5] + ["ko_KR"], "error: --lang ko_KR: unknown language code. Did you mean ko? Use ISO 639-1 "
-                                     "codes (" + ", ".join(sorted(__import__("model").FLORES_CODES)) + ") or "
+                                     "codes (" + ", ".join(sorted(__import__("data").FLORES_CODES)) + ") or "
                                      "FLORES-200 codes (kor_Hang)."),
     (CLO[:6] + ["--data", "{d}/null_output.jsonl"],
      "error: {d}/null_output.jsonl: line 2: missing field(s) ['output']. Expected Alpaca format (instruction, input, "
