@@ -31,3 +31,25 @@ def test_rows_holding_line_separators_read_back_whole(tmp_path):
     assert [n for n, _ in D.read_lines(str(torn), own=True, log=said.append)] == [1, 3]
     assert said == [f"{torn}: line 4 was cut short by a kill (no final newline, not valid JSON): dropped; what it "
                     "held is redone"]
+
+
+def test_resume_without_a_checkpoint_records_the_settings_it_trains_with(tmp_path, capsys):
+    """--resume in a folder whose run was killed before its first checkpoint starts at step 0 with whatever settings
+    it is given (nothing saved depends on the old ones), yet kept the old args.json: the finished folder said
+    --lr 0.001 in args.json and 0.002 in summary.json. args.json is now this run's."""
+    import shutil
+
+    import clo
+    import tiny
+    par = tmp_path / "parallel.jsonl"
+    par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
+    common = ["--model", tiny.make_llama(str(tmp_path / "llama")), "--translations", str(par), "--lang", "ko",
+              "--batch-size", "2", "--grad-accum", "1", "--no-progress", "--max-steps", "2", "--out",
+              str(tmp_path / "run")]
+    clo.main([*common, "--lr", "1e-3", "--stop-after", "1"])
+    shutil.rmtree(tmp_path / "run" / "checkpoint")  # killed before its first checkpoint
+    clo.main([*common, "--lr", "2e-3", "--resume"])
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    args = json.load(open(tmp_path / "run" / "args.json"))
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert args["lr"] == summary["settings"]["lr"] == 2e-3
