@@ -672,7 +672,8 @@ def start_run_folder(args, settings: dict, log=print, dist: Dist | None = None):
     """Before any work. Without --resume: a new run; what an earlier run left in --out (checkpoint, metrics,
     summary) is removed, said if a checkpoint goes, and args.json written. With --resume: the original args.json is
     kept, and the folder is checked against this run's settings (all but the pairs, checked once tokenized):
-    returns "finished" (summary.json there), the checkpoint's progress dict, or None (no checkpoint: step 0).
+    returns "finished" (summary.json there), the checkpoint's progress dict, or None (no checkpoint: step 0, and
+    args.json rewritten, since nothing was trained with the old settings).
     A setting that differs raises ValueError naming it."""
     dist = dist or Dist()
     out = args.out
@@ -709,6 +710,8 @@ def start_run_folder(args, settings: dict, log=print, dist: Dist | None = None):
     found = find_checkpoint(out, log, fix=False)
     if found is None:
         log(f"--resume: no checkpoint in {out}: starting at step 0")
+        if dist.main:  # nothing trained yet: this run's settings are the run's (a changed one would be unrecorded)
+            save_json(args_path, saved)
         return None
     refuse_if_changed(out, found[1].get("settings"), settings, checked)
     RUN["checkpoint"] = (found[0], found[1]["step"])

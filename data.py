@@ -37,7 +37,11 @@ def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]
     leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
-    lines = data.decode("utf-8", errors="replace" if own else "strict").splitlines()
+    # split at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON keeps raw inside
+    # strings (json.dumps with ensure_ascii=False writes them so), and a row holding one would be cut in two
+    lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
+    if lines[-1] == "":  # what follows the final newline
+        lines.pop()
     if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
         log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
             "held is redone")
