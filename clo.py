@@ -332,7 +332,7 @@ def main(argv=None):
     if run.resume == "finished":
         return finish(run, M.read_json(os.path.join(run.out, "summary.json")).get("final", {}))
     model, tok = load_policy(args, run)                      # pi_theta; before any update it is also pi_ref
-    items = english_items(args)                              # (x_en, y_en)
+    items = english_items(args, run)                         # (x_en, y_en)
     rows = translated_rows(args, items, run)                 # + (x_l, y_l)
     pairs = cross_lingual_pairs(args, rows, run)             # x_en: y_en > y_l and x_l: y_l > y_en
     tokenized = tokenize(args, pairs, tok, run)
@@ -379,14 +379,18 @@ def load_policy(args, run: Run):
     return model, tok
 
 
-def english_items(args) -> list[dict]:
+def english_items(args, run: Run) -> list[dict]:
     """--data, else the English side of --translations, else the Alpaca seed tasks shipped in samples/."""
     if args.translations and not args.data:
         items = D.items_from_translations(args.translations)[:args.num_samples or None]
         if not items:
             raise ValueError(f"{args.translations}: no rows found; the file is empty.")
-        return items
-    return D.load_sft(args.data, args.num_samples)
+    else:
+        items = D.load_sft(args.data, args.num_samples)
+    run.settings["items"] = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    if isinstance(run.resume, dict):  # refused now, before translating items the checkpoint never saw
+        refuse_if_changed(run.out, run.resume.get("settings"), run.settings, ["items"])
+    return items
 
 
 def translated_rows(args, items, run: Run) -> list[dict]:
@@ -604,7 +608,8 @@ REFERENCE_SETTINGS = ("model", "model_files", "dtype", "device", "lang", "max_le
 
 TRAINING_SETTINGS = REFERENCE_SETTINGS + (
     "method", "beta", "lam", "sft_target_only", "tune", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
-    "warmup", "weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "world", "seed")
+    "warmup", "weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "world", "seed",
+    "translator", "num_beams")  # the MT settings only when clo translates (not with --translations)
 
 def model_identity(folder: str) -> str:
     """A cheap identity of a checkpoint folder: name, size and modification time of config.json and of each weight
@@ -622,6 +627,8 @@ def run_settings(args, model_folder: str, world: int) -> dict:
     s = {"model": os.path.realpath(model_folder), "model_files": model_identity(model_folder),
          "device": torch.device(args.device).type, "lang": list(args.langs), "world": world}
     for key in TRAINING_SETTINGS:
+        if key in ("translator", "num_beams") and args.translations:
+            continue
         if key not in s and key != "pairs":
             s[key] = getattr(args, key)
     return s
@@ -648,7 +655,9 @@ def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
             continue
         if key == "lam" and old.get("method") != new.get("method"):  # --method sft/dpo set lam: said by --method
             continue
-        if key == "pairs":
+        if key == "items":
+            out.append("other English items (--data, --num-samples or the --translations file changed)")
+        elif key == "pairs":
             if not out:  # a changed --lang or --max-len already explains different pairs
                 out.append("other training pairs (their tokens differ: --data, --num-samples, --translations or the "
                            "translation cache changed)")

@@ -326,3 +326,27 @@ def test_readme_says_what_resume_checks():
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, "clo.py"), "--help"], capture_output=True,
                                text=True, cwd=ROOT).stdout
     assert "--stop-after" in help_text and "a quarter of the run's steps" in " ".join(help_text.split())
+
+
+def test_other_english_items_are_refused_before_any_translation(tmp_path, capsys, monkeypatch):
+    """A checkpointed run, resumed with another --num-samples: refused by the English items' digest before the
+    translator is loaded, not after hours of translating the new items. A changed --translator is refused too."""
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    m2m = tiny.make_m2m100(str(tmp_path / "m2m"), seed=2, eos_bias=0.7)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": f"{w}!"}) + "\n"
+                           for w in ("hello", "goodbye", "thanks")))
+    out = str(tmp_path / "run")
+    common = ["--model", llama, "--data", str(sft), "--lang", "ko", "--num-beams", "1", "--batch-size", "1",
+              "--grad-accum", "1", "--max-steps", "3", "--keep-flagged", "--out", out, "--no-progress"]
+    code, printed, err = run(capsys, *common, "--translator", m2m, "--num-samples", "2", "--stop-after", "1")
+    assert code == 0 and "stopped after step 1" in printed, err
+
+    def no_translator(*a, **k):
+        raise AssertionError("the translator was loaded")
+    monkeypatch.setattr(D, "load_translator", no_translator)
+    code, printed, err = run(capsys, *common, "--translator", m2m, "--num-samples", "3", "--resume")
+    assert code == 2 and "other English items (--data, --num-samples or the --translations file changed)" in err
+    code, printed, err = run(capsys, *common, "--translator", str(tmp_path / "m2m2"), "--num-samples", "2",
+                             "--resume")
+    assert code == 2 and f"--translator {m2m}, now {tmp_path / 'm2m2'}" in err
