@@ -904,15 +904,32 @@ def save_merged(folder, model, source):
 # Command line
 
 
-def parse_args(argv=None):
-    class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: X)" after each help, but not for on/off
-        def _get_help_string(self, action):  # flags, required options, or None defaults (their help says it)
-            if action.required or action.default is None or action.nargs == 0:
-                return action.help
-            return super()._get_help_string(action)
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after each option's help, except for on/off flags, required options and None
+    defaults (their help says it). Shared by clo.py and eval.py."""
 
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device; one line for a name torch does not know, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
+                         "build of torch on a machine with a GPU.")
+    return device
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.",
-                                formatter_class=Help)
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--model", required=True, help="chat model to adapt: a local checkpoint folder "
                    "(config.json, *.safetensors, tokenizer.json) or a hub id")
     p.add_argument("--lang", required=True, help="target language(s), ISO 639-1 or FLORES-200: ko, or ko,sw")
@@ -1023,14 +1040,7 @@ def validate_args(a):
         raise ValueError("--lora-targets is empty; name linear layers, e.g. q_proj,k_proj,v_proj,o_proj.")
     if a.dtype != "auto":  # an explicit --dtype needs no device: fp16 is refused before the files are read
         training_precision(M.resolve_dtype(a.dtype, "cpu")[0])
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        raise ValueError(f"--device {a.device}: not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"--device {a.device}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
-                         "build of torch on a machine with a GPU.")
+    device = check_device(a.device)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {a.device}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}).")

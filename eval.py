@@ -496,13 +496,7 @@ def read_prompts(a, langs) -> list[dict]:
 
 
 def parse_args(argv=None):
-    class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: X)" after each help, but not for on/off
-        def _get_help_string(self, action):  # flags, required options, or None defaults (their help says it)
-            if action.required or action.default is None or action.nargs == 0:
-                return action.help
-            return super()._get_help_string(action)
-
-    p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.", formatter_class=Help)
+    p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.", formatter_class=clo.HelpWithDefaults)
     p.add_argument("--models", nargs="+", required=True, help="NAME=PATH ...: a checkpoint folder, a hub id, or a "
                    "finished clo run folder (its adapter on the base model it names, or its merged/); the first is "
                    "the baseline of the judge's win rates")
@@ -580,13 +574,7 @@ def validate_args(a):
             raise ValueError(f"{flag} {value}: must be at least 1.")
     if not a.dist_timeout > 0:
         raise ValueError(f"--dist-timeout {a.dist_timeout}: must be above 0.")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        raise ValueError(f"--device {a.device}: not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"--device {a.device}: CUDA is not available ({why}); use --device cpu.")
+    clo.check_device(a.device)
     a.specs = {}
     for spec in a.models:
         name, eq, path = spec.partition("=")

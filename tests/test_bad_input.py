@@ -107,7 +107,7 @@ CASES = [
                                            "BELEBELE, MMMLU or {question, choices, answer} fields."),
     (EVAL + ["--mc", "{d}/nope.jsonl"], "error: --mc {d}/nope.jsonl: no such file."),
     pytest.param(EVAL + ["--device", "cuda"], f"error: --device cuda: CUDA is not available ({NO_CUDA}); use --device "
-                 "cpu.", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
+                 "cpu, or install a CUDA build of torch on a machine with a GPU.", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
 ]
 
 
