@@ -1143,6 +1143,8 @@ def check_languages(langs: list[str], translations: str | None):
     """Fails before any work on a language the run cannot train. With --translations, any language whose columns the
     file has (no MT model is used); otherwise one the translator's code table knows."""
     import difflib
+    if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
+        raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
     for lang in langs:
         if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
             raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")

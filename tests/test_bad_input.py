@@ -47,6 +47,8 @@ NO_CUDA = "this torch has no CUDA build" if torch.version.cuda is None else "no 
 # (argv, the exact last line printed). {d}: the inputs folder, {out}: the run folder (absent before the run).
 CASES = [
     (CLO + ["--grad-accum", "0"], "error: --grad-accum 0: must be at least 1."),
+    (CLO + ["--lang", ""], "error: --lang is empty; give the target language(s), e.g. ko or ko,sw."),
+    (CLO + ["--lang", " , "], "error: --lang is empty; give the target language(s), e.g. ko or ko,sw."),
     (CLO + ["--batch-size", "0"], "error: --batch-size 0: must be at least 1."),
     (CLO + ["--max-len", "0"], "error: --max-len 0: must be at least 1."),
     (CLO + ["--max-len", "-5"], "error: --max-len -5: must be at least 1."),
