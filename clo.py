@@ -1102,6 +1102,9 @@ def validate_args(a):
     out = os.path.abspath(a.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {a.out}: is a file; give a folder (created if missing).")
+    if a.resume and not os.path.exists(out):  # a typo in --out must not quietly start hours of new training
+        raise ValueError(f"--resume: {a.out} does not exist, so there is nothing to resume; check --out, or drop "
+                         "--resume to start a new run.")
     above = os.path.dirname(out)
     while not os.path.exists(above):
         above = os.path.dirname(above)

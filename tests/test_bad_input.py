@@ -93,6 +93,8 @@ CASES = [
                                                "not a linear layer: clo puts LoRA on nn.Linear layers only (q_proj, "
                                                "..., down_proj, lm_head)."),
     (CLO + ["--out", "{d}/a_file"], "error: --out {d}/a_file: is a file; give a folder (created if missing)."),
+    (CLO + ["--out", "{d}/no-such-run", "--resume"], "error: --resume: {d}/no-such-run does not exist, so there is "
+                                                     "nothing to resume; check --out, or drop --resume to start a new run."),
     (CLO + ["--out", "{d}/a_file/run"], "error: --out {d}/a_file/run: {d}/a_file is a file, so the folder cannot be "
                                         "made there; give another path."),
     (EVAL + ["--batch-size", "0"], "error: --batch-size 0: must be at least 1."),
