@@ -263,7 +263,7 @@ def subset(rows: list, n: int | None, seed: int = 0) -> list:
 
 
 @torch.no_grad()
-def choice_logprobs(model, tok, rows, batch_tokens: int = 16384, progress=True) -> list[list[float]]:
+def choice_logprobs(model, tok, rows, batch_tokens: int | None = None, progress=True) -> list[list[float]]:
     """Per row, per choice: log p(" " + choice | context), summed over the choice's tokens, as lm-evaluation-
     harness's HF backend computes it: the tokenizer's own special tokens (encode(..., add_special_tokens=True)), the
     continuation = encode(context + " " + choice) after len(encode(context)) tokens (BPE may merge across the
@@ -271,7 +271,9 @@ def choice_logprobs(model, tok, rows, batch_tokens: int = 16384, progress=True) 
     max_position_embeddings. Where a token spans the boundary and that leaves no continuation (the harness then
     fails an assert), the continuation is encoded alone. Speed: identical inputs run once (choices that are one
     token each, as BELEBELE's and MMMLU's letters, share one pass over the context), and inputs run in
-    length-sorted batches of about batch_tokens tokens, each position projected onto the vocabulary only if scored."""
+    length-sorted batches of about batch_tokens tokens (default: 2048 on CPU, where small batches keep attention in
+    cache and ran 1.4-1.7x faster than 16384 on SmolLM2; 16384 on GPUs), each position projected onto the vocabulary
+    only if scored."""
     from tqdm import tqdm
     enc = (lambda s: tok.tok.encode(s, add_special_tokens=True).ids) if hasattr(tok, "tok") else tok.encode
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
@@ -290,6 +292,7 @@ def choice_logprobs(model, tok, rows, batch_tokens: int = 16384, progress=True) 
     logp_at = {}                                              # (seq, pos) -> log-softmax row
     order = sorted(range(len(inputs)), key=lambda s: -len(inputs[s]))
     device = model.lm_head.weight.device
+    batch_tokens = batch_tokens or (2048 if device.type == "cpu" else 16384)
     batches, b = [], []
     for s in order:
         if b and (len(b) + 1) * len(inputs[b[0]]) > batch_tokens:
