@@ -241,7 +241,11 @@ def bench_file(bench: str, lang: str, bench_dir: str | None = None, first_target
                          f"--bench-dir with {name} instead.") from e
     if path.endswith(".parquet"):  # cais/mmlu -> MMMLU's CSV columns, once, beside the cache
         import csv
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("--bench mmmlu: English MMLU (cais/mmlu) comes as parquet: `pip install pyarrow`, or pass "
+                             "--bench-dir with mmlu_EN-US.csv in MMMLU's CSV columns.") from None
         out = path[:-len(".parquet")] + ".csv"
         if not os.path.exists(out):
             with open(out + ".tmp", "w", encoding="utf-8", newline="") as f:
