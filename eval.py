@@ -126,8 +126,8 @@ def response_nll(model, tok, rows, lang, batch_size=4, progress=True):
 # log p(" " + choice | context) summed over the choice's tokens; acc = argmax of those, acc_norm = argmax of each
 # divided by the choice's length in characters (api/task.py). Prompts are copied from the harness's task files.
 
-# XCOPA's (cause, effect) connectors, from the harness's tasks/xcopa/utils.py; "en" (XCOPA's English translations)
-# takes its super_glue copa task's.
+# XCOPA's (cause, effect) connectors, from the harness's tasks/xcopa/utils.py; "en" (XCOPA's English translations,
+# which no harness task scores) takes copa's connectors in xcopa's template (copa's own choices carry one more space).
 XCOPA_CONNECTORS = {"en": ("because", "therefore"), "et": ("sest", "seetõttu"), "ht": ("poukisa", "donk sa"),
                     "id": ("karena", "maka"), "it": ("perché", "quindi"), "qu": ("imataq", "chaymi"),
                     "sw": ("kwa sababu", "kwa hiyo"), "ta": ("காரணமாக", "எனவே"), "th": ("เพราะ", "ดังนั้น"),
@@ -149,7 +149,7 @@ BENCHMARKS = ("belebele", "mmmlu", "xcopa")
 
 
 def _mc(context, choices, answer, lang):
-    if not (isinstance(answer, int) and 0 <= answer < len(choices)):
+    if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
         raise LookupError(f"'answer' must be the index of the right choice (0 to {len(choices) - 1}), got {answer!r}")
     return {"context": context, "choices": choices, "answer": answer, "lang": lang}
 
@@ -187,14 +187,15 @@ def read_multiple_choice(path: str, lang: str | None = None) -> list[dict]:
             elif "flores_passage" in row:  # belebele/_default_template_yaml
                 opts = "".join(f"\n{k}: {row[f'mc_answer{i}']}" for i, k in enumerate("ABCD", 1))
                 rows.append(_mc(f"P: {row['flores_passage']}\nQ: {row['question'].strip()}{opts}\nAnswer:",
-                                list("ABCD"), int(row["correct_answer_num"]) - 1, lang))
+                                list("ABCD"), {"1": 0, "2": 1, "3": 2, "4": 3}.get(str(row["correct_answer_num"]),
+                                                                                    row["correct_answer_num"]), lang))
             elif "Question" in row:  # openai-mmmlu/_default_template_yaml and its description; mmlu for English
                 subject = re.split(r"_test\.csv|_test-", row["Subject"])[0].replace("_", " ")
                 about = f"{subject} ({name})" if name else subject
                 opts = "".join(f"\n{k}. {row[k]}" for k in "ABCD")
                 rows.append(_mc(f"The following are multiple choice questions (with answers) about {about}.\n\n"
                                 f"{row['Question'].strip()}{opts}\nAnswer:", list("ABCD"),
-                                "ABCD".find(row["Answer"].strip()), lang))
+                                {"A": 0, "B": 1, "C": 2, "D": 3}.get(row["Answer"].strip(), row["Answer"]), lang))
             else:
                 rows.append(_mc(row["question"], row["choices"], row["answer"], row.get("lang", lang)))
         except LookupError as e:
@@ -609,7 +610,7 @@ def main(argv=None):
     a.dtype, why = M.resolve_dtype(a.dtype, a.device)
     print(f"dtype: {a.dtype} ({why})", file=sys.stderr)
     specs = a.specs
-    langs = ["en"] + [l for l in a.langs.split(",") if l and l != "en"]
+    langs = ["en"] + list(dict.fromkeys(l.strip() for l in a.langs.split(",") if l.strip() and l.strip() != "en"))
     os.makedirs(a.out, exist_ok=True)
     prompts = [r for r in read_prompts(a, langs) if r.get("lang") in langs]
     by_lang = {}

@@ -174,7 +174,7 @@ def test_bad_benchmark_input(tmp_path):
         {"flores_passage": "P", "question": "Q", "mc_answer1": "a", "mc_answer2": "b", "mc_answer3": "c",
          "mc_answer4": "d", "correct_answer_num": "7"}) + "\n")
     with pytest.raises(ValueError, match=r"swh_Latn.jsonl: line 2: 'answer' must be the index of the right choice "
-                                         r"\(0 to 3\), got 6"):
+                                         r"\(0 to 3\), got '7'"):
         E.read_multiple_choice(str(bad), "sw")
     bad.write_text(json.dumps({"flores_passage": "P", "question": "Q"}) + "\n")
     with pytest.raises(ValueError, match=r"swh_Latn.jsonl: line 1: no field 'mc_answer1'"):
@@ -255,3 +255,28 @@ def test_offline_end_to_end_benchmarks_and_translated_alpaca_eval(llama_dir, m2m
     r = subprocess.run(cmd[:cmd.index("--translator") + 1] + ["/no/such/translator"] + cmd[cmd.index(m2m_dir) + 1:],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr  # everything was in the cache: the translator was never loaded
+
+
+@pytest.mark.parametrize("header,row,message", [
+    (",Question,A,B,C,D,Answer,Subject", '0,q,a,b,c,d,,college_medicine', "got ''"),
+    (",Question,A,B,C,D,Answer,Subject", '0,q,a,b,c,d,BC,college_medicine', "got 'BC'"),
+])
+def test_malformed_mmmlu_answers_are_refused(tmp_path, header, row, message):
+    path = tmp_path / "mmlu_SW-KE.csv"
+    path.write_text(header + "\n" + row + "\n")
+    with pytest.raises(ValueError, match=f"line 2: 'answer' must be the index of the right choice .*{message}"):
+        E.read_multiple_choice(str(path), "sw")
+
+
+@pytest.mark.parametrize("value", [2.9, "2.9", True, "five"])
+def test_malformed_belebele_and_xcopa_answers_are_refused(tmp_path, value):
+    bele = tmp_path / "swh_Latn.jsonl"
+    bele.write_text(json.dumps({"flores_passage": "P", "question": "Q", "mc_answer1": "a", "mc_answer2": "b",
+                                "mc_answer3": "c", "mc_answer4": "d", "correct_answer_num": value}) + "\n")
+    with pytest.raises(ValueError, match="line 1: 'answer' must be the index"):
+        E.read_multiple_choice(str(bele), "sw")
+    xcopa = tmp_path / "test.sw.jsonl"
+    xcopa.write_text(json.dumps({"premise": "P.", "choice1": "A", "choice2": "B", "question": "cause",
+                                 "label": True if value is True else value, "idx": 0}) + "\n")
+    with pytest.raises(ValueError, match="line 1: 'answer' must be the index"):
+        E.read_multiple_choice(str(xcopa), "sw")
