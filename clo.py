@@ -226,14 +226,9 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
         step, done_batches = progress["step"], progress["batches_done"]
         log(f"resumed from {ckpt} at step {step} of {total}")
         if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
-            rows = []
-            for number, line in D.read_lines(metrics_path, own=True, log=log):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{metrics_path}: line {number}: not valid JSON ({e.msg}); delete the line (or "
-                                     "the file) and resume again.") from e
-            D.write_jsonl(metrics_path, [r for r in rows if r.get("step", 0) <= step])
+            rows = D.read_jsonl(metrics_path, own=True, log=log)  # a torn last line is dropped and said
+            D.write_jsonl(metrics_path, [{k: v for k, v in r.items() if k != "_line"} for r in rows
+                                         if r.get("step", 0) <= step])
     elif dist.main and os.path.exists(metrics_path):
         os.remove(metrics_path)
     cadence = [f"every {save_every} steps"] * bool(save_every) + [f"every {args.save_minutes:g} minutes"] * bool(
