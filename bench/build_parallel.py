@@ -15,6 +15,13 @@ Writes, in clo.py's --translations format (en_instruction, en_response, <lang>_i
   TEMPLATE answer "The answer is N." per language (N is MGSM's number). experiments.py uses only its questions, as
   held-out fidelity prompts (a different task from the training sentences).
 
+- xcopa_prompts_id.jsonl (100 rows): the premises of XCOPA's first 100 Indonesian TEST items (human translations of
+  COPA) with a hand-written Indonesian question by the item's type, "Apa penyebabnya?" (cause) or "Apa yang terjadi
+  kemudian?" (effect), as id_instruction; en_instruction is XCOPA's own English translation of the premise (Google
+  MT, data-gmt/) with "What was the cause?" / "What happened next?". No responses: experiments.py uses them as held-out
+  fidelity prompts for Indonesian (open questions of another task than the training sentences; the validation split,
+  not these, is the multiple-choice set).
+
 Languages: en, de, ko, zh, sw, id (those of SIB-200 here for which we can write the template; Yoruba left out).
 """
 import argparse
@@ -87,6 +94,24 @@ def mgsm_rows(src):
     return rows
 
 
+XCOPA_QUESTION = {"id": {"cause": "Apa penyebabnya?", "effect": "Apa yang terjadi kemudian?"},
+                  "en": {"cause": "What was the cause?", "effect": "What happened next?"}}
+
+
+def xcopa_prompt_rows(src, lang="id", n=100):
+    """Open questions from XCOPA test premises, aligned with XCOPA's English translation by `idx` (checked)."""
+    def read(name):
+        with open(os.path.join(src, "xcopa", name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f][:n]
+    rows = []
+    for own, en in zip(read(f"test.{lang}.jsonl"), read(f"test.{lang}.en-translation.jsonl")):
+        if (own["idx"], own["question"]) != (en["idx"], en["question"]):
+            raise ValueError(f"xcopa test.{lang}: item {own['idx']} is not aligned with its English translation")
+        rows.append({"en_instruction": f"{en['premise']} {XCOPA_QUESTION['en'][en['question']]}",
+                     f"{lang}_instruction": f"{own['premise']} {XCOPA_QUESTION[lang][own['question']]}"})
+    return rows
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
@@ -104,7 +129,8 @@ def main(argv=None):
     write_jsonl(os.path.join(a.out, "sib200_parallel.jsonl"), train)
     write_jsonl(os.path.join(a.out, "sib200_heldout.jsonl"), sib_rows(a.src, "test"))
     write_jsonl(os.path.join(a.out, "mgsm_parallel_en_de_sw_zh.jsonl"), mgsm_rows(a.src))
-    print(f"wrote {len(train)} training rows, 204 held-out rows (SIB-200), 250 MGSM rows to {a.out}")
+    write_jsonl(os.path.join(a.out, "xcopa_prompts_id.jsonl"), xcopa_prompt_rows(a.src))
+    print(f"wrote {len(train)} training rows, 204 held-out rows (SIB-200), 250 MGSM rows, 100 XCOPA prompts to {a.out}")
 
 
 if __name__ == "__main__":

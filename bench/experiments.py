@@ -17,8 +17,9 @@ OUT/figure.png.
 
 Held-out metrics (none of this material is trained on):
 - fidelity_<l>: share of answers to target-language prompts (--fidelity file, default MGSM questions) that are in the
-  prompt's language AND not an echo (is_echo: a copy or continuation of the prompt counts as a failure);
-  in_lang_<l> is the same without the echo rule, echo_<l> the share of echoes. Same for English (fidelity_en).
+  prompt's language AND not an echo (is_echo: a copy or continuation of the prompt) AND not a loop (is_loop: a
+  phrase repeated 4+ times in a row); in_lang_<l> is the share in the language without either rule, echo_<l> and
+  loop_<l> the shares of echoes and loops. Same for English (fidelity_en).
 - pref_acc_<l>: TRL's eval reward accuracy on held-out pairs (--heldout) with the BASE model as reference: the share
   of target-language prompts for which the model, relative to the base model, prefers the target-language answer to
   the English one (margin > 0); pref_acc_en: English prompt, English answer preferred. Undefined for base itself.
@@ -33,6 +34,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,30 +56,56 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def is_echo(prompt: str, answer: str, share: float = 0.5, head: int = 20) -> bool:
+def is_echo(prompt: str, answer: str, share: float = 0.5) -> bool:
     """Whether an answer merely repeats or continues its prompt (counted as a fidelity failure, whatever its language).
 
-    After collapsing whitespace and case: the answer is empty; or it starts with the prompt's first `head` characters
-    (the whole prompt if shorter: repeating the prompt, possibly then continuing it); or its longest stretch copied
-    from the prompt (longest common substring, characters) covers at least `share` of the answer. A real answer that
-    quotes a short phrase of the question is not an echo."""
+    After collapsing whitespace and case: the answer is empty; or it starts with the whole prompt (the prompt said
+    again, possibly then continued); or its longest stretch copied from the prompt (longest common substring,
+    characters) covers at least `share` of the answer. A real answer that restates part of the question first ("The
+    girl was exhausted. The cause of her exhaustion was ...") or quotes a short phrase of it is not an echo."""
     p, a = _norm(prompt), _norm(answer)
     if not a:
         return True
-    if p and a.startswith(p[:head]):
+    if p and a.startswith(p):
         return True
     m = difflib.SequenceMatcher(None, a, p, autojunk=False).find_longest_match(0, len(a), 0, len(p))
     return m.size >= share * len(a)
 
 
+def is_loop(answer: str, repeats: int = 4, max_unit: int = 4, max_rep4: float = 0.5) -> bool:
+    """Whether an answer degenerates into repetition (counted as a fidelity failure, whatever its language). Any of:
+    1. a phrase of 1 to `max_unit` words occurs `repeats` or more times back to back ("kuza kuza kuza kuza",
+       "ya kwa ya kwa ya kwa ya kwa");
+    2. at least `max_rep4` of the answer's word 4-grams already occurred earlier in it (seq-rep-4 of Welleck et al.
+       2019, "Neural text generation with unlikelihood training", sec. 6): a sentence said again and again;
+    3. a unit of 1 to 4 letters repeated 8 or more times inside a word ("kakakakakakakaka").
+    Words are whitespace-separated after case folding; text without spaces (Chinese) is read character by character.
+    Real prose practically never does any of these within 64 tokens; greedy decoding of a small model that lost the
+    thread does."""
+    tokens = answer.casefold().split()
+    if len(tokens) <= 1 and len(answer.strip()) > 1:
+        tokens, max_unit = list("".join(answer.split())), 4 * max_unit
+    for unit in range(1, max_unit + 1):
+        for start in range(0, len(tokens) - unit * repeats + 1):
+            first = tokens[start:start + unit]
+            if all(tokens[start + k * unit:start + (k + 1) * unit] == first for k in range(1, repeats)):
+                return True
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    if grams and 1 - len(set(grams)) / len(grams) >= max_rep4:
+        return True
+    return re.search(r"([^\W\d_]{1,4})\1{7,}", answer) is not None
+
+
 def fidelity(prompts, answers, lang):
-    """{fidelity, in_lang, echo}: shares of answers in `lang` and not an echo; in `lang`; echoes."""
+    """{fidelity, in_lang, echo, loop}: the share of answers in `lang` that are neither an echo nor a loop (the
+    primary metric); the share in `lang`; the share of echoes; the share of loops."""
     import eval as E
     detected = [E.detect_language(a) for a in answers]
     echo = [is_echo(p, a) for p, a in zip(prompts, answers)]
+    loop = [is_loop(a) for a in answers]
     n = len(answers)
-    return {"fidelity": sum(d == lang and not e for d, e in zip(detected, echo)) / n,
-            "in_lang": sum(d == lang for d in detected) / n, "echo": sum(echo) / n}
+    return {"fidelity": sum(d == lang and not e and not r for d, e, r in zip(detected, echo, loop)) / n,
+            "in_lang": sum(d == lang for d in detected) / n, "echo": sum(echo) / n, "loop": sum(loop) / n}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,6 +162,15 @@ def pair_logps(model, tok, rows, lang, batch_size=8):
     return own, alt
 
 
+def score_answers(result, material):
+    """(Re)compute the fidelity metrics of an evaluation from its saved answers, in place: the echo and loop rules are
+    applied whenever a table is written, so a saved evaluation never carries numbers from an older rule."""
+    for lang, answers in result["answers"].items():
+        f = fidelity(material["prompts"][lang], answers, lang)
+        result["metrics"].update({f"{k}_{lang}": v for k, v in f.items()})
+    return result
+
+
 def evaluate(path, material, a, name, ref=None, base_answers=None):
     """Every metric for one model (a checkpoint or a clo run folder). Returns (metrics, answers, logps)."""
     import torch
@@ -144,8 +181,6 @@ def evaluate(path, material, a, name, ref=None, base_answers=None):
     for lang in (a.lang, "en"):
         prompts = material["prompts"][lang]
         answers[lang] = E.answer_prompts(model, tok, prompts, a.max_new_tokens, progress=False)
-        f = fidelity(prompts, answers[lang], lang)
-        metrics.update({f"{k}_{lang}": v for k, v in f.items()})
         metrics[f"nll_{lang}"] = E.response_nll(model, tok, material["heldout"], lang)
         rows = [dict(r, _other=a.lang) for r in material["heldout"]]
         logps[lang] = pair_logps(model, tok, rows, lang)
@@ -161,6 +196,7 @@ def evaluate(path, material, a, name, ref=None, base_answers=None):
         prompts = material["prompts"][a.lang]
         metrics[f"win_{a.lang}"] = E.win_rate(ask, prompts, [a.lang] * len(prompts), answers[a.lang],
                                               base_answers[a.lang])["win_rate"]
+    score_answers({"metrics": metrics, "answers": answers}, material)
     return metrics, answers, logps
 
 
@@ -253,7 +289,7 @@ def eval_run(name, path, material, a, log, ref=None, base_answers=None):
         if done.get("settings") != settings:  # a table must not mix evaluations on different material
             raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now {settings}; use "
                              "another --out, or delete OUT/eval to evaluate every run again.")
-        return done
+        return score_answers(done, material)
     t = time.time()
     metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
     result = {"run": name, "settings": settings, "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
@@ -354,7 +390,7 @@ def parse_args(argv=None):
                    help="held-out parallel JSONL: preference accuracy and NLL")
     p.add_argument("--num-heldout", type=int, default=64)
     p.add_argument("--fidelity", default=None, help="parallel JSONL whose <lang>_instruction/en_instruction are the "
-                   "fidelity prompts (default: MGSM questions where the language has them, else --heldout)")
+                   "fidelity prompts (default: MGSM questions for de/sw/zh, XCOPA premise questions for id, else --heldout)")
     p.add_argument("--num-prompts", type=int, default=32, help="fidelity prompts per language")
     p.add_argument("--mc", nargs="*", default=None, help="multiple-choice files (default: XCOPA val in the target "
                    "language and its English translation, where ../shared/data has them)")
@@ -376,7 +412,8 @@ def parse_args(argv=None):
             raise ValueError(f"--methods: {m!r} is not one of {', '.join(METHODS)}.")
     if a.fidelity is None:
         mgsm = os.path.join(HERE, "samples", "mgsm_parallel_en_de_sw_zh.jsonl")
-        a.fidelity = mgsm if a.lang in ("de", "sw", "zh") else a.heldout
+        xcopa = os.path.join(HERE, "samples", f"xcopa_prompts_{a.lang}.jsonl")
+        a.fidelity = mgsm if a.lang in ("de", "sw", "zh") else xcopa if os.path.exists(xcopa) else a.heldout
     if a.mc is None:
         a.mc = [p for p in (os.path.join(SHARED, "xcopa", f"val.{a.lang}.jsonl"),
                             os.path.join(SHARED, "xcopa", f"val.{a.lang}.en-translation.jsonl")) if os.path.exists(p)]
@@ -400,17 +437,17 @@ def main(argv=None):
     if not a.report_only:
         write_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
     runs = plan(a)
+    material = heldout_material(a)
     if a.report_only:
         evals = {}
         for name in ["base"] + [r[0] for r in runs]:
             path = os.path.join(a.out, "eval", f"{name}.json")
             if os.path.exists(path):
                 with open(path) as f:
-                    evals[name] = json.load(f)
+                    evals[name] = score_answers(json.load(f), material)
         if "base" not in evals:
             raise ValueError(f"{a.out}/eval/base.json: not there yet; nothing to report.")
         return report(evals, runs, a)
-    material = heldout_material(a)
     bar = tqdm(total=len(runs) * 2 + 1, desc="experiments", unit="step")
     log = bar.write
     base = eval_run("base", a.model, material, a, log)

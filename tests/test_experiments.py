@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 import tiny
 from conftest import ROOT
@@ -23,6 +22,10 @@ def test_echo_rule():
     assert X.is_echo(q, "")                                                 # nothing
     assert not X.is_echo(q, "Sie verdient 18 Dollar am Tag, denn 16 - 3 - 4 = 9 Eier zu je 2 Dollar.")
     assert not X.is_echo(q, "Die Enten legen viele Eier; sie verkauft den Rest für 2 Dollar und verdient 18 Dollar.")
+    # restating the premise, then answering, is an answer (XCOPA-style prompt); the whole prompt said again is not
+    p = "The girl was exhausted. What was the cause?"
+    assert not X.is_echo(p, "The girl was exhausted. The cause of her exhaustion was a long night of work.")
+    assert X.is_echo(p, "The girl was exhausted. What was the cause? She was tired and sad.")
     # the boundary: a copied stretch of exactly half the answer is an echo, just under half is not
     assert X.is_echo("abcdefgh", "abcd" + "wxyz")
     assert not X.is_echo("abcdefgh", "bcd" + "wxyz")
@@ -34,7 +37,35 @@ def test_fidelity_counts_echoes_as_failures():
                "Die Alpen sind im Sommer ein wunderbares Reiseziel für Wanderer aus aller Welt.",  # German answer
                "The Alps are a wonderful destination for hikers from all over the world."]      # English
     f = X.fidelity(q, answers, "de")
-    assert f == {"fidelity": pytest.approx(1 / 3), "in_lang": pytest.approx(2 / 3), "echo": pytest.approx(1 / 3)}
+    assert f == {"fidelity": pytest.approx(1 / 3), "in_lang": pytest.approx(2 / 3), "echo": pytest.approx(1 / 3),
+                 "loop": 0}
+    # a German answer that degenerates into a loop is in the language, and still a failure
+    answers[1] = "Die Alpen sind im Sommer schön schön schön schön schön und die Berge sind hoch."
+    f = X.fidelity(q, answers, "de")
+    assert f["in_lang"] == pytest.approx(2 / 3) and f["loop"] == pytest.approx(1 / 3) and f["fidelity"] == 0
+
+
+def test_loop_rule():
+    # the pilot's CLO answer (Swahili, a first clause then one word repeated)
+    assert X.is_loop("Alikamilisha kazi yake ya ziada kuza kuza kuza kuza kuza kuza kuza")
+    assert X.is_loop("ya kwa ya kwa ya kwa ya kwa")                        # a two-word unit, 4 times
+    assert X.is_loop("Go on. Go on. go on. GO ON. and then stop")           # case is folded
+    assert not X.is_loop("ya kwa ya kwa ya kwa")                            # three times is not a loop
+    assert not X.is_loop("kuza kuza kuza, kuza")                            # "kuza," is another word
+    assert X.is_loop("one two three four five one two three four five one two three four five one two three "
+                     "four five")                                           # longer units: rule 2 (seq-rep-4)
+    assert not X.is_loop("Sie verdient 18 Dollar am Tag, denn 16 - 3 - 4 = 9 Eier zu je 2 Dollar.")
+    assert X.is_loop("我我我我我")                                            # no spaces: characters
+    # seq-rep-4: a five-word sentence said three times: 7 of its 12 word 4-grams are repeats (>= 0.5); said twice,
+    # 2 of 7 (a real answer may restate a sentence once)
+    assert X.is_loop("Tommy anafanya mchango wa hisa. Tommy anafanya mchango wa hisa. Tommy anafanya mchango wa hisa.")
+    assert not X.is_loop("Tommy anafanya mchango wa hisa. Tommy anafanya mchango wa hisa.")
+    assert X.is_loop("Kila shule imetuma timu ya kakakakakakakaka")        # "ka" 8 times inside a word
+    assert not X.is_loop("Kila shule imetuma timu ya kakakakakakaka")      # 7 times
+    assert not X.is_loop("Sie zahlte 1000000000 Dollar.")                  # digits are not letters
+    assert X.is_loop("答案是答案是答案是答案是")                                # a three-character unit
+    assert not X.is_loop("她每天卖鸭蛋赚十八美元。")
+    assert not X.is_loop("") and not X.is_loop("a")
 
 
 def write_jsonl(path, rows):
