@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -56,44 +57,65 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def is_echo(prompt: str, answer: str, share: float = 0.5) -> bool:
-    """Whether an answer merely repeats or continues its prompt (counted as a fidelity failure, whatever its language).
-
-    After collapsing whitespace and case: the answer is empty; or it starts with the whole prompt (the prompt said
-    again, possibly then continued); or its longest stretch copied from the prompt (longest common substring,
-    characters) covers at least `share` of the answer. A real answer that restates part of the question first ("The
-    girl was exhausted. The cause of her exhaustion was ...") or quotes a short phrase of it is not an echo."""
+def copied_share(prompt: str, answer: str, min_block: int = 12) -> float:
+    """Share of the answer's characters (whitespace collapsed, case folded) that lie in stretches of at least
+    `min_block` characters copied, in order, from the prompt (difflib's matching blocks). A near-copy with a changed
+    letter here and there ("Mike spielt 40 Minen lang Pingpong. In den ersten 20 Minen ...") scores near 1; a quoted
+    phrase or a shared word does not count."""
     p, a = _norm(prompt), _norm(answer)
     if not a:
-        return True
-    if p and a.startswith(p):
-        return True
-    m = difflib.SequenceMatcher(None, a, p, autojunk=False).find_longest_match(0, len(a), 0, len(p))
-    return m.size >= share * len(a)
+        return 1.0
+    blocks = difflib.SequenceMatcher(None, a, p, autojunk=False).get_matching_blocks()
+    return sum(b.size for b in blocks if b.size >= min_block) / len(a)
 
 
-def is_loop(answer: str, repeats: int = 4, max_unit: int = 4, max_rep4: float = 0.5) -> bool:
+def is_echo(prompt: str, answer: str, share: float = 0.5) -> bool:
+    """Whether an answer merely repeats or continues its prompt (counted as a fidelity failure, whatever its language):
+    it is empty, or starts with the whole prompt (said again, then perhaps continued), or at least `share` of it is
+    copied from the prompt (copied_share). Known limits: a short correct answer that restates the question's phrase
+    ("Der ursprüngliche Preis des Buches war 26 US-Dollar.") and an English step-by-step answer that restates the
+    givens for half its length count as echoes; the rule is the same for every model compared."""
+    p, a = _norm(prompt), _norm(answer)
+    if not a or (p and a.startswith(p)):
+        return True
+    return copied_share(prompt, answer) >= share
+
+
+_STRIP = string.punctuation + "«»„“”‚‘’…"
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u2e80" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af" or "\uf900" <= ch <= "\ufaff"
+
+
+def is_loop(answer: str, repeats: int = 3, max_unit: int = 4, max_rep4: float = 0.5) -> bool:
     """Whether an answer degenerates into repetition (counted as a fidelity failure, whatever its language). Any of:
-    1. a phrase of 1 to `max_unit` words occurs `repeats` or more times back to back ("kuza kuza kuza kuza",
-       "ya kwa ya kwa ya kwa ya kwa");
+    1. a unit of 2 to `max_unit` words, one of them with a letter, occurs `repeats` or more times back to back ("wie
+       vielen können, wie vielen können, wie vielen können"; punctuation and case ignored), or one word `repeats` + 1
+       times ("kuza kuza kuza kuza");
     2. at least `max_rep4` of the answer's word 4-grams already occurred earlier in it (seq-rep-4 of Welleck et al.
        2019, "Neural text generation with unlikelihood training", sec. 6): a sentence said again and again;
-    3. a unit of 1 to 4 letters repeated 8 or more times inside a word ("kakakakakakakaka").
-    Words are whitespace-separated after case folding; text without spaces (Chinese) is read character by character.
-    Real prose practically never does any of these within 64 tokens; greedy decoding of a small model that lost the
-    thread does."""
-    tokens = answer.casefold().split()
-    if len(tokens) <= 1 and len(answer.strip()) > 1:
-        tokens, max_unit = list("".join(answer.split())), 4 * max_unit
+    3. a unit of 2 to 8 letters repeated 4 or more times in a row ("kakakaka", "Schlösschlösschlösschlös"), or one
+       non-space character 10 or more times ("10.100000000000000001"; a billion, 1000000000, is not a loop).
+    Text that is mostly Chinese, Japanese or Korean characters is read character by character (letters only) for 1
+    and 2, with units up to 4 * `max_unit` characters. Known limits: with answers cut at 64 tokens, a long sentence
+    said twice and cut in its third saying is not caught (a sentence said twice is allowed on purpose)."""
+    letters = [c for c in answer if c.isalpha()]
+    if letters and sum(map(_is_cjk, letters)) >= len(letters) / 2:
+        tokens, max_unit = [c.casefold() for c in letters], 4 * max_unit
+    else:
+        tokens = [t for t in (w.strip(_STRIP) for w in answer.casefold().split()) if t]
     for unit in range(1, max_unit + 1):
-        for start in range(0, len(tokens) - unit * repeats + 1):
+        times = repeats + (unit == 1)  # one word needs one more: "Die, die die Regeln kennen" is German
+        for start in range(0, len(tokens) - unit * times + 1):
             first = tokens[start:start + unit]
-            if all(tokens[start + k * unit:start + (k + 1) * unit] == first for k in range(1, repeats)):
+            if any(c.isalpha() for t in first for c in t) and all(
+                    tokens[start + k * unit:start + (k + 1) * unit] == first for k in range(1, times)):
                 return True
     grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
     if grams and 1 - len(set(grams)) / len(grams) >= max_rep4:
         return True
-    return re.search(r"([^\W\d_]{1,4})\1{7,}", answer) is not None
+    return re.search(r"([^\W\d_]{2,8})\1{3,}|(\S)\2{9,}", answer, re.IGNORECASE) is not None
 
 
 def fidelity(prompts, answers, lang):
@@ -166,6 +188,9 @@ def score_answers(result, material):
     """(Re)compute the fidelity metrics of an evaluation from its saved answers, in place: the echo and loop rules are
     applied whenever a table is written, so a saved evaluation never carries numbers from an older rule."""
     for lang, answers in result["answers"].items():
+        if len(answers) != len(material["prompts"][lang]):
+            raise ValueError(f"evaluation of {result.get('run')}: {len(answers)} {lang} answers for "
+                             f"{len(material['prompts'][lang])} prompts; it was made with other --num-prompts.")
         f = fidelity(material["prompts"][lang], answers, lang)
         result["metrics"].update({f"{k}_{lang}": v for k, v in f.items()})
     return result
@@ -280,16 +305,22 @@ def material_settings(a):
                                        "max_new_tokens", "judge")}
 
 
+def load_eval(dest, material, a):
+    """A saved evaluation, its fidelity rescored from its answers; refused if it was made on other material."""
+    with open(dest) as f:
+        done = json.load(f)
+    if done.get("settings") != material_settings(a):  # a table must not mix evaluations on different material
+        raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now "
+                         f"{material_settings(a)}; pass the same options, use another --out, or delete OUT/eval to "
+                         "evaluate every run again.")
+    return score_answers(done, material)
+
+
 def eval_run(name, path, material, a, log, ref=None, base_answers=None):
     dest = os.path.join(a.out, "eval", f"{name}.json")
     settings = material_settings(a)
     if os.path.exists(dest):
-        with open(dest) as f:
-            done = json.load(f)
-        if done.get("settings") != settings:  # a table must not mix evaluations on different material
-            raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now {settings}; use "
-                             "another --out, or delete OUT/eval to evaluate every run again.")
-        return score_answers(done, material)
+        return load_eval(dest, material, a)
     t = time.time()
     metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
     result = {"run": name, "settings": settings, "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
@@ -443,8 +474,7 @@ def main(argv=None):
         for name in ["base"] + [r[0] for r in runs]:
             path = os.path.join(a.out, "eval", f"{name}.json")
             if os.path.exists(path):
-                with open(path) as f:
-                    evals[name] = score_answers(json.load(f), material)
+                evals[name] = load_eval(path, material, a)
         if "base" not in evals:
             raise ValueError(f"{a.out}/eval/base.json: not there yet; nothing to report.")
         return report(evals, runs, a)

@@ -26,9 +26,17 @@ def test_echo_rule():
     p = "The girl was exhausted. What was the cause?"
     assert not X.is_echo(p, "The girl was exhausted. The cause of her exhaustion was a long night of work.")
     assert X.is_echo(p, "The girl was exhausted. What was the cause? She was tired and sad.")
-    # the boundary: a copied stretch of exactly half the answer is an echo, just under half is not
-    assert X.is_echo("abcdefgh", "abcd" + "wxyz")
-    assert not X.is_echo("abcdefgh", "bcd" + "wxyz")
+    # a near-copy with changed letters (SmolLM2's answer to MGSM de #3): the copied stretches add up
+    mike = ("Mike spielt 40 Minuten lang Pingpong. In den ersten 20 Minuten macht er 4 Punkte. In den zweiten 20 "
+            "Minuten macht er 25 % mehr Punkte. Wie viele Punkte hat er insgesamt gemacht?")
+    near = "Mike spielt 40 Minen lang Pingpong. In den ersten 20 Minen macht er 4 Punkte. In den darauf 20 Minen macht er"
+    assert X.copied_share(mike, near) > 0.75 and X.is_echo(mike, near)
+    # the boundary, by hand: the answer "abcdefghijkl" + "wxyzwxyzwxyz" (24 characters) copies one 12-character
+    # stretch of the prompt: share 12/24 = 0.5, an echo; with the copied stretch 11 characters long it is below the
+    # 12-character block size and counts nothing
+    prompt = "abcdefghijkl and more"
+    assert X.copied_share(prompt, "abcdefghijkl" + "wxyzwxyzwxyz") == 0.5 and X.is_echo(prompt, "abcdefghijklwxyzwxyzwxyz")
+    assert X.copied_share(prompt, "abcdefghijk" + "wxyzwxyzwxyzw") == 0.0
 
 
 def test_fidelity_counts_echoes_as_failures():
@@ -46,25 +54,30 @@ def test_fidelity_counts_echoes_as_failures():
 
 
 def test_loop_rule():
-    # the pilot's CLO answer (Swahili, a first clause then one word repeated)
-    assert X.is_loop("Alikamilisha kazi yake ya ziada kuza kuza kuza kuza kuza kuza kuza")
-    assert X.is_loop("ya kwa ya kwa ya kwa ya kwa")                        # a two-word unit, 4 times
-    assert X.is_loop("Go on. Go on. go on. GO ON. and then stop")           # case is folded
-    assert not X.is_loop("ya kwa ya kwa ya kwa")                            # three times is not a loop
-    assert not X.is_loop("kuza kuza kuza, kuza")                            # "kuza," is another word
-    assert X.is_loop("one two three four five one two three four five one two three four five one two three "
-                     "four five")                                           # longer units: rule 2 (seq-rep-4)
-    assert not X.is_loop("Sie verdient 18 Dollar am Tag, denn 16 - 3 - 4 = 9 Eier zu je 2 Dollar.")
-    assert X.is_loop("我我我我我")                                            # no spaces: characters
-    # seq-rep-4: a five-word sentence said three times: 7 of its 12 word 4-grams are repeats (>= 0.5); said twice,
+    # rule 1: a unit of 2-4 words three times back to back, one word four times; punctuation and case ignored
+    assert X.is_loop("Alikamilisha kazi yake ya ziada kuza kuza kuza kuza")  # the pilot's CLO answer, cut short
+    assert X.is_loop("Aufwilich, wenn der 43 Brownies verkauft, wie vielen können, wie vielen können, Wie vielen können")
+    assert X.is_loop("ya kwa ya kwa ya kwa")
+    assert not X.is_loop("ya kwa ya kwa")                                  # twice is not a loop
+    assert not X.is_loop("Sie hat 5 + 5 + 5 = 15 Eier.")                    # a unit needs a letter: "5 5 5" is math
+    assert not X.is_loop("Die, die die Regeln kennen, gewinnen.")           # one word three times is German
+    # rule 2, seq-rep-4: a five-word sentence said three times has 7 repeated 4-grams of 12 (>= 0.5); said twice,
     # 2 of 7 (a real answer may restate a sentence once)
     assert X.is_loop("Tommy anafanya mchango wa hisa. Tommy anafanya mchango wa hisa. Tommy anafanya mchango wa hisa.")
     assert not X.is_loop("Tommy anafanya mchango wa hisa. Tommy anafanya mchango wa hisa.")
-    assert X.is_loop("Kila shule imetuma timu ya kakakakakakakaka")        # "ka" 8 times inside a word
-    assert not X.is_loop("Kila shule imetuma timu ya kakakakakakaka")      # 7 times
-    assert not X.is_loop("Sie zahlte 1000000000 Dollar.")                  # digits are not letters
-    assert X.is_loop("答案是答案是答案是答案是")                                # a three-character unit
-    assert not X.is_loop("她每天卖鸭蛋赚十八美元。")
+    # rule 3: letters inside a word, or one character ten times
+    assert X.is_loop("Das ist eine schwelz, er wird die Schlösschlösschlösschlös")  # a 6-letter unit, 4 times
+    assert X.is_loop("Kila shule imetuma timu ya kakakaka")
+    assert not X.is_loop("Mississippi ist ein Fluss.")
+    assert X.is_loop("Das ist eine neue Auswahl, die die 10.100000000000000001")
+    assert not X.is_loop("Sie zahlte 1000000000 Dollar.")
+    # real prose and math are not loops
+    assert not X.is_loop("Sie verdient 18 Dollar am Tag, denn 16 - 3 - 4 = 9 Eier zu je 2 Dollar.")
+    assert not X.is_loop("Kimo has three 1-hour classes each day, so he spends 3 * 1 = 3 hours per day.\nIn one "
+                         "semester, there are 16 weeks of school, so he spends 16 * 3 = 48 hours.")
+    # mostly Chinese/Japanese/Korean text: read character by character, letters only
+    assert X.is_loop("我我我我我") and X.is_loop("答案是答案是答案是") and X.is_loop("谢谢。\n好的好的好的好的")
+    assert not X.is_loop("她每天卖鸭蛋赚十八美元。") and not X.is_loop("10000")
     assert not X.is_loop("") and not X.is_loop("a")
 
 
