@@ -12,8 +12,8 @@ Runs (OUT/runs/<method>-n<N>-s<seed>/) are clo.py subprocesses: a kill loses at 
 finished when its summary.json exists, and a rerun skips it (an interrupted one continues from its checkpoint with
 clo.py --resume). SFT+DPO is `--method sft --merge` (the SFT run, shared with the SFT method) then `--method dpo` on
 its merged/ folder. Each finished run is evaluated into OUT/eval/<run>.json (skipped if present); base is
-OUT/eval/base.json. Then OUT/results.json (every run's metrics and the mean/std over seeds), OUT/table.md and
-OUT/figure.png.
+OUT/eval/base.json. Then OUT/results.json (every run's metrics and the mean/std over seeds), OUT/table.md,
+OUT/figure.png and OUT/answers.json (every fidelity answer with its language, echo and loop verdicts, to audit).
 
 Held-out metrics (none of this material is trained on):
 - fidelity_<l>: share of answers to target-language prompts (--fidelity file, default MGSM questions) that are in the
@@ -477,7 +477,7 @@ def main(argv=None):
                 evals[name] = load_eval(path, material, a)
         if "base" not in evals:
             raise ValueError(f"{a.out}/eval/base.json: not there yet; nothing to report.")
-        return report(evals, runs, a)
+        return report(evals, runs, a, material)
     bar = tqdm(total=len(runs) * 2 + 1, desc="experiments", unit="step")
     log = bar.write
     base = eval_run("base", a.model, material, a, log)
@@ -491,11 +491,24 @@ def main(argv=None):
         evals[name] = eval_run(name, os.path.join(a.out, "runs", name), material, a, log, ref, base["answers"])
         bar.update(1)
     bar.close()
-    return report(evals, runs, a)
+    return report(evals, runs, a, material)
 
 
-def report(evals, runs, a):
+def verdicts(evals, material):
+    """Every fidelity answer with the rules' verdict on it, so that a reader can audit the primary metric:
+    {run: {lang: [{prompt, answer, detected, echo, loop}]}}."""
+    import eval as E
+    out = {}
+    for name, e in evals.items():
+        out[name] = {lang: [{"prompt": p, "answer": ans, "detected": E.detect_language(ans), "echo": is_echo(p, ans),
+                             "loop": is_loop(ans)} for p, ans in zip(material["prompts"][lang], answers)]
+                     for lang, answers in e["answers"].items()}
+    return out
+
+
+def report(evals, runs, a, material):
     table = aggregate(evals, runs, a)
+    write_json(os.path.join(a.out, "answers.json"), verdicts(evals, material))
     write_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
                 "table": table, "runs": {n: e["metrics"] for n, e in evals.items()}})
@@ -504,7 +517,7 @@ def report(evals, runs, a):
         f.write(md)
     figure(table, a, os.path.join(a.out, "figure.png"))
     print(md)
-    print(f"wrote {a.out}/results.json, table.md, figure.png")
+    print(f"wrote {a.out}/results.json, table.md, figure.png, answers.json")
     return table
 
 

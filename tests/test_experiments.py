@@ -153,6 +153,11 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
     table = open(out / "table.md").read()
     assert "| clo | 4 |" in table and "| sft | 2 |" in table and "±" in table
     assert open(out / "figure.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # every fidelity answer is there with its verdicts, and the metric is their count
+    answers = json.load(open(out / "answers.json"))["clo-n4-s0"]["de"]
+    assert [v["answer"] for v in answers] == json.load(open(out / "eval" / "clo-n4-s0.json"))["answers"]["de"]
+    ok = sum(v["detected"] == "de" and not v["echo"] and not v["loop"] for v in answers)
+    assert cell["fidelity_de"]["mean"] == ok / len(answers)
     # the figure's numbers are the evaluations' numbers
     assert cell["nll_de"]["mean"] == json.load(open(out / "eval" / "clo-n4-s0.json"))["metrics"]["nll_de"]
 
@@ -175,6 +180,8 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
     changed[changed.index("--num-prompts") + 1] = "1"
     with pytest.raises(ValueError, match="other settings"):
         X.main(changed)
+    with pytest.raises(ValueError, match="other settings"):  # nor in a report of saved evaluations
+        X.main(changed[:changed.index("--")] + ["--report-only"])
 
 
 def test_sft_dpo_plan_trains_sft_once(tmp_path):
