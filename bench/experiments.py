@@ -496,14 +496,14 @@ def main(argv=None):
 
 def verdicts(evals, material):
     """Every fidelity answer with the rules' verdict on it, so that a reader can audit the primary metric:
-    {run: {lang: [{prompt, answer, detected, echo, loop}]}}."""
+    {prompts: {lang: [prompt]}, runs: {run: {lang: [{answer, detected, echo, loop}]}}}, answers in prompt order."""
     import eval as E
-    out = {}
+    runs = {}
     for name, e in evals.items():
-        out[name] = {lang: [{"prompt": p, "answer": ans, "detected": E.detect_language(ans), "echo": is_echo(p, ans),
-                             "loop": is_loop(ans)} for p, ans in zip(material["prompts"][lang], answers)]
-                     for lang, answers in e["answers"].items()}
-    return out
+        runs[name] = {lang: [{"answer": ans, "detected": E.detect_language(ans), "echo": is_echo(p, ans),
+                              "loop": is_loop(ans)} for p, ans in zip(material["prompts"][lang], answers)]
+                      for lang, answers in e["answers"].items()}
+    return {"prompts": material["prompts"], "runs": runs}
 
 
 def report(evals, runs, a, material):

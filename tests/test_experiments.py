@@ -154,7 +154,7 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
     assert "| clo | 4 |" in table and "| sft | 2 |" in table and "±" in table
     assert open(out / "figure.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # every fidelity answer is there with its verdicts, and the metric is their count
-    answers = json.load(open(out / "answers.json"))["clo-n4-s0"]["de"]
+    answers = json.load(open(out / "answers.json"))["runs"]["clo-n4-s0"]["de"]
     assert [v["answer"] for v in answers] == json.load(open(out / "eval" / "clo-n4-s0.json"))["answers"]["de"]
     ok = sum(v["detected"] == "de" and not v["echo"] and not v["loop"] for v in answers)
     assert cell["fidelity_de"]["mean"] == ok / len(answers)
