@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -506,13 +507,58 @@ def verdicts(evals, material):
     return {"prompts": material["prompts"], "runs": runs}
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test on the discordant prompts): the probability, if neither model
+    were better, of a split at least this uneven. 1.0 when there is nothing to compare."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired(audit, runs, a):
+    """CLO against each other method at each size on the primary metric, prompt by prompt: a prompt's score is the
+    share of seeds whose answer passes fidelity; `wins` counts prompts where CLO scores higher, `losses` lower. The
+    prompts, not the seeds, are the units (the seeds answer the same prompts), so this is the test of whether a
+    difference in the table is more than the luck of which 32 prompts were drawn."""
+    lang = a.lang
+    ok = {n: [v["detected"] == lang and not v["echo"] and not v["loop"] for v in r[lang]]
+          for n, r in audit["runs"].items()}
+    by = {}
+    for name, method, size, seed, _ in runs:
+        if name in ok:
+            by.setdefault((method, size), []).append(ok[name])
+    def score(key):
+        return [sum(col) / len(col) for col in zip(*by[key])]
+    by[("base", 0)] = [ok["base"]]
+    out = []
+    for size in a.sizes:
+        # at equal items (claim 3), against base, and against the others at twice the items (claim 4: data efficiency)
+        others = [(m, size) for m in a.methods if m != "clo"] + [("base", 0)]
+        others += [(m, 2 * size) for m in ("sft", "sft+dpo") if m in a.methods and 2 * size in a.sizes]
+        for key in others:
+            if ("clo", size) not in by or key not in by:
+                continue
+            mine, theirs = score(("clo", size)), score(key)
+            wins, losses = sum(x > y for x, y in zip(mine, theirs)), sum(x < y for x, y in zip(mine, theirs))
+            out.append({"items": size, "clo_vs": key[0] if key[1] in (0, size) else f"{key[0]} at {key[1]} items",
+                        "wins": wins, "losses": losses, "prompts": len(mine), "p": sign_test(wins, losses)})
+    return out
+
+
 def report(evals, runs, a, material):
     table = aggregate(evals, runs, a)
-    write_json(os.path.join(a.out, "answers.json"), verdicts(evals, material))
+    audit = verdicts(evals, material)
+    write_json(os.path.join(a.out, "answers.json"), audit)
+    comparisons = paired(audit, runs, a)
     write_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
-                "table": table, "runs": {n: e["metrics"] for n, e in evals.items()}})
+                "table": table, "paired": comparisons, "runs": {n: e["metrics"] for n, e in evals.items()}})
     md = markdown(table, a)
+    if comparisons:
+        md += (f"\nCLO against each method on fidelity_{a.lang}, prompt by prompt (a prompt's score: the share of seeds "
+               "whose answer passes; exact two-sided sign test over the prompts where the two differ):\n\n"
+               "| items | CLO vs | CLO higher | CLO lower | equal | p |\n|---|---|---|---|---|---|\n")
+        md += "".join(f"| {c['items']} | {c['clo_vs']} | {c['wins']} | {c['losses']} | "
+                      f"{c['prompts'] - c['wins'] - c['losses']} | {c['p']:.2f} |\n" for c in comparisons)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     figure(table, a, os.path.join(a.out, "figure.png"))

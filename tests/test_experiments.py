@@ -208,3 +208,29 @@ def test_translations_shared_across_the_grid(tmp_path):
     (runs / "sft-n2-s0" / "translations.jsonl").write_text("mine\n")
     X.share_translations(str(runs / "sft-n2-s0"), a)
     assert (runs / "sft-n2-s0" / "translations.jsonl").read_text() == "mine\n"     # never overwrites a run's own
+
+
+def test_sign_test_by_hand():
+    # 5 prompts better, 1 worse: P(split at least this uneven | fair coin) = 2 * (C(6,0) + C(6,1)) / 2^6 = 14/64
+    assert X.sign_test(5, 1) == pytest.approx(14 / 64)
+    assert X.sign_test(1, 5) == X.sign_test(5, 1)
+    assert X.sign_test(8, 0) == pytest.approx(2 / 256)
+    assert X.sign_test(3, 3) == 1.0 and X.sign_test(0, 0) == 1.0   # capped at 1; nothing to compare
+
+
+def test_paired_comparison_counts_prompts_not_seeds():
+    """Three prompts, two seeds. CLO passes prompt 0 on both seeds and prompt 1 on one; SFT passes prompt 1 on both
+    and prompt 2 on both. Prompt scores (share of seeds passing): CLO (1, 0.5, 0), SFT (0, 1, 1): CLO higher on 1
+    prompt, lower on 2."""
+    def answers(passes):
+        return [{"detected": "de" if p else "en", "echo": False, "loop": False} for p in passes]
+    audit = {"runs": {"base": {"de": answers([0, 0, 0])},
+                      "clo-n4-s0": {"de": answers([1, 1, 0])}, "clo-n4-s1": {"de": answers([1, 0, 0])},
+                      "sft-n4-s0": {"de": answers([0, 1, 1])}, "sft-n4-s1": {"de": answers([0, 1, 1])}}}
+    runs = [(f"{m}-n4-s{s}", m, 4, s, []) for s in (0, 1) for m in ("sft", "clo")]
+    a = X.parse_args(["--model", "M", "--lang", "de", "--sizes", "4", "--seeds", "0,1", "--methods", "sft,clo",
+                      "--out", "/tmp/unused", "--mc"])
+    rows = {r["clo_vs"]: r for r in X.paired(audit, runs, a)}
+    assert (rows["sft"]["wins"], rows["sft"]["losses"], rows["sft"]["prompts"]) == (1, 2, 3)
+    assert rows["sft"]["p"] == pytest.approx(X.sign_test(1, 2)) == 1.0
+    assert (rows["base"]["wins"], rows["base"]["losses"]) == (2, 0)
