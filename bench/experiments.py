@@ -48,6 +48,8 @@ sys.path.insert(0, HERE)
 
 SHARED = os.path.join(HERE, "..", "shared", "data")
 METHODS = ("sft", "sft+dpo", "clo", "dpo")
+GRID_FLAGS = ("--model", "--method", "--lang", "--data", "--translations", "--num-samples", "--seed", "--out",
+              "--resume", "--merge")  # clo.py options each run gets from the grid
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,10 +269,23 @@ def share_translations(out, a):
         shutil.copyfile(max(done, key=os.path.getsize), cache)
 
 
+def run_command(out):
+    """The clo.py command line a run folder was started with (the first line of its train.log), or None."""
+    if not os.path.exists(os.path.join(out, "train.log")):
+        return None
+    with open(os.path.join(out, "train.log")) as f:
+        return f.readline().rstrip("\n").removesuffix(" --resume")
+
+
 def train_run(name, argv, a, log):
     """One clo.py run as a subprocess, output to RUN/train.log. Skipped when finished (summary.json); resumed from its
     checkpoint when one was left by a kill."""
     out = os.path.join(a.out, "runs", name)
+    cmd = [sys.executable, os.path.join(HERE, "clo.py")] + argv + ["--out", out]
+    first = run_command(out)
+    if first is not None and not first.endswith(" ".join(argv + ["--out", out])):  # the python path may differ
+        raise ValueError(f"{out}: trained with another command ({first!r}), now {' '.join(cmd)!r}; pass the same "
+                         "options, use another --out, or delete that run folder to train it again.")
     if os.path.exists(os.path.join(out, "summary.json")):
         log(f"{name}: finished earlier, skipped")
         return False
@@ -278,7 +293,7 @@ def train_run(name, argv, a, log):
     os.makedirs(out, exist_ok=True)
     if not a.parallel:
         share_translations(out, a)
-    cmd = [sys.executable, os.path.join(HERE, "clo.py")] + argv + ["--out", out] + (["--resume"] if resume else [])
+    cmd += ["--resume"] if resume else []
     log(f"{name}: training{' (resumed)' if resume else ''}")
     t = time.time()
     with open(os.path.join(out, "train.log"), "a") as f:
@@ -306,14 +321,24 @@ def material_settings(a):
                                        "max_new_tokens", "judge")}
 
 
-def load_eval(dest, material, a):
-    """A saved evaluation, its fidelity rescored from its answers; refused if it was made on other material."""
+def eval_source(name, a):
+    """What an evaluation evaluated: the base model's path, or the command that trained the run."""
+    return a.model if name == "base" else run_command(os.path.join(a.out, "runs", name))
+
+
+def load_eval(dest, material, a, name):
+    """A saved evaluation, its fidelity rescored from its answers; refused if it was made on other material, or of
+    another model than the one there now (a run retrained with other options)."""
     with open(dest) as f:
         done = json.load(f)
     if done.get("settings") != material_settings(a):  # a table must not mix evaluations on different material
         raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now "
                          f"{material_settings(a)}; pass the same options, use another --out, or delete OUT/eval to "
                          "evaluate every run again.")
+    # evaluations written before "source" was recorded (2026-11-29) cannot be checked, and are taken as they are
+    if "source" in done and done["source"] != eval_source(name, a):
+        raise ValueError(f"{dest}: evaluates {done['source']!r}, but {name} is now {eval_source(name, a)!r}; delete "
+                         "the evaluation to evaluate the run again.")
     return score_answers(done, material)
 
 
@@ -321,10 +346,10 @@ def eval_run(name, path, material, a, log, ref=None, base_answers=None):
     dest = os.path.join(a.out, "eval", f"{name}.json")
     settings = material_settings(a)
     if os.path.exists(dest):
-        return load_eval(dest, material, a)
+        return load_eval(dest, material, a, name)
     t = time.time()
     metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
-    result = {"run": name, "settings": settings, "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
+    result = {"run": name, "settings": settings, "source": eval_source(name, a), "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
     write_json(dest, result)
     log(f"{name}: evaluated in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
                                                                         if not k.startswith("pref_margin")))
@@ -361,12 +386,15 @@ def metric_columns(table, a):
 
 
 def markdown(table, a):
+    """Mean ± sample std over the seeds finished; a cell with one value shows the value alone (no spread to show)."""
     cols = metric_columns(table, a)
-    lines = ["| method | items | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| method | items | seeds | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for method in ["base"] + [m for m in METHODS if m in table]:
         for size, cell in sorted(table[method].items(), key=lambda kv: int(kv[0])):
-            vals = [f"{cell[c]['mean']:.3f} ± {cell[c]['std']:.3f}" if c in cell else "" for c in cols]
-            lines.append(f"| {method} | {size if method != 'base' else 0} | " + " | ".join(vals) + " |")
+            vals = ["" if c not in cell else f"{cell[c]['mean']:.3f}" if cell[c]["n"] < 2 else
+                    f"{cell[c]['mean']:.3f} ± {cell[c]['std']:.3f}" for c in cols]
+            n = max(v["n"] for v in cell.values())
+            lines.append(f"| {method} | {size if method != 'base' else 0} | {n} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,12 +408,15 @@ def figure(table, a, path):
     ncol = 4
     nrow = (len(cols) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    markers = "osD^v"
     for ax, col in zip(axes.flat, cols):
-        for method in [m for m in METHODS if m in table]:
+        for i, method in enumerate(m for m in METHODS if m in table):
             pts = sorted((int(s), c[col]) for s, c in table[method].items() if col in c)
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
-                            marker="o", capsize=3, label=method)
+            if pts:  # each method a little to the side, so that equal values do not hide one another
+                ax.errorbar([p[0] * 1.04 ** (i - 1) for p in pts], [p[1]["mean"] for p in pts],
+                            yerr=[p[1]["std"] for p in pts], marker=markers[i], capsize=3, label=method)
+        if not col.startswith("nll"):  # shares: on their whole scale, so one prompt of 32 does not fill the panel
+            ax.set_ylim(-0.03, 1.03)
         if col in table["base"]["0"]:
             ax.axhline(table["base"]["0"][col]["mean"], color="gray", linestyle="--", label="base")
         ax.set_title(col)
@@ -436,24 +467,55 @@ def parse_args(argv=None):
                    "figure from the evaluations already in OUT/eval (a partial grid, while another process runs)")
     a = p.parse_args(argv)
     a.train_args = train_args
-    a.sizes = [int(s) for s in a.sizes.split(",")]
-    a.seeds = [int(s) for s in a.seeds.split(",")]
+    for arg in train_args:  # the grid sets these per run; argparse would let a later copy silently win
+        name = arg.split("=")[0]
+        if arg.startswith("--") and len(name) > 2 and any(f.startswith(name) for f in GRID_FLAGS):
+            raise ValueError(f"after --: {arg} is set by the grid itself for every run ({', '.join(GRID_FLAGS)}); "
+                             "use this script's --model/--lang/--data/--sizes/--seeds/--methods/--out instead.")
+    a.sizes, a.seeds = int_list("--sizes", a.sizes, 1), int_list("--seeds", a.seeds, 0)
     a.methods = [m.strip() for m in a.methods.split(",")]
     for m in a.methods:
         if m not in METHODS:
             raise ValueError(f"--methods: {m!r} is not one of {', '.join(METHODS)}.")
+    if len(set(a.methods)) != len(a.methods):
+        raise ValueError(f"--methods {','.join(a.methods)}: a method is repeated.")
     if a.fidelity is None:
         mgsm = os.path.join(HERE, "samples", "mgsm_parallel_en_de_sw_zh.jsonl")
         xcopa = os.path.join(HERE, "samples", f"xcopa_prompts_{a.lang}.jsonl")
-        a.fidelity = mgsm if a.lang in ("de", "sw", "zh") else xcopa if os.path.exists(xcopa) else a.heldout
+        a.fidelity = mgsm if a.lang in ("de", "sw", "zh") else xcopa if os.path.exists(xcopa) else None
+        if a.fidelity is None:  # the SIB prompts are the 7 templates the runs train on: not held out
+            raise ValueError(f"--lang {a.lang}: no held-out fidelity prompts ship for it (MGSM has de/sw/zh, the XCOPA "
+                             "file id); pass --fidelity FILE.jsonl with en_instruction and "
+                             f"{a.lang}_instruction columns of prompts that are not in the training data.")
     if a.mc is None:
         a.mc = [p for p in (os.path.join(SHARED, "xcopa", f"val.{a.lang}.jsonl"),
                             os.path.join(SHARED, "xcopa", f"val.{a.lang}.en-translation.jsonl")) if os.path.exists(p)]
     a.out = os.path.abspath(a.out)
-    a.parallel = a.data.endswith(".jsonl") and os.path.exists(a.data) and "en_instruction" in read_jsonl(a.data)[0]
+    if a.data.endswith(".jsonl") and not os.path.exists(a.data):
+        raise ValueError(f"--data {a.data}: no such file.")
+    rows = read_jsonl(a.data) if a.data.endswith(".jsonl") else []
+    if a.data.endswith(".jsonl") and not rows:
+        raise ValueError(f"--data {a.data}: the file has no rows.")
+    a.parallel = bool(rows) and "en_instruction" in rows[0]
     if a.parallel:
         a.data = os.path.abspath(a.data)
+        if f"{a.lang}_response" not in rows[0]:
+            raise ValueError(f"--data {a.data}: no {a.lang}_instruction/{a.lang}_response columns; the file has "
+                             f"{sorted(k for k in rows[0] if k.endswith('_response'))}.")
+        if max(a.sizes) > len(rows):  # clo.py would take all rows and label them as more
+            raise ValueError(f"--sizes {max(a.sizes)}: {a.data} has only {len(rows)} items.")
     return a
+
+
+def int_list(flag, text, least):
+    """A comma-separated list of distinct integers >= `least` (a repeated seed would fake the spread)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: give comma-separated integers, e.g. 16,32,64.") from None
+    if min(values) < least or len(set(values)) != len(values):
+        raise ValueError(f"{flag} {text}: give distinct integers of at least {least}.")
+    return values
 
 
 def stop_on_sigterm(signum, frame):
@@ -475,7 +537,7 @@ def main(argv=None):
         for name in ["base"] + [r[0] for r in runs]:
             path = os.path.join(a.out, "eval", f"{name}.json")
             if os.path.exists(path):
-                evals[name] = load_eval(path, material, a)
+                evals[name] = load_eval(path, material, a, name)
         if "base" not in evals:
             raise ValueError(f"{a.out}/eval/base.json: not there yet; nothing to report.")
         return report(evals, runs, a, material)
@@ -544,6 +606,16 @@ def paired(audit, runs, a):
     return out
 
 
+def run_args(a, name):
+    """clo.py's own record of a run's settings (RUN/args.json): what the run was trained with, whatever options the
+    report was written with."""
+    path = os.path.join(a.out, "runs", name, "args.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def report(evals, runs, a, material):
     table = aggregate(evals, runs, a)
     audit = verdicts(evals, material)
@@ -551,7 +623,8 @@ def report(evals, runs, a, material):
     comparisons = paired(audit, runs, a)
     write_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
-                "table": table, "paired": comparisons, "runs": {n: e["metrics"] for n, e in evals.items()}})
+                "table": table, "paired": comparisons, "runs": {n: e["metrics"] for n, e in evals.items()},
+                "run_args": {n: run_args(a, n) for n in evals if n != "base"}})
     md = markdown(table, a)
     if comparisons:
         md += (f"\nCLO against each method on fidelity_{a.lang}, prompt by prompt (a prompt's score: the share of seeds "

@@ -151,7 +151,7 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
         assert k in cell, k
     assert "pref_acc_de" not in res["table"]["base"]["0"]  # base against itself has no margin
     table = open(out / "table.md").read()
-    assert "| clo | 4 |" in table and "| sft | 2 |" in table and "±" in table
+    assert "| clo | 4 | 1 |" in table and "| sft | 2 | 1 |" in table and "±" not in table  # one seed: no spread
     assert open(out / "figure.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # every fidelity answer is there with its verdicts, and the metric is their count
     answers = json.load(open(out / "answers.json"))["runs"]["clo-n4-s0"]["de"]
@@ -182,6 +182,17 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
         X.main(changed)
     with pytest.raises(ValueError, match="other settings"):  # nor in a report of saved evaluations
         X.main(changed[:changed.index("--")] + ["--report-only"])
+    # finished runs are not silently reused with other training options, and the JSON keeps what each run was
+    # trained with, whatever the report was written with
+    with pytest.raises(ValueError, match="trained with another command"):
+        X.main(argv[:-1] + ["64"])
+    assert json.load(open(out / "results.json"))["run_args"]["clo-n4-s0"]["max_len"] == 128
+    # an evaluation of a run that was since retrained with other options is not reused
+    evaluation = json.load(open(out / "eval" / "clo-n4-s0.json"))
+    evaluation["source"] = evaluation["source"].replace("--max-len 128", "--max-len 64")
+    X.write_json(str(out / "eval" / "clo-n4-s0.json"), evaluation)
+    with pytest.raises(ValueError, match="delete the evaluation"):
+        X.main(argv)
 
 
 def test_sft_dpo_plan_trains_sft_once(tmp_path):
@@ -234,3 +245,31 @@ def test_paired_comparison_counts_prompts_not_seeds():
     assert (rows["sft"]["wins"], rows["sft"]["losses"], rows["sft"]["prompts"]) == (1, 2, 3)
     assert rows["sft"]["p"] == pytest.approx(X.sign_test(1, 2)) == 1.0
     assert (rows["base"]["wins"], rows["base"]["losses"]) == (2, 0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--", "--seed", "7"], "set by the grid itself"),           # would silently override each run's seed
+    (["--", "--num-samp=800"], "set by the grid itself"),         # an abbreviation argparse would accept
+    (["--seeds", "1,1"], "distinct integers"),                    # one run counted twice: a fake spread of 0
+    (["--sizes", "16,0"], "distinct integers of at least 1"),
+    (["--seeds", "a"], "comma-separated integers"),
+    (["--sizes", "900"], "has only 800 items"),                   # clo.py would train on 800 and label it 900
+    (["--methods", "clo,clo"], "repeated"),
+    (["--data", "nowhere.jsonl"], "no such file"),
+    (["--lang", "ko"], "no held-out fidelity prompts"),           # the SIB prompts are the trained templates
+])
+def test_grid_refuses_bad_options(extra, message):
+    argv = ["--model", "M", "--lang", "de", "--out", "/tmp/unused-grid", "--mc"]
+    if "--" in extra:
+        argv += extra
+    else:
+        argv = argv + extra if extra[0] != "--lang" else ["--model", "M", "--out", "/tmp/unused-grid", "--mc"] + extra
+    with pytest.raises(ValueError, match=message):
+        X.parse_args(argv)
+
+
+def test_grid_refuses_parallel_data_without_the_language(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", parallel_rows(4))   # en and de only
+    with pytest.raises(ValueError, match=r"no sw_instruction/sw_response columns; the file has \['de_response', "
+                                         r"'en_response'\]"):
+        X.parse_args(["--model", "M", "--lang", "sw", "--data", str(tmp_path / "d.jsonl"), "--out", "/tmp/u", "--mc"])
