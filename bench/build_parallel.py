@@ -4,7 +4,7 @@
 
 Writes, in clo.py's --translations format (en_instruction, en_response, <lang>_instruction, <lang>_response, ...):
 
-- sib200_parallel.jsonl (SIB-200 train + dev, 801 rows, shuffled with seed 0 so that the first N rows, which
+- sib200_parallel.jsonl (SIB-200 train + dev, 800 rows, shuffled with seed 0 so that the first N rows, which
   `clo.py --num-samples N` takes, are a random sample) and sib200_heldout.jsonl (SIB-200 test, 204 rows, never trained
   on). One row per FLORES-200 sentence: the instruction is a hand-written TEMPLATE per language, "Write one sentence
   about {topic}." (the topic is SIB-200's label of the sentence), the response is the FLORES-200 sentence of that index

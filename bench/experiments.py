@@ -269,6 +269,14 @@ def share_translations(out, a):
         shutil.copyfile(max(done, key=os.path.getsize), cache)
 
 
+def die_with_parent():
+    """In the clo.py child: be sent SIGTERM when this script dies, even by SIGKILL (Linux), so that a rerun never
+    finds an orphan still writing the run folder it resumes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_command(out):
     """The clo.py command line a run folder was started with (the first line of its train.log), or None."""
     if not os.path.exists(os.path.join(out, "train.log")):
@@ -294,16 +302,20 @@ def train_run(name, argv, a, log):
     if not a.parallel:
         share_translations(out, a)
     cmd += ["--resume"] if resume else []
+    model = argv[argv.index("--model") + 1]
+    if model.startswith(a.out) and not os.path.isdir(model):  # SFT+DPO's start: the SFT run's merged model
+        raise ValueError(f"{name}: {model} does not exist: its SFT run finished without --merge (it was trained "
+                         f"before sft+dpo was in --methods); delete {os.path.dirname(model)} to train it again.")
     log(f"{name}: training{' (resumed)' if resume else ''}")
     t = time.time()
     with open(os.path.join(out, "train.log"), "a") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, preexec_fn=die_with_parent).returncode
     if rc != 0:
         with open(os.path.join(out, "train.log")) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"{name}: clo.py exited with {rc}; its log ({out}/train.log) ends:\n{tail}")
+        raise ValueError(f"{name}: clo.py exited with {rc}; its log ({out}/train.log) ends:\n{tail}")
     log(f"{name}: trained in {time.time() - t:.0f} s")
     return True
 
@@ -526,6 +538,11 @@ def main(argv=None):
     from tqdm import tqdm
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     a = parse_args(argv)
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # the figure comes last: say so now, not after hours of training
+        raise ValueError("the figure needs matplotlib: pip install matplotlib (requirements-test.txt has it).")
+    if a.report_only and not os.path.isdir(os.path.join(a.out, "eval")):
+        raise ValueError(f"{a.out}/eval: no evaluations there yet; nothing to report (check --out).")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
     if not a.report_only:
