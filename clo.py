@@ -589,9 +589,10 @@ def save_tensors(path: str, tensors: dict, metadata: dict | None = None):
 
 
 def save_json(path: str, obj):
+    """JSON, written atomically; UTF-8 text as itself (a Korean answer stays readable), read back by model.read_json."""
     def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
     write_atomic(path, write)
 
 

@@ -15,11 +15,12 @@ its merged/ folder. Each finished run is evaluated into OUT/eval/<run>.json (ski
 OUT/eval/base.json. Then OUT/results.json (every run's metrics and the mean/std over seeds), OUT/table.md,
 OUT/figure.png and OUT/answers.json (every fidelity answer with its language, echo and loop verdicts, to audit).
 
-Held-out metrics (none of this material is trained on):
+Metrics (the fidelity prompts are held out; the preference/NLL pairs have held-out answers to the trained prompt
+templates):
 - fidelity_<l>: share of answers to target-language prompts (--fidelity file, default MGSM questions) that are in the
-  prompt's language AND not an echo (is_echo: a copy or continuation of the prompt) AND not a loop (is_loop: a
-  phrase repeated 4+ times in a row); in_lang_<l> is the share in the language without either rule, echo_<l> and
-  loop_<l> the shares of echoes and loops. Same for English (fidelity_en).
+  prompt's language AND not an echo (is_echo: half the answer copied from the prompt) AND not a loop (is_loop:
+  repetition); in_lang_<l> is the share in the language without either rule, echo_<l> and loop_<l> the shares of
+  echoes and loops. Same for English (fidelity_en).
 - pref_acc_<l>: TRL's eval reward accuracy on held-out pairs (--heldout) with the BASE model as reference: the share
   of target-language prompts for which the model, relative to the base model, prefers the target-language answer to
   the English one (margin > 0); pref_acc_en: English prompt, English answer preferred. Undefined for base itself.
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import math
 import os
 import re
@@ -45,6 +45,10 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
+
+import clo  # noqa: E402  (after the path insert: the repository's own modules)
+import data as D  # noqa: E402
+import model as M  # noqa: E402
 
 SHARED = os.path.join(HERE, "..", "shared", "data")
 METHODS = ("sft", "sft+dpo", "clo", "dpo")
@@ -121,38 +125,47 @@ def is_loop(answer: str, repeats: int = 3, max_unit: int = 4, max_rep4: float = 
     return re.search(r"([^\W\d_]{2,8})\1{3,}|(\S)\2{9,}", answer, re.IGNORECASE) is not None
 
 
-def fidelity(prompts, answers, lang):
-    """{fidelity, in_lang, echo, loop}: the share of answers in `lang` that are neither an echo nor a loop (the
-    primary metric); the share in `lang`; the share of echoes; the share of loops."""
+def verdict(prompt: str, answer: str) -> dict:
+    """The rules' verdict on one answer: {answer, detected (fastText's language), echo, loop}."""
     import eval as E
-    detected = [E.detect_language(a) for a in answers]
-    echo = [is_echo(p, a) for p, a in zip(prompts, answers)]
-    loop = [is_loop(a) for a in answers]
-    n = len(answers)
-    return {"fidelity": sum(d == lang and not e and not r for d, e, r in zip(detected, echo, loop)) / n,
-            "in_lang": sum(d == lang for d in detected) / n, "echo": sum(echo) / n, "loop": sum(loop) / n}
+    return {"answer": answer, "detected": E.detect_language(answer), "echo": is_echo(prompt, answer),
+            "loop": is_loop(answer)}
+
+
+def passes(v: dict, lang: str) -> bool:
+    """The primary metric's test of one answer: in the prompt's language, and neither an echo nor a loop."""
+    return v["detected"] == lang and not v["echo"] and not v["loop"]
+
+
+def shares(verdicts: list[dict], lang: str) -> dict:
+    """{fidelity, in_lang, echo, loop}: the share of answers that pass (the primary metric); the share in `lang`; the
+    share of echoes; the share of loops."""
+    n = len(verdicts)
+    return {"fidelity": sum(passes(v, lang) for v in verdicts) / n,
+            "in_lang": sum(v["detected"] == lang for v in verdicts) / n,
+            "echo": sum(v["echo"] for v in verdicts) / n, "loop": sum(v["loop"] for v in verdicts) / n}
+
+
+def fidelity(prompts, answers, lang):
+    """shares() of the answers to `prompts`."""
+    return shares([verdict(p, a) for p, a in zip(prompts, answers)], lang)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out material
 
 
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def heldout_material(a):
     """The evaluation inputs, fixed for every model: fidelity prompts, held-out parallel rows, multiple-choice rows."""
     import eval as E
     langs = (a.lang, "en")
-    fid_rows = read_jsonl(a.fidelity)
+    fid_rows = D.read_jsonl(a.fidelity)
     for lang in langs:
         if f"{lang}_instruction" not in fid_rows[0]:
             raise ValueError(f"--fidelity {a.fidelity}: no {lang}_instruction column; pass a file with prompts in "
                              f"{lang} (e.g. samples/sib200_heldout.jsonl).")
     fid_rows = E.subset(fid_rows, a.num_prompts, seed=0)
-    held = read_jsonl(a.heldout)
+    held = D.read_jsonl(a.heldout)
     for lang in langs:
         if f"{lang}_response" not in held[0]:
             raise ValueError(f"--heldout {a.heldout}: no {lang}_instruction/{lang}_response columns.")
@@ -168,8 +181,6 @@ def pair_logps(model, tok, rows, lang, batch_size=8):
     """Summed log-probs of both answers to each row's `lang` prompt: (own-language answer, other answer) lists.
     For the target language the other answer is English; for English it is the target language's."""
     import torch
-    import clo
-    import data as D
     other = rows[0]["_other"]
     own, alt = [], []
     with torch.no_grad():
@@ -188,19 +199,23 @@ def pair_logps(model, tok, rows, lang, batch_size=8):
 
 
 def score_answers(result, material):
-    """(Re)compute the fidelity metrics of an evaluation from its saved answers, in place: the echo and loop rules are
-    applied whenever a table is written, so a saved evaluation never carries numbers from an older rule."""
+    """(Re)judge an evaluation's saved answers, in place: result["verdicts"][lang] (one verdict() per answer, kept for
+    the audit file and the paired test) and the fidelity metrics from them. The echo and loop rules are applied
+    whenever a table is written, so a saved evaluation never carries numbers from an older rule."""
+    result["verdicts"] = {}
     for lang, answers in result["answers"].items():
-        if len(answers) != len(material["prompts"][lang]):
+        prompts = material["prompts"][lang]
+        if len(answers) != len(prompts):
             raise ValueError(f"evaluation of {result.get('run')}: {len(answers)} {lang} answers for "
-                             f"{len(material['prompts'][lang])} prompts; it was made with other --num-prompts.")
-        f = fidelity(material["prompts"][lang], answers, lang)
-        result["metrics"].update({f"{k}_{lang}": v for k, v in f.items()})
+                             f"{len(prompts)} prompts; it was made with other --num-prompts.")
+        result["verdicts"][lang] = [verdict(p, ans) for p, ans in zip(prompts, answers)]
+        result["metrics"].update({f"{k}_{lang}": v for k, v in shares(result["verdicts"][lang], lang).items()})
     return result
 
 
 def evaluate(path, material, a, name, ref=None, base_answers=None):
-    """Every metric for one model (a checkpoint or a clo run folder). Returns (metrics, answers, logps)."""
+    """Every metric for one model (a checkpoint or a clo run folder) but the fidelity ones, which score_answers
+    computes from the answers. Returns (metrics, answers, logps)."""
     import torch
     import eval as E
     torch.manual_seed(0)
@@ -224,7 +239,6 @@ def evaluate(path, material, a, name, ref=None, base_answers=None):
         prompts = material["prompts"][a.lang]
         metrics[f"win_{a.lang}"] = E.win_rate(ask, prompts, [a.lang] * len(prompts), answers[a.lang],
                                               base_answers[a.lang])["win_rate"]
-    score_answers({"metrics": metrics, "answers": answers}, material)
     return metrics, answers, logps
 
 
@@ -320,13 +334,6 @@ def train_run(name, argv, a, log):
     return True
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)  # atomic: a kill never leaves a half-written file that would count as done
-
-
 def material_settings(a):
     """What an evaluation depends on besides the model: a cached OUT/eval/<run>.json is reused only if these match."""
     return {k: getattr(a, k) for k in ("lang", "fidelity", "num_prompts", "heldout", "num_heldout", "mc", "num_mc",
@@ -341,8 +348,7 @@ def eval_source(name, a):
 def load_eval(dest, material, a, name):
     """A saved evaluation, its fidelity rescored from its answers; refused if it was made on other material, or of
     another model than the one there now (a run retrained with other options)."""
-    with open(dest) as f:
-        done = json.load(f)
+    done = M.read_json(dest)
     if done.get("settings") != material_settings(a):  # a table must not mix evaluations on different material
         raise ValueError(f"{dest}: evaluated with other settings ({done.get('settings')}), now "
                          f"{material_settings(a)}; pass the same options, use another --out, or delete OUT/eval to "
@@ -356,13 +362,14 @@ def load_eval(dest, material, a, name):
 
 def eval_run(name, path, material, a, log, ref=None, base_answers=None):
     dest = os.path.join(a.out, "eval", f"{name}.json")
-    settings = material_settings(a)
     if os.path.exists(dest):
         return load_eval(dest, material, a, name)
     t = time.time()
     metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
-    result = {"run": name, "settings": settings, "source": eval_source(name, a), "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t}
-    write_json(dest, result)
+    result = score_answers({"run": name, "settings": material_settings(a), "source": eval_source(name, a),
+                            "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t},
+                           material)
+    clo.save_json(dest, result)
     log(f"{name}: evaluated in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
                                                                         if not k.startswith("pref_margin")))
     return result
@@ -465,7 +472,7 @@ def parse_args(argv=None):
                    help="held-out parallel JSONL: preference accuracy and NLL")
     p.add_argument("--num-heldout", type=int, default=64)
     p.add_argument("--fidelity", default=None, help="parallel JSONL whose <lang>_instruction/en_instruction are the "
-                   "fidelity prompts (default: MGSM questions for de/sw/zh, XCOPA premise questions for id, else --heldout)")
+                   "fidelity prompts (default: MGSM questions for de/sw/zh, XCOPA premise questions for id; other languages must pass it)")
     p.add_argument("--num-prompts", type=int, default=32, help="fidelity prompts per language")
     p.add_argument("--mc", nargs="*", default=None, help="multiple-choice files (default: XCOPA val in the target "
                    "language and its English translation, where ../shared/data has them)")
@@ -505,7 +512,7 @@ def parse_args(argv=None):
     a.out = os.path.abspath(a.out)
     if a.data.endswith(".jsonl") and not os.path.exists(a.data):
         raise ValueError(f"--data {a.data}: no such file.")
-    rows = read_jsonl(a.data) if a.data.endswith(".jsonl") else []
+    rows = D.read_jsonl(a.data) if a.data.endswith(".jsonl") else []
     if a.data.endswith(".jsonl") and not rows:
         raise ValueError(f"--data {a.data}: the file has no rows.")
     a.parallel = bool(rows) and "en_instruction" in rows[0]
@@ -546,7 +553,7 @@ def main(argv=None):
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
     if not a.report_only:
-        write_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
+        clo.save_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
     runs = plan(a)
     material = heldout_material(a)
     if a.report_only:
@@ -574,16 +581,10 @@ def main(argv=None):
     return report(evals, runs, a, material)
 
 
-def verdicts(evals, material):
+def audit_file(evals, material):
     """Every fidelity answer with the rules' verdict on it, so that a reader can audit the primary metric:
     {prompts: {lang: [prompt]}, runs: {run: {lang: [{answer, detected, echo, loop}]}}}, answers in prompt order."""
-    import eval as E
-    runs = {}
-    for name, e in evals.items():
-        runs[name] = {lang: [{"answer": ans, "detected": E.detect_language(ans), "echo": is_echo(p, ans),
-                              "loop": is_loop(ans)} for p, ans in zip(material["prompts"][lang], answers)]
-                      for lang, answers in e["answers"].items()}
-    return {"prompts": material["prompts"], "runs": runs}
+    return {"prompts": material["prompts"], "runs": {name: e["verdicts"] for name, e in evals.items()}}
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -599,8 +600,7 @@ def paired(audit, runs, a):
     prompts, not the seeds, are the units (the seeds answer the same prompts), so this is the test of whether a
     difference in the table is more than the luck of which 32 prompts were drawn."""
     lang = a.lang
-    ok = {n: [v["detected"] == lang and not v["echo"] and not v["loop"] for v in r[lang]]
-          for n, r in audit["runs"].items()}
+    ok = {n: [passes(v, lang) for v in r[lang]] for n, r in audit["runs"].items()}
     by = {}
     for name, method, size, seed, _ in runs:
         if name in ok:
@@ -629,16 +629,15 @@ def run_args(a, name):
     path = os.path.join(a.out, "runs", name, "args.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return M.read_json(path)
 
 
 def report(evals, runs, a, material):
     table = aggregate(evals, runs, a)
-    audit = verdicts(evals, material)
-    write_json(os.path.join(a.out, "answers.json"), audit)
+    audit = audit_file(evals, material)
+    clo.save_json(os.path.join(a.out, "answers.json"), audit)
     comparisons = paired(audit, runs, a)
-    write_json(os.path.join(a.out, "results.json"),
+    clo.save_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
                 "table": table, "paired": comparisons, "runs": {n: e["metrics"] for n, e in evals.items()},
                 "run_args": {n: run_args(a, n) for n in evals if n != "base"}})
@@ -658,5 +657,4 @@ def report(evals, runs, a, material):
 
 
 if __name__ == "__main__":
-    import clo
     clo.exit_on_error(main)
