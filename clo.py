@@ -410,9 +410,9 @@ def translated_rows(args, items, run: Run) -> list[dict]:
     flags = D.translation_flags(rows, args.langs)
     if flags["flagged"]:
         run.log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence "
-                f"cut at the MT model's input limit, {flags['degenerate']} degenerate after a retry; marked in "
-                f"{args.translations or cache}): " + ("kept (--keep-flagged)" if args.keep_flagged else
-                                                      "left out of the pairs (--keep-flagged keeps them)"))
+                f"cut at the MT model's input limit or output cap, {flags['degenerate']} degenerate after a retry; "
+                f"marked in {args.translations or cache}): " + ("kept (--keep-flagged)" if args.keep_flagged else
+                                                                "left out of the pairs (--keep-flagged keeps them)"))
     run.report.update(translation_flags=flags, dropped_flagged=0 if args.keep_flagged else 2 * flags["flagged"])
     return rows
 
@@ -1140,7 +1140,8 @@ def final_message(args, out: str, last: dict) -> str:
 
 def check_languages(langs: list[str], translations: str | None):
     """Fails before any work on a language the run cannot train. With --translations, any language whose columns the
-    file has (no MT model is used); otherwise one the translator's code table knows."""
+    file has (no MT model is used); otherwise one the code tables know (NLLB's FLORES-200, M2M100's); whether the
+    translator has it is checked as soon as it loads (data.translate_items)."""
     import difflib
     if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
         raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
@@ -1159,7 +1160,7 @@ def check_languages(langs: list[str], translations: str | None):
                                  f"its languages: {', '.join(have) or 'none'}.")
         return
     for lang in langs:
-        if not (lang in D.FLORES_CODES or re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang)):
+        if not (lang in D.FLORES_CODES or lang in D.M2M100_CODES["m2m100"] or D.LANGUAGE_TOKEN.fullmatch(lang)):
             stem = lang.lower()[:2]  # KO, korean, ko_KR -> ko
             close = [stem] if stem in D.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(D.FLORES_CODES),
                                                                                     n=3, cutoff=0.5)

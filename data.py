@@ -158,7 +158,8 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 # Translation: language codes, sentence splitting, the Translator service around model.py's M2M100 network
 
 
-# ISO 639-1 -> FLORES-200 code (NLLB's language tokens). M2M100 checkpoints use __xx__ tokens instead.
+# ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like codes,
+# numbered after vocab.json in this order (fairseq's M2M100 language list; its WMT21 models use their own 8).
 FLORES_CODES = {
     "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
     "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
@@ -168,18 +169,26 @@ FLORES_CODES = {
     "el": "ell_Grek", "sv": "swe_Latn", "da": "dan_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "ro": "ron_Latn",
     "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
 }
+M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de el en es et fa ff fi fr fy ga gd gl gu "
+                "ha he hi hr ht hu hy id ig ilo is it ja jv ka kk km kn ko lb lg ln lo lt lv mg mk ml mn mr ms my ne nl "
+                "no ns oc or pa pl ps pt ro ru sd si sk sl so sq sr ss su sv sw ta th tl tn tr uk ur uz vi wo xh yi yo "
+                "zh zu".split(), "wmt21": "en ha is ja cs ru zh de".split()}
+LANGUAGE_TOKEN = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__")
 
 
-def language_token(vocab: dict, code: str) -> tuple[str, int]:
-    """Accepts an ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang); returns the checkpoint's language token."""
-    for token in (FLORES_CODES.get(code), code, f"__{code}__"):
-        if token is not None and token in vocab:
+def language_token(vocab: dict, code: str, name: str = "this translator") -> tuple[str, int]:
+    """An ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang) -> the checkpoint's language token and id: NLLB's
+    kor_Hang or M2M100's __ko__, whichever the vocabulary has; never a text piece that spells the code (ko).
+    Raises ValueError naming the code and the translator (`name`)."""
+    iso = {fl: iso for iso, fl in FLORES_CODES.items()}.get(code, code)
+    for token in (FLORES_CODES.get(code, code), f"__{iso}__"):
+        if LANGUAGE_TOKEN.fullmatch(token) and token in vocab:
             return token, vocab[token]
-    known = sorted(t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__", t))
+    known = sorted(t for t in vocab if LANGUAGE_TOKEN.fullmatch(t))
     names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
     close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
     hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise ValueError(f"language {code!r} is not supported by this translator.{hint} Use an ISO 639-1 code "
+    raise ValueError(f"language {code!r} is not supported by {name}.{hint} Use an ISO 639-1 code "
                      f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
 
 
@@ -272,18 +281,47 @@ def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
     return False
 
 
-class Translator:
-    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids."""
+class SentencePieceTokenizer:
+    """M2M100's tokenizer as released (facebook/m2m100_418M, m2m100_1.2B: sentencepiece.bpe.model + vocab.json, no
+    tokenizer.json), with the tokenizers.Tokenizer methods the Translator uses. As fairseq and transformers'
+    M2M100Tokenizer: sentencepiece pieces -> ids through vocab.json (a piece it lacks -> <unk>, transformers#11336),
+    language tokens __xx__ numbered after it (M2M100_CODES[language_codes] of tokenizer_config.json). Text that spells
+    a special token (</s>) stays text. Raises KeyError on an unknown language_codes."""
 
-    def __init__(self, model: M.M2M100ForConditionalGeneration, tokenizer):
-        self.model, self.tok = model, tokenizer
+    def __init__(self, folder: str):
+        import sentencepiece
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "sentencepiece.bpe.model"))
+        self.vocab = M.read_json(os.path.join(folder, "vocab.json"))
+        self.pieces = {i: p for p, i in self.vocab.items() if p not in ("<s>", "<pad>", "</s>", "<unk>")}
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        codes = M2M100_CODES[(M.read_json(cfg_path) if os.path.exists(cfg_path) else {}).get("language_codes",
+                                                                                              "m2m100")]
+        self.vocab.update({f"__{c}__": len(self.vocab) + k for k, c in enumerate(codes)})
+
+    def get_vocab(self) -> dict:
+        return self.vocab
+
+    def encode(self, text: str, add_special_tokens=False):
+        from types import SimpleNamespace
+        return SimpleNamespace(ids=[self.vocab.get(p, self.vocab["<unk>"]) for p in self.sp.encode(text, out_type=str)])
+
+    def decode(self, ids: list[int], skip_special_tokens=True) -> str:
+        return self.sp.decode([self.pieces[i] for i in ids if i in self.pieces]).strip()
+
+
+class Translator:
+    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids.
+    `name` (the checkpoint) is named in errors."""
+
+    def __init__(self, model: M.M2M100ForConditionalGeneration, tokenizer, name: str = "this translator"):
+        self.model, self.tok, self.name = model, tokenizer, name
         self.vocab = tokenizer.get_vocab()
 
     def lang_id(self, code: str) -> int:
-        return language_token(self.vocab, code)[1]
+        return language_token(self.vocab, code, self.name)[1]
 
     def encode_source(self, text: str, src: str) -> list[int]:
-        """NLLB's current layout: [src_lang_code] tokens [eos]."""
+        """NLLB's current layout, and M2M100's: [src_lang_code] tokens [eos]."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return [self.lang_id(src)] + ids + [self.model.config.eos_token_id]
 
@@ -299,11 +337,12 @@ class Translator:
             return M.seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
         return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens)
 
-    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress):
-        """Length-sorted batches; each batch may produce up to 2 x its longest source + 10 tokens. Returns the sources'
-        ids, the outputs' ids, and the indices of the sentences cut to max_input_tokens."""
+    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress, room=2):
+        """Length-sorted batches; each batch may produce up to room x its longest source + 10 tokens. Returns the
+        sources' ids, the outputs' ids, the indices of the sentences cut to max_input_tokens, and of the outputs that
+        reached that cap without the end token."""
         from tqdm import tqdm
-        sources, cut = [], set()
+        sources, cut, capped = [], set(), set()
         for i, s in enumerate(sentences):
             ids = self.encode_source(s, src)
             if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
@@ -316,12 +355,14 @@ class Translator:
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             ids, mask = self.pad_batch([sources[i] for i in idx])
-            longest = max(len(sources[i]) for i in idx)
-            for i, gen in zip(idx, self.generate(ids, mask, tgt, num_beams, 2 * longest + 10)):
+            cap = room * max(len(sources[i]) for i in idx) + 10
+            for i, gen in zip(idx, self.generate(ids, mask, tgt, num_beams, cap)):
                 out[i] = gen
+                if len(gen) >= cap:  # generate() drops the end token: an output this long never produced it
+                    capped.add(i)
             bar.update(len(idx))
         bar.close()
-        return sources, out, cut
+        return sources, out, cut, capped
 
     def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                   batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
@@ -331,9 +372,11 @@ class Translator:
     def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                           batch_size: int = 16, max_input_tokens: int = 256,
                           progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts: markdown lines, lists and code survive; degenerate outputs are retried with the other
-        decoding (beam <-> greedy). Returns the translations and, per text, its problems: "cut" (a sentence longer
-        than max_input_tokens was cut, its tail untranslated) and "degenerate" (still degenerate after the retry)."""
+        """Translates real texts: markdown lines, lists and code survive; outputs that are degenerate or end at the
+        decoding cap without the end token are retried once with the other decoding (beam <-> greedy) and more room
+        (3 x the source + 10, the degenerate bound). Returns the translations and, per text, its problems: "cut" (a
+        sentence longer than max_input_tokens was cut, its tail untranslated, or its translation still ends at the
+        cap) and "degenerate" (still degenerate after the retry)."""
         self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
         plans, sentences, owner = [], [], []
         for t_index, text in enumerate(texts):
@@ -344,32 +387,41 @@ class Translator:
             sentences += sents
             owner += [t_index] * len(sents)
         unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
-        sources, outputs, cut = self._translate_sentences(unique, src, tgt, num_beams, batch_size, max_input_tokens,
-                                                          progress)
-        bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)]
+        sources, outputs, cut, capped = self._translate_sentences(unique, src, tgt, num_beams, batch_size,
+                                                                  max_input_tokens, progress)
+        bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if i in capped or is_degenerate(s, o)]
         if bad:
-            _, retried, _ = self._translate_sentences([unique[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4,
-                                                      batch_size, max_input_tokens, False)
-            for i, r in zip(bad, retried):
-                if not is_degenerate(sources[i], r):
+            _, retried, _, recapped = self._translate_sentences([unique[i] for i in bad], src, tgt,
+                                                                1 if num_beams > 1 else 4, batch_size,
+                                                                max_input_tokens, False, room=3)
+            for k, (i, r) in enumerate(zip(bad, retried)):
+                if k not in recapped and not is_degenerate(sources[i], r):
                     outputs[i] = r
+                    capped.discard(i)
         by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
-        still_bad = {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}
-        was_cut = {unique[i] for i in cut}
+        problems = {"cut": {unique[i] for i in cut | capped},
+                    "degenerate": {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}}
         flags = [[] for _ in texts]
         for t, sent in zip(owner, sentences):
-            for name, bad_set in (("cut", was_cut), ("degenerate", still_bad)):
-                if sent in bad_set and name not in flags[t]:
-                    flags[t].append(name)
+            flags[t] += [name for name, bad_set in problems.items() if sent in bad_set and name not in flags[t]]
         translated = [by_text[sent] for sent in sentences]
         return [join_translation(plan, translated) for plan in plans], flags
 
 
 def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
-    """Loads an M2M100 / NLLB-200 checkpoint (model.load_m2m100: same loader rules as model.load_model) ->
-    Translator."""
-    network, tokenizer, _ = M.load_m2m100(path_or_id, dtype, device)
-    return Translator(network, tokenizer)
+    """Loads an M2M100 / NLLB-200 checkpoint (model.load_m2m100: same loader rules as model.load_model) with its
+    tokenizer: tokenizer.json (NLLB), else sentencepiece.bpe.model + vocab.json (M2M100 as released) -> Translator.
+    Raises FileNotFoundError (before the weights load) when the folder has neither."""
+    from tokenizers import Tokenizer
+    folder = M.resolve_checkpoint(path_or_id)
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    elif all(os.path.exists(os.path.join(folder, f)) for f in M.SENTENCEPIECE_FILES):
+        tok = SentencePieceTokenizer(folder)
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer: an NLLB checkpoint has tokenizer.json, an M2M100 one "
+                                f"{' + '.join(M.SENTENCEPIECE_FILES)}.")
+    return Translator(M.load_m2m100(folder, dtype, device), tok, path_or_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -456,6 +508,8 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
             log(f"translating {len(todo)} items to {lang} ({len(items) - len(todo)} already in {cache_path})")
             if not hasattr(translator, "translate_flagged"):
                 translator = translator()
+                for code in langs if hasattr(translator, "lang_id") else ():
+                    translator.lang_id(code)  # every language checked as soon as it loads, before any translation
         bar = tqdm(total=len(todo), desc=f"translate en->{lang}", unit="item", disable=not (progress and todo))
         sentences = 0
         for start in range(0, len(todo), chunk):

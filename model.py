@@ -639,6 +639,7 @@ def load_adapter(model: nn.Module, folder: str) -> list[str]:
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]  # besides the weights
+SENTENCEPIECE_FILES = ["sentencepiece.bpe.model", "vocab.json"]  # M2M100's tokenizer as released (no tokenizer.json)
 HUB_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -700,9 +701,11 @@ def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
     """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, and the weights
     safetensors_files() will read: the index and the shards it names, or model.safetensors, or (neither present)
-    the top-level *.safetensors. Nothing else: Mistral repos also hold a native consolidated.safetensors as large as
-    all the shards, and many hold pickles and original/ folders. read_index() -> the index's parsed JSON."""
-    wanted = [f for f in HUB_FILES if f in listing]
+    the top-level *.safetensors; SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Nothing else: Mistral
+    repos also hold a native consolidated.safetensors as large as all the shards, and many hold pickles and original/
+    folders. read_index() -> the index's parsed JSON."""
+    spm = SENTENCEPIECE_FILES if "tokenizer.json" not in listing else []
+    wanted = [f for f in HUB_FILES + spm if f in listing]
     if HUB_INDEX in listing:
         return wanted + [HUB_INDEX] + sorted(set(read_index()["weight_map"].values()))
     if "model.safetensors" in listing:
@@ -1326,16 +1329,11 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
     return _strip(hyps[:, 0, 2:].tolist(), cfg)
 
 
-def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu"):
-    """Loads an M2M100 / NLLB-200 checkpoint (same loader rules as load_model) -> (network in eval mode,
-    tokenizers.Tokenizer of its tokenizer.json, folder). data.load_translator wraps them into a Translator."""
-    from tokenizers import Tokenizer as HFTokenizer
+def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu") -> M2M100ForConditionalGeneration:
+    """Loads an M2M100 / NLLB-200 network (same loader rules as load_model), in eval mode. Its tokenizer and the
+    Translator around both: data.load_translator."""
     folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
-    cfg = M2M100Config.from_hf(raw, cfg_path)
-    model = build_on_meta(M2M100ForConditionalGeneration, cfg, dtype, device)
+    model = build_on_meta(M2M100ForConditionalGeneration, M2M100Config.from_hf(raw, cfg_path), dtype, device)
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
-    tok_path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{folder}: no tokenizer.json (NLLB checkpoints on the hub ship one).")
-    return model.eval(), HFTokenizer.from_file(tok_path), folder
+    return model.eval()

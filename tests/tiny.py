@@ -80,12 +80,45 @@ def make_llama(folder, model_type="llama", tie=False, seed=0, template_file=Fals
 NLLB_CODES = ["eng_Latn", "kor_Hang", "deu_Latn", "zho_Hans", "swh_Latn", "yor_Latn", "ind_Latn"]
 
 
-def make_m2m100(folder, seed=0, eos_bias=0.0):
-    """A 2+2-layer M2M100 checkpoint with NLLB-style language-code tokens. Returns the folder."""
+def make_sentencepiece_release(folder, drop=("ow",)):
+    """M2M100's released tokenizer files (facebook/m2m100_418M, _1.2B): a sentencepiece BPE model trained on CORPUS,
+    vocab.json in fairseq's order (<s> <pad> </s> <unk>, then the pieces; `drop`: pieces the dictionary lacks, as the
+    real one lacks some, transformers#11336), tokenizer_config.json and special_tokens_map.json, no tokenizer.json.
+    Returns the model's vocab_size: the pieces, 100 language tokens __xx__ and 8 madeup words."""
+    import io
+    import sentencepiece as spm
+    from transformers.models.m2m_100.tokenization_m2m_100 import FAIRSEQ_LANGUAGE_CODES
+    codes = FAIRSEQ_LANGUAGE_CODES["m2m100"]
+    os.makedirs(folder, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 3), model_writer=buf, vocab_size=150,
+                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+    with open(os.path.join(folder, "sentencepiece.bpe.model"), "wb") as f:
+        f.write(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    pieces = ["<s>", "<pad>", "</s>", "<unk>"] + [sp.id_to_piece(i) for i in range(3, sp.get_piece_size())
+                                                  if sp.id_to_piece(i) not in drop]
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    for name, content in (("vocab.json", {p: i for i, p in enumerate(pieces)}),
+                          ("special_tokens_map.json", {**specials, "additional_special_tokens": [
+                              f"__{c}__" for c in codes]}),
+                          ("tokenizer_config.json", {**specials, "language_codes": "m2m100", "num_madeup_words": 8,
+                                                     "tokenizer_class": "M2M100Tokenizer", "model_max_length": 1024})):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f)
+    return len(pieces) + len(codes) + 8
+
+
+def make_m2m100(folder, seed=0, eos_bias=0.0, release=False):
+    """A 2+2-layer M2M100 checkpoint with NLLB-style language-code tokens in a tokenizer.json, or (release) laid out as
+    facebook/m2m100_418M is released (see make_sentencepiece_release). Returns the folder."""
     import transformers
-    tok = make_tokenizer(folder, ["<s>", "<pad>", "</s>", "<unk>"], NLLB_CODES + ["<mask>"])
+    if release:
+        vocab_size = make_sentencepiece_release(folder)
+    else:
+        vocab_size = make_tokenizer(folder, ["<s>", "<pad>", "</s>", "<unk>"], NLLB_CODES + ["<mask>"]).get_vocab_size()
     cfg = transformers.M2M100Config(
-        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, scale_embedding=True,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
@@ -102,6 +135,8 @@ def make_m2m100(folder, seed=0, eos_bias=0.0):
         eos = model.model.shared.weight[2]
         model.model.decoder.layer_norm.bias += eos_bias * eos / eos.dot(eos)
     model.save_pretrained(folder)
+    if release:
+        return folder
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
                    "tokenizer_class": "PreTrainedTokenizerFast"}, f)
