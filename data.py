@@ -169,17 +169,16 @@ FLORES_CODES = {
     "el": "ell_Grek", "sv": "swe_Latn", "da": "dan_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "ro": "ron_Latn",
     "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
 }
-M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de el en es et fa ff fi fr fy ga gd gl gu "
-                "ha he hi hr ht hu hy id ig ilo is it ja jv ka kk km kn ko lb lg ln lo lt lv mg mk ml mn mr ms my ne nl "
-                "no ns oc or pa pl ps pt ro ru sd si sk sl so sq sr ss su sv sw ta th tl tn tr uk ur uz vi wo xh yi yo "
-                "zh zu".split(), "wmt21": "en ha is ja cs ru zh de".split()}
+M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de el en es et fa ff fi fr fy ga gd gl "
+                "gu ha he hi hr ht hu hy id ig ilo is it ja jv ka kk km kn ko lb lg ln lo lt lv mg mk ml mn mr ms my ne "
+                "nl no ns oc or pa pl ps pt ro ru sd si sk sl so sq sr ss su sv sw ta th tl tn tr uk ur uz vi wo xh yi "
+                "yo zh zu".split(), "wmt21": "en ha is ja cs ru zh de".split()}
 LANGUAGE_TOKEN = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__")
 
 
 def language_token(vocab: dict, code: str, name: str = "this translator") -> tuple[str, int]:
-    """An ISO 639-1 code (ko) or a FLORES-200 code (kor_Hang) -> the checkpoint's language token and id: NLLB's
-    kor_Hang or M2M100's __ko__, whichever the vocabulary has; never a text piece that spells the code (ko).
-    Raises ValueError naming the code and the translator (`name`)."""
+    """An ISO 639-1 (ko) or FLORES-200 (kor_Hang) code -> the checkpoint's language token and id: NLLB's kor_Hang or
+    M2M100's __ko__, never a text piece that spells the code. Raises ValueError naming code and translator (`name`)."""
     iso = {fl: iso for iso, fl in FLORES_CODES.items()}.get(code, code)
     for token in (FLORES_CODES.get(code, code), f"__{iso}__"):
         if LANGUAGE_TOKEN.fullmatch(token) and token in vocab:
@@ -282,20 +281,18 @@ def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
 
 
 class SentencePieceTokenizer:
-    """M2M100's tokenizer as released (facebook/m2m100_418M, m2m100_1.2B: sentencepiece.bpe.model + vocab.json, no
-    tokenizer.json), with the tokenizers.Tokenizer methods the Translator uses. As fairseq and transformers'
-    M2M100Tokenizer: sentencepiece pieces -> ids through vocab.json (a piece it lacks -> <unk>, transformers#11336),
-    language tokens __xx__ numbered after it (M2M100_CODES[language_codes] of tokenizer_config.json). Text that spells
-    a special token (</s>) stays text. Raises KeyError on an unknown language_codes."""
+    """M2M100's tokenizer as released (sentencepiece.bpe.model + vocab.json, no tokenizer.json) with the methods of
+    tokenizers.Tokenizer the Translator uses. As fairseq and transformers' M2M100Tokenizer: pieces -> ids through
+    vocab.json (a piece it lacks -> <unk>, transformers#11336), then language tokens __xx__ numbered after it in the
+    order of M2M100_CODES[tokenizer_config's language_codes]. Text that spells a special token (</s>) stays text."""
 
     def __init__(self, folder: str):
         import sentencepiece
         self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "sentencepiece.bpe.model"))
         self.vocab = M.read_json(os.path.join(folder, "vocab.json"))
         self.pieces = {i: p for p, i in self.vocab.items() if p not in ("<s>", "<pad>", "</s>", "<unk>")}
-        cfg_path = os.path.join(folder, "tokenizer_config.json")
-        codes = M2M100_CODES[(M.read_json(cfg_path) if os.path.exists(cfg_path) else {}).get("language_codes",
-                                                                                              "m2m100")]
+        cfg = os.path.join(folder, "tokenizer_config.json")
+        codes = M2M100_CODES[M.read_json(cfg).get("language_codes", "m2m100") if os.path.exists(cfg) else "m2m100"]
         self.vocab.update({f"__{c}__": len(self.vocab) + k for k, c in enumerate(codes)})
 
     def get_vocab(self) -> dict:
@@ -372,11 +369,10 @@ class Translator:
     def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                           batch_size: int = 16, max_input_tokens: int = 256,
                           progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts: markdown lines, lists and code survive; outputs that are degenerate or end at the
-        decoding cap without the end token are retried once with the other decoding (beam <-> greedy) and more room
-        (3 x the source + 10, the degenerate bound). Returns the translations and, per text, its problems: "cut" (a
-        sentence longer than max_input_tokens was cut, its tail untranslated, or its translation still ends at the
-        cap) and "degenerate" (still degenerate after the retry)."""
+        """Translates real texts: markdown lines, lists and code survive; outputs degenerate or ending at the cap
+        without the end token are retried once with the other decoding (beam <-> greedy) and room up to the degenerate
+        bound (3 x the source + 10). Returns the translations and, per text, its problems: "cut" (a sentence over
+        max_input_tokens was cut, or its translation still ends at the cap), "degenerate" (still, after the retry)."""
         self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
         plans, sentences, owner = [], [], []
         for t_index, text in enumerate(texts):

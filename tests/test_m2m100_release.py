@@ -40,8 +40,8 @@ def test_release_tokenizer_equals_transformers(release):
         assert ids[0] == ref_tok.get_lang_id("en") and ids[-1] == 2  # [__en__] tokens </s>
         assert ours.tok.decode(ids) == ref_tok.decode(ids, skip_special_tokens=True)
     assert ref_tok.unk_token_id in ours.encode_source(TEXTS[0], "en")  # the missing piece, as transformers#11336
-    for code in ("ko", "sw", "zh", "ast", "zu"):  # M2M100's ISO-like codes, numbered after vocab.json
-        assert ours.lang_id(code) == ref_tok.get_lang_id(code)
+    assert len(ref_tok.lang_code_to_id) == 100  # M2M100's ISO-like codes (ko, sw, zh, ast), numbered after vocab.json
+    assert all(ours.lang_id(code) == i for code, i in ref_tok.lang_code_to_id.items())
     assert ours.lang_id("kor_Hang") == ours.lang_id("ko") and ours.lang_id("swh_Latn") == ref_tok.get_lang_id("sw")
     with pytest.raises(ValueError, match=r"language 'quy_Latn' is not supported by .*m2m100_release"):
         ours.lang_id("quy_Latn")
@@ -96,7 +96,7 @@ def run_files(tmp_path_factory):
 
 
 ITEMS = [{"instruction": "Say hello.", "output": "Hello!"},
-         {"instruction": "Tell a story.", "output": "The quick brown fox jumps over the lazy dog, and the dog sleeps on."},
+         {"instruction": "Tell a story.", "output": "The quick brown fox jumps over the lazy dog, and it sleeps on."},
          {"instruction": "Name a color.", "output": "Blue."}]
 
 

@@ -98,7 +98,7 @@ def make_sentencepiece_release(folder, drop=("ow",)):
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     pieces = ["<s>", "<pad>", "</s>", "<unk>"] + [sp.id_to_piece(i) for i in range(3, sp.get_piece_size())
                                                   if sp.id_to_piece(i) not in drop]
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    specials = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
     for name, content in (("vocab.json", {p: i for i, p in enumerate(pieces)}),
                           ("special_tokens_map.json", {**specials, "additional_special_tokens": [
                               f"__{c}__" for c in codes]}),
