@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -723,8 +724,8 @@ def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
 
 def resolve_checkpoint(path_or_id: str) -> str:
     """A local folder as is; anything else is taken as a hub id: lists the repository and fetches exactly
-    hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder. When the listing fails (offline,
-    HF_HUB_OFFLINE=1) a snapshot already in the cache is used as it is."""
+    hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder (pickle-only main: the weights from
+    safetensors_pr()). When the listing fails (offline, HF_HUB_OFFLINE=1) a cached snapshot is used as it is."""
     path = os.path.expanduser(str(path_or_id))
     if os.path.isdir(path):
         return path
@@ -742,12 +743,36 @@ def resolve_checkpoint(path_or_id: str) -> str:
         raise OSError(f"{path_or_id}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). "
                       "Check the id and your network, log in with `hf auth login` for gated models, or pass a local "
                       f"folder (there is no folder {path_or_id} here).") from e
+    read_index = lambda rev=None: read_json(hub.hf_hub_download(path, HUB_INDEX, revision=rev))  # noqa: E731
     try:
-        files = hub_files_to_fetch(listing, lambda: read_json(hub.hf_hub_download(path, HUB_INDEX)))
+        files, pr = hub_files_to_fetch(listing, read_index), None
     except ValueError as e:
-        raise ValueError(f"{path_or_id}: {e}") from None
+        if not (pr := (pickles := [f for f in listing if f.endswith(".bin")]) and safetensors_pr(hub, path, pickles)):
+            raise ValueError(f"{path_or_id}: {e}" + (" No safetensors conversion of them exists on the Hub (no open "
+                             "pull request by SFconvertbot of main's pickles): make one with https://huggingface.co/"
+                             "spaces/safetensors/convert, then run again." if pickles else "")) from None
+        files = hub_files_to_fetch(listing + hub.list_repo_files(path, revision=pr), lambda: read_index(pr))
+        print(f"{path_or_id}: main has only pickle weights; the safetensors weights come from the Hub's automatic "
+              f"conversion, pull request {pr} by SFconvertbot (config and tokenizer from main)", file=sys.stderr)
     # allow_patterns are fnmatch patterns: escape "[" so that each pattern is exactly one file name
-    return hub.snapshot_download(repo_id=path, allow_patterns=[f.replace("[", "[[]") for f in files])
+    fetch = lambda names, rev=None: hub.snapshot_download(  # noqa: E731
+        repo_id=path, revision=rev, allow_patterns=[f.replace("[", "[[]") for f in names])
+    folder = fetch([f for f in files if f in listing])
+    if pr:  # the converted weights are linked into main's snapshot, beside its config: one checkpoint folder
+        pr_folder = fetch(weights := [f for f in files if f not in listing], pr)
+        for f in (f for f in weights if not os.path.lexists(os.path.join(folder, f))):
+            os.symlink(os.path.relpath(os.path.realpath(os.path.join(pr_folder, f)), folder), os.path.join(folder, f))
+    return folder
+
+
+def safetensors_pr(hub, repo_id: str, pickles: list[str]) -> str | None:
+    """"refs/pr/N" of the newest open pull request by SFconvertbot (the Hub's automatic safetensors conversion, which
+    transformers >= 4.46 loads: transformers#34731) whose `pickles` are main's own git blobs, else None."""
+    bot, blobs = "SFconvertbot", lambda rev: sorted((f.path, f.blob_id) for f in hub.get_paths_info(
+        repo_id, pickles, revision=rev))
+    prs = sorted((d.num for d in hub.get_repo_discussions(repo_id, author=bot, discussion_type="pull_request",
+                  discussion_status="open") if d.author == bot and d.is_pull_request), reverse=True)
+    return next((f"refs/pr/{n}" for n in prs if blobs(f"refs/pr/{n}") == blobs(None)), None)
 
 
 def read_json(path: str) -> dict:

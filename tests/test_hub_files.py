@@ -43,6 +43,7 @@ def fake_hub(monkeypatch, tmp_path):
         monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        monkeypatch.setattr(huggingface_hub, "get_repo_discussions", lambda repo_id, **kw: iter(()))  # no conversion
         return calls
     return install
 
@@ -115,4 +116,6 @@ def test_a_repo_without_loadable_weights_is_refused_before_any_download(fake_hub
         M.resolve_checkpoint("org/model")
     assert str(e.value).startswith("org/model: the repository has no Hugging Face-layout safetensors weights "
                                    f"(it has: {named})")
+    # pickles: also that the Hub has no conversion of them, and where to make one (tests/test_m2m100_release.py)
+    assert str(e.value).endswith("spaces/safetensors/convert, then run again.") == named.endswith(".bin")
     assert calls["snapshot"] is None and calls["downloads"] == []

@@ -1,9 +1,13 @@
 """The paper's MT model as released (facebook/m2m100_418M, m2m100_1.2B: sentencepiece.bpe.model + vocab.json, no
 tokenizer.json) against transformers' M2M100Tokenizer and generate() on the same folder; every --lang checked against
 the translator as soon as it loads; outputs that end at the decoding cap flagged "cut" (issue 19, items 4-6)."""
+import fnmatch
+import hashlib
+import inspect
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -11,6 +15,7 @@ import torch
 
 import clo
 import data as D
+import model as M
 import tiny
 from test_translator import reference_generate
 
@@ -86,6 +91,111 @@ def test_hub_id_fetches_the_sentencepiece_files(release, monkeypatch, tmp_path):
     # NLLB ships tokenizer.json and sentencepiece.bpe.model: only the former is fetched
     assert "sentencepiece.bpe.model" not in D.M.hub_files_to_fetch(listing + ["tokenizer.json"], None)
 
+
+
+class FakeHub:
+    """One repository's revisions ({revision: {file: bytes}}) and pull requests, served through huggingface_hub's
+    functions as the Hub does: one snapshot folder per revision of relative links into blobs/. `asked` records each
+    file fetched as (revision, file)."""
+    def __init__(self, monkeypatch, root, revisions, prs):
+        self.root, self.revs, self.prs, self.asked = root, revisions, prs, []
+        for name in ("list_repo_files", "get_paths_info", "get_repo_discussions", "hf_hub_download",
+                     "snapshot_download"):
+            real = getattr(huggingface_hub, name)
+            monkeypatch.setattr(huggingface_hub, name, self.checked(real, getattr(self, name)))
+
+    @staticmethod
+    def checked(real, fake):  # each call as clo makes it must also suit the installed huggingface_hub's function
+        return lambda *a, **kw: (inspect.signature(real).bind(*a, **kw), fake(*a, **kw))[1]
+
+    def list_repo_files(self, repo_id, revision=None, **kw):
+        return sorted(self.revs[revision or "main"])
+
+    def get_paths_info(self, repo_id, paths, revision=None, **kw):  # blob_id: the git blob of the file's bytes
+        return [SimpleNamespace(path=p, blob_id=hashlib.sha1(self.revs[revision or "main"][p]).hexdigest())
+                for p in paths if p in self.revs[revision or "main"]]
+
+    def get_repo_discussions(self, repo_id, author=None, discussion_type=None, discussion_status=None, **kw):
+        return (d for d in self.prs if author in (None, d.author) and discussion_status in (None, d.status)
+                and discussion_type in (None, "pull_request" if d.is_pull_request else "discussion"))
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, local_files_only=False, **kw):
+        assert not local_files_only
+        rev, snap = revision or "main", self.root / "snapshots" / (revision or "main").replace("/", "_")
+        for f, data in self.revs[rev].items():
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                self.asked.append((rev, f))
+                blob = self.root / "blobs" / hashlib.sha1(data).hexdigest()
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                blob.write_bytes(data)
+                snap.mkdir(parents=True, exist_ok=True)
+                if not (snap / f).is_symlink():
+                    (snap / f).symlink_to(os.path.relpath(blob, snap))
+        return str(snap)
+
+    def hf_hub_download(self, repo_id, filename, revision=None, **kw):
+        return os.path.join(self.snapshot_download(repo_id, revision, [filename]), filename)
+
+
+def bot_prs(*specs):
+    return [SimpleNamespace(num=n, author=a, status=s, is_pull_request=True) for n, a, s in specs]
+
+
+def m2m100_repo(folder):
+    """facebook/m2m100_1.2B's layout: main has the release's files with pytorch_model.bin for weights; refs/pr/1,
+    SFconvertbot's conversion of that main, adds model.safetensors; refs/pr/2 (someone else's) and refs/pr/3 (a
+    conversion of an older pickle) carry weights that are not the release's."""
+    files = {f: open(os.path.join(folder, f), "rb").read() for f in RELEASE}
+    main = {**files, "pytorch_model.bin": b"pickle", "README.md": b""}
+    del main["model.safetensors"]
+    wrong = {**main, "model.safetensors": b"not these weights"}
+    return {"main": main, "refs/pr/1": {**main, "model.safetensors": files["model.safetensors"],
+                                        "generation_config.json": b"{}"},  # an older one: main's is read
+            "refs/pr/2": wrong, "refs/pr/3": {**wrong, "pytorch_model.bin": b"older pickle"}}
+
+
+def test_pickle_only_release_loads_the_hubs_safetensors_conversion(release, monkeypatch, tmp_path, capsys):
+    """--translator facebook/m2m100_1.2B as the Hub has it (transformers#34731): the weights from SFconvertbot's
+    pull request, config and tokenizer from main, in one folder that generates as transformers does."""
+    prs = bot_prs((5, "SFconvertbot", "closed"), (3, "SFconvertbot", "open"), (2, "mallory", "open"),
+                  (1, "SFconvertbot", "open"))
+    hub = FakeHub(monkeypatch, tmp_path, m2m100_repo(release[0].name), prs)
+    tr = D.load_translator("facebook/m2m100_1.2B")
+    assert sorted(hub.asked) == sorted([("main", f) for f in RELEASE if f != "model.safetensors"]
+                                       + [("refs/pr/1", "model.safetensors")])
+    assert "pull request refs/pr/1 by SFconvertbot" in capsys.readouterr().err
+    folder = M.resolve_checkpoint("facebook/m2m100_1.2B")  # again, over the links already made
+    assert os.path.realpath(os.path.join(folder, "model.safetensors")).startswith(str(tmp_path / "blobs"))
+    assert open(os.path.join(folder, "generation_config.json"), "rb").read() != b"{}"
+    ours, _, ref = release
+    ids, mask = ours.pad_batch([ours.encode_source(t, "en") for t in TEXTS])
+    assert tr.generate(ids, mask, tgt="ko", num_beams=1, max_new_tokens=16) == reference_generate(ref, ours, ids, mask,
+                                                                                                   1, 16)
+
+
+def test_sharded_conversion_reads_the_pull_requests_index(monkeypatch, tmp_path):
+    # a sharded pickle converts to shards + model.safetensors.index.json, which exist only in the pull request
+    shards = {f"model-0000{i}-of-00002.safetensors": b"%d" % i for i in (1, 2)}
+    main = {"config.json": b"{}", "tokenizer.json": b"{}", "pytorch_model.bin.index.json": b"{}",
+            "pytorch_model-00001-of-00002.bin": b"a", "pytorch_model-00002-of-00002.bin": b"b"}
+    index = json.dumps({"weight_map": dict(zip("xy", shards))})
+    pr = {**main, **shards, "model.safetensors.index.json": index.encode()}
+    hub = FakeHub(monkeypatch, tmp_path, {"main": main, "refs/pr/7": pr}, bot_prs((7, "SFconvertbot", "open")))
+    folder = M.resolve_checkpoint("org/sharded")
+    assert sorted(hub.asked) == sorted([("main", "config.json"), ("main", "tokenizer.json")] + [
+        ("refs/pr/7", f) for f in ["model.safetensors.index.json"] * 2 + list(shards)])  # read, then fetched
+    assert sorted(os.listdir(folder)) == sorted(["config.json", "tokenizer.json", "model.safetensors.index.json",
+                                                 *shards])
+
+def test_pickle_only_repo_without_a_conversion_is_refused_in_one_line(release, monkeypatch, tmp_path):
+    # no pull request by SFconvertbot of main's pickle: someone else's, a closed one, one of an older pickle
+    prs = bot_prs((5, "SFconvertbot", "closed"), (3, "SFconvertbot", "open"), (2, "mallory", "open"))
+    hub = FakeHub(monkeypatch, tmp_path, m2m100_repo(release[0].name), prs)
+    with pytest.raises(ValueError) as e:
+        D.load_translator("facebook/m2m100_1.2B")
+    assert str(e.value).startswith("facebook/m2m100_1.2B: the repository has no Hugging Face-layout safetensors "
+                                   "weights (it has: pytorch_model.bin)") and "\n" not in str(e.value)
+    assert "No safetensors conversion of them exists on the Hub" in str(e.value) and hub.asked == []
 
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory):
