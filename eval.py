@@ -680,8 +680,8 @@ def main(argv=None):
     table = markdown_table(results, langs)
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"results": results, "benchmarks": details, "judge": judged, "answers": answers, "prompts": prompts}, f,
-                  ensure_ascii=False, indent=2)
+        json.dump({"results": results, "benchmarks": details, "judge": judged, "answers": answers,
+                   "prompts": prompts}, f, ensure_ascii=False, indent=2)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)
