@@ -440,12 +440,10 @@ def head_to_head(evals, runs, a, material, ask=None):
     names = {(method, size, seed): name for name, method, size, seed, _ in runs}
     rows = []
     for name, method, size, seed, _ in runs:
-        for other in ("sft", "sft+dpo"):
+        for other in ("sft", "sft+dpo") if method == "clo" else ():
             rival = names.get((other, size, seed))
-            if method != "clo" or name not in evals or rival not in evals:
-                continue
-            mine, theirs = evals[name].get("alpaca_answers"), evals[rival].get("alpaca_answers")
-            if mine is None or theirs is None:
+            mine, theirs = (evals[n].get("alpaca_answers") if n in evals else None for n in (name, rival))
+            if mine is None or theirs is None:  # not evaluated yet (--report-only), or evaluated without --alpaca
                 continue
             what = [a.judge, a.judge_model, a.judge_language_rule, E.JUDGE_PROMPT, material["alpaca"], mine, theirs]
             digest = hashlib.sha256(json.dumps(what, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -458,10 +456,9 @@ def head_to_head(evals, runs, a, material, ask=None):
                          digest=digest, clo=name, rival=rival)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 clo.save_json(path, w)
-            lang = a.lang
-            evals[name]["metrics"].update({f"win_vs_{other}_{lang}": w["win_rate_ties_apart"],
-                                           f"tie_vs_{other}_{lang}": w["tie_rate"],
-                                           f"winhalf_vs_{other}_{lang}": w["win_rate"]})
+            evals[name]["metrics"].update({f"win_vs_{other}_{a.lang}": w["win_rate_ties_apart"],
+                                           f"tie_vs_{other}_{a.lang}": w["tie_rate"],
+                                           f"winhalf_vs_{other}_{a.lang}": w["win_rate"]})
             rows.append({"items": size, "seed": seed, "clo_vs": other, "prompts": len(mine),
                          **{k: w[k] for k in ("wins", "ties", "losses", "win_rate", "win_rate_ties_apart",
                                               "tie_rate")}})

@@ -390,3 +390,18 @@ def test_paper_grid_end_to_end(tmp_path, llama_dir):
         assert res["table"]["base"]["0"][f"{b}_{lang}"]["mean"] == acc["acc"]
     assert "| model | method | items | BELEBELE de | BELEBELE en | MMMLU de | MMMLU en |" in open(out / "table.md").read()
     assert open(out / "figure.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_head_to_head_pooled_over_seeds():
+    """Counts summed over seeds, then the rates. The totals are an AlpacaEval 2 leaderboard row (tatsu-lab/alpaca_eval
+    issue 471: n_wins 371, n_draws 17, n_wins_base 417 of 805), whose discrete win rate, ties as half, is
+    100 * (371 + 17 / 2) / 805 = 47.142857...; with ties apart CLO wins 371 / 805 and loses 417 / 805."""
+    rows = [{"items": 4, "seed": 0, "clo_vs": "sft", "prompts": 400, "wins": 200, "ties": 10, "losses": 190},
+            {"items": 4, "seed": 1, "clo_vs": "sft", "prompts": 405, "wins": 171, "ties": 7, "losses": 227},
+            {"items": 4, "seed": 0, "clo_vs": "sft+dpo", "prompts": 1, "wins": 0, "ties": 2, "losses": 0}]
+    got = X.pooled(rows)
+    c = got[(4, "sft")]
+    assert (c["seeds"], c["prompts"], c["wins"], c["ties"], c["losses"]) == (2, 805, 371, 17, 417)
+    assert 100 * c["win_rate"] == pytest.approx(47.142857, abs=1e-6)
+    assert (c["win_rate_ties_apart"], c["tie_rate"], c["loss_rate"]) == (371 / 805, 17 / 805, 417 / 805)
+    assert got[(4, "sft+dpo")]["win_rate"] == 0.5 and got[(4, "sft+dpo")]["win_rate_ties_apart"] == 0
