@@ -361,6 +361,9 @@ def start_run(args) -> Run:
     log = print if dist.main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     args.model_folder = M.resolve_checkpoint(args.model)
+    recorded = os.path.join(args.out, "args.json")  # the date the chat template writes: the run's, on --resume too
+    if args.resume and os.path.exists(recorded):
+        args.date = M.read_json(recorded).get("date", args.date)
     settings = run_settings(args, args.model_folder, dist.world)  # checked before the model loads: a refusal is quick
     return Run(args.out, dist, log, settings, start_run_folder(args, settings, log, dist))
 
@@ -369,6 +372,9 @@ def load_policy(args, run: Run):
     run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision, fp32 weights and AdamW state, bf16 "
                                                             "autocast" if args.dtype == "bfloat16" else ""))
     model, tok = M.load_model(args.model_folder, training_precision(args.dtype), args.device)
+    tok.date = args.date
+    if tok.dated:
+        run.log(f"chat template: writes the date (strftime_now): {tok.date}, this run's (args.json; kept on --resume)")
     if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
         M.check_lora_targets(model, args.lora_targets)
     return model, tok
@@ -437,7 +443,12 @@ def tokenize(args, pairs, tok, run: Run) -> list[D.TokenizedPair]:
         raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
     run.settings["pairs"] = pairs_digest(tokenized)
     if isinstance(run.resume, dict):  # the checkpoint's pairs: known only now, after translation and tokenization
-        refuse_if_changed(run.out, run.resume.get("settings"), run.settings, ["pairs"])
+        old = run.resume.get("settings") or {}
+        if tok.dated and "date" not in old and old.get("pairs") not in (None, run.settings["pairs"]):
+            raise ValueError(f"--resume: {run.out} was made by an older clo, which did not record the date the chat "
+                             f"template writes (strftime_now), and its pairs differ from today's ({tok.date}); use a "
+                             "new --out (or drop --resume) to start over.")
+        refuse_if_changed(run.out, old, run.settings, ["pairs"])
     return tokenized
 
 
@@ -621,7 +632,7 @@ def model_identity(folder: str) -> str:
 def run_settings(args, model_folder: str, world: int) -> dict:
     """The settings that saved state is checked against on --resume (all but "pairs", added once tokenized)."""
     s = {"model": os.path.realpath(model_folder), "model_files": model_identity(model_folder),
-         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world}
+         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world, "date": args.date}
     for key in TRAINING_SETTINGS:
         if key in ("translator", "num_beams") and args.translations:
             continue
@@ -1003,6 +1014,7 @@ def parse_args(argv=None):
     a.pack_to = a.max_len if a.pack else None
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
+    a.date = M.today()  # what the chat template's strftime_now writes; start_run keeps a run's own on --resume
     validate_args(a)  # before the dtype, which reads --device
     a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
     training_precision(a.dtype)  # refuses fp16 before any work

@@ -13,6 +13,7 @@ A model is a checkpoint folder or hub id, a clo run folder (base model + adapter
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -541,6 +542,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="eval_out", help="folder for results.json, results.md and charts")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="under torchrun: minutes a rank may wait")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--date", default=M.today(), help="YYYY-MM-DD: the date chat templates that write today's "
+                   "(strftime_now, as Llama 3.2's) write, the same for every model; recorded in results.json")
     a = p.parse_args(argv)
     validate_args(a)
     return a
@@ -577,6 +580,7 @@ def check_model_path(flag: str, path: str):
     M.safetensors_files(folder)
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         raise ValueError(f"{flag}: {path}: no tokenizer.json; clo reads fast-tokenizer files only.")
+    M.Tokenizer(folder)  # a chat template that fails, before any model is evaluated
 
 
 def validate_args(a):
@@ -589,6 +593,10 @@ def validate_args(a):
     if not a.dist_timeout > 0:
         raise ValueError(f"--dist-timeout {a.dist_timeout}: must be above 0.")
     clo.check_device(a.device)
+    try:
+        datetime.date.fromisoformat(a.date)
+    except ValueError:
+        raise ValueError(f"--date {a.date}: not a date; give YYYY-MM-DD, e.g. {M.today()}.") from None
     a.specs = {}
     for spec in a.models:
         name, eq, path = spec.partition("=")
@@ -637,10 +645,11 @@ def main(argv=None):
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
     for name, path in specs.items():  # every hub id fetched (or found in the cache) before any model loads
         if not os.path.isdir(os.path.expanduser(path)):
-            M.resolve_checkpoint(path)
+            M.Tokenizer(M.resolve_checkpoint(path))  # and its chat template rendered
     results, answers, details = {}, {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
+        tok.date = a.date
         res = {}
         ans = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress,
                              dist)
@@ -681,7 +690,7 @@ def main(argv=None):
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"results": results, "benchmarks": details, "judge": judged, "answers": answers,
-                   "prompts": prompts}, f, ensure_ascii=False, indent=2)
+                   "prompts": prompts, "date": a.date}, f, ensure_ascii=False, indent=2)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)

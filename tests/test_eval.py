@@ -223,3 +223,26 @@ def test_charts_of_results_and_training_curves(tmp_path):
     for path in written:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_fixes_and_records_the_date_its_templates_write(tmp_path, monkeypatch):
+    """Issue 19.3: a template that writes today's date (strftime_now) gave each model the prompts of the moment it
+    rendered them, and results.json did not say which day. Now one date for the run, every model (--date, default
+    today), recorded in results.json."""
+    from test_resume import DATED, set_clock
+    llama = tiny.make_llama(str(tmp_path / "llama"), template=DATED)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"lang": "en", "prompt": "Hi"}) + "\n" + json.dumps({"lang": "ko", "prompt": "안녕"}))
+    seen = []
+
+    def answers(model, tok, prompts, *a, **k):  # the prompt as generation sees it; no generation
+        seen.append(tok.render_chat([{"role": "user", "content": prompts[0]}]))
+        return ["x"] * len(prompts)
+    monkeypatch.setattr(E, "answer_prompts", answers)
+    set_clock(monkeypatch, "2025-02-01")
+    for date, day, argv in (("2025-02-01", "01 Feb 2025", []), ("2024-07-26", "26 Jul 2024", ["--date", "2024-07-26"])):
+        out = tmp_path / date
+        E.main(["--models", f"a={llama}", f"b={llama}", "--langs", "ko", "--prompts", str(prompts), "--heldout", "",
+                "--num-prompts", "1", "--out", str(out), "--no-progress", *argv])
+        assert json.load(open(out / "results.json"))["date"] == date
+        assert len(seen) % 2 == 0 and all(f"Today Date: {day}<|im_end|>" in s for s in seen[-2:]), seen
