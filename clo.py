@@ -222,7 +222,7 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
     metrics_path = os.path.join(out, "metrics.jsonl")
     save_every = math.ceil(total / 4) if args.save_every is None else args.save_every
     if args.resume and os.path.exists(os.path.join(ckpt, "progress.json")):  # main() found and checked it
-        progress = load_checkpoint(ckpt, model, optimizer)
+        progress = load_checkpoint(ckpt, model, optimizer, dist, log)
         step, done_batches = progress["step"], progress["batches_done"]
         log(f"resumed from {ckpt} at step {step} of {total}")
         if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
@@ -518,6 +518,15 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's t (one shape on all ranks), in rank order, on the CPU (NCCL moves GPU tensors only)."""
+        if self.world == 1:
+            return [t]
+        on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+        out = [torch.empty_like(t, device=on) for _ in range(self.world)]
+        torch.distributed.all_gather(out, t.to(on))
+        return [o.cpu() for o in out]
+
 
 def setup_distributed(args) -> Dist:
     """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs (one per process, by LOCAL_RANK), gloo on CPU."""
@@ -759,9 +768,11 @@ def kept() -> str:
 
 
 def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None, settings=None):
-    """Trainable weights, AdamW state, RNG, progress and the run's settings. Every rank holds the same values (FSDP:
-    gathered here); rank 0 writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what
-    a kill between them leaves)."""
+    """Trainable weights, AdamW state, each rank's random state (CPU, and CUDA on a GPU: rng/cpu/RANK, rng/cuda/RANK),
+    progress and the run's settings. Every rank holds the same weights and AdamW state (FSDP: gathered here); rank 0
+    writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what a kill between them
+    leaves)."""
+    dist = dist or Dist()
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"param/{n}": full_tensor(t).cpu().contiguous().clone() for n, t in trainable_state(model).items()}
     for group in optimizer.param_groups:
@@ -769,8 +780,12 @@ def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=Non
             for k, v in optimizer.state.get(p, {}).items():
                 v = full_tensor(v.detach()).cpu()
                 tensors[f"optim/{k}/{names[id(p)]}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if dist is not None and not dist.main:
+    device = next(model.parameters()).device
+    states = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda"
+                                               else {})
+    for kind, state in states.items():  # the dropout masks differ by rank: each rank's own state, restored by it
+        tensors |= {f"rng/{kind}/{r}": t for r, t in enumerate(dist.gather(state))}
+    if not dist.main:
         return
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -834,8 +849,12 @@ def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return full.to(ref.device)
 
 
-def load_checkpoint(folder, model, optimizer):
-    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer."""
+def load_checkpoint(folder, model, optimizer, dist=None, log=print):
+    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer, and
+    this rank's random state (the number of ranks is checked by start_run_folder). An older checkpoint holds rank 0's
+    CPU state alone ("rng/cpu"): every rank takes it, and a resumed run with dropout on more than one rank, or on a GPU,
+    is then not bitwise equal to an uninterrupted one (said)."""
+    dist = dist or Dist()
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(folder, "state.safetensors"))
     params = dict(model.named_parameters())
@@ -853,7 +872,16 @@ def load_checkpoint(folder, model, optimizer):
                     state[k] = t.reshape(()) if k == "step" else laid_out_like(t, p)
             if state:
                 optimizer.state[p] = state
-    torch.set_rng_state(tensors["rng/cpu"])
+    device = next(model.parameters()).device
+    if "rng/cpu" in tensors:
+        if dist.world > 1 or device.type == "cuda":
+            log(f"{folder}: an older checkpoint, with rank 0's CPU random state alone: resumed, but with dropout not "
+                "bitwise equal to an uninterrupted run")
+        torch.set_rng_state(tensors["rng/cpu"])
+    else:
+        torch.set_rng_state(tensors[f"rng/cpu/{dist.rank}"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng/cuda/{dist.rank}"], device)
     return M.read_json(os.path.join(folder, "progress.json"))
 
 

@@ -350,3 +350,19 @@ def test_other_english_items_are_refused_before_any_translation(tmp_path, capsys
     code, printed, err = run(capsys, *common, "--translator", str(tmp_path / "m2m2"), "--num-samples", "2",
                              "--resume")
     assert code == 2 and f"--translator {m2m}, now {tmp_path / 'm2m2'}" in err
+
+
+def test_a_checkpoint_of_the_older_format_still_resumes(setup, capsys, tmp_path):
+    """Checkpoints before issue 19.1 held rank 0's CPU random state alone, as "rng/cpu": one process takes it, as
+    before, and the run equals an uninterrupted one bitwise."""
+    from safetensors.torch import save_file
+    tmp, common, straight = setup
+    out = stopped_run(capsys, setup, "older-format", 3)
+    path = os.path.join(out, "checkpoint", "state.safetensors")
+    tensors = load_file(path)
+    assert [k for k in tensors if k.startswith("rng/")] == ["rng/cpu/0"]  # one process on the CPU: no CUDA state
+    tensors["rng/cpu"] = tensors.pop("rng/cpu/0")
+    save_file(tensors, path)
+    code, stdout, err = run(capsys, *common, "--out", out, "--resume")
+    assert code == 0 and "at step 3 of 9" in stdout and "older checkpoint" not in stdout, err
+    assert_same_adapter(out, straight["1024"])
