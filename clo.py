@@ -326,8 +326,8 @@ def main(argv=None):
     run = start_run(args)                                    # ranks, the run folder, what --resume may reuse
     if run.resume == "finished":
         return finish(run, M.read_json(os.path.join(run.out, "summary.json")).get("final", {}))
+    items = english_items(args, run)                         # (x_en, y_en); too few for --num-samples: refused now
     model, tok = load_policy(args, run)                      # pi_theta; before any update it is also pi_ref
-    items = english_items(args, run)                         # (x_en, y_en)
     rows = translated_rows(args, items, run)                 # + (x_l, y_l)
     pairs = cross_lingual_pairs(args, rows, run)             # x_en: y_en > y_l and x_l: y_l > y_en
     tokenized = tokenize(args, pairs, tok, run)
@@ -377,9 +377,7 @@ def load_policy(args, run: Run):
 def english_items(args, run: Run) -> list[dict]:
     """--data, else the English side of --translations, else the Alpaca seed tasks shipped in samples/."""
     if args.translations and not args.data:
-        items = D.items_from_translations(args.translations)[:args.num_samples or None]
-        if not items:
-            raise ValueError(f"{args.translations}: no rows found; the file is empty.")
+        items = D.first_items(D.items_from_translations(args.translations), args.num_samples, args.translations)
     else:
         items = D.load_sft(args.data, args.num_samples)
     run.settings["items"] = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
@@ -522,7 +520,7 @@ class Dist:
         """Every rank's t (one shape on all ranks), in rank order, on the CPU (NCCL moves GPU tensors only)."""
         if self.world == 1:
             return [t]
-        on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+        on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # the current GPU (setup_distributed)
         out = [torch.empty_like(t, device=on) for _ in range(self.world)]
         torch.distributed.all_gather(out, t.to(on))
         return [o.cpu() for o in out]
@@ -850,10 +848,9 @@ def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def load_checkpoint(folder, model, optimizer, dist=None, log=print):
-    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer, and
-    this rank's random state (the number of ranks is checked by start_run_folder). An older checkpoint holds rank 0's
-    CPU state alone ("rng/cpu"): every rank takes it, and a resumed run with dropout on more than one rank, or on a GPU,
-    is then not bitwise equal to an uninterrupted one (said)."""
+    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer, and this
+    rank's random state (start_run_folder refused another number of ranks); an older checkpoint's one "rng/cpu" goes
+    to every rank, as before."""
     dist = dist or Dist()
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(folder, "state.safetensors"))
@@ -872,16 +869,13 @@ def load_checkpoint(folder, model, optimizer, dist=None, log=print):
                     state[k] = t.reshape(()) if k == "step" else laid_out_like(t, p)
             if state:
                 optimizer.state[p] = state
-    device = next(model.parameters()).device
-    if "rng/cpu" in tensors:
-        if dist.world > 1 or device.type == "cuda":
-            log(f"{folder}: an older checkpoint, with rank 0's CPU random state alone: resumed, but with dropout not "
-                "bitwise equal to an uninterrupted run")
-        torch.set_rng_state(tensors["rng/cpu"])
-    else:
-        torch.set_rng_state(tensors[f"rng/cpu/{dist.rank}"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(tensors[f"rng/cuda/{dist.rank}"], device)
+    device, old = next(model.parameters()).device, "rng/cpu" in tensors  # old: rank 0's CPU state alone, for all
+    if old and (dist.world > 1 or device.type == "cuda"):
+        log(f"{folder}: an older checkpoint (rank 0's CPU random state alone): with dropout, not bitwise equal to an "
+            "uninterrupted run")
+    torch.set_rng_state(tensors["rng/cpu" if old else f"rng/cpu/{dist.rank}"])
+    if device.type == "cuda" and not old:
+        torch.cuda.set_rng_state(tensors[f"rng/cuda/{dist.rank}"], device)
     return M.read_json(os.path.join(folder, "progress.json"))
 
 
@@ -1086,7 +1080,7 @@ def validate_args(a):
                 row = json.loads(line)  # valid: check_languages read the whole file
                 key = (row["en_instruction"], row["en_response"])
                 first[key] = (first.get(key, (number, {}))[0], {**first.get(key, (number, {}))[1], **row})
-            for number, row in list(first.values())[:a.num_samples]:
+            for number, row in D.first_items(list(first.values()), a.num_samples, a.translations):
                 lacking = [f"{l}_{f}" for l in a.langs for f in ("instruction", "response")
                            if not isinstance(row.get(f"{l}_{f}"), str)]
                 if lacking:
