@@ -640,9 +640,15 @@ def parse_args(argv=None):
         if f"{a.lang}_response" not in rows[0]:
             raise ValueError(f"--data {a.data}: no {a.lang}_instruction/{a.lang}_response columns; the file has "
                              f"{sorted(k for k in rows[0] if k.endswith('_response'))}.")
-        if max(a.sizes) > len(rows):  # clo.py would take all rows and label them as more
-            raise ValueError(f"--sizes {max(a.sizes)}: {a.data} has only {len(rows)} items.")
+    if a.data != "oasst1":  # oasst1: counted by main() once fetched
+        refuse_sizes(a, D.items_from_translations(a.data) if a.parallel else D.load_sft(a.data))
     return a
+
+
+def refuse_sizes(a, items):
+    """A size the data cannot fill is refused before any run (clo.py would refuse it only when its turn came)."""
+    if max(a.sizes) > len(items):
+        raise ValueError(f"--sizes {max(a.sizes)}: {a.data} has only {len(items)} items.")
 
 
 def int_list(flag, text, least):
@@ -664,6 +670,8 @@ def main(argv=None):
     from tqdm import tqdm
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     a = parse_args(argv)
+    if a.data == "oasst1" and not a.report_only:
+        refuse_sizes(a, D.load_sft("oasst1"))
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:  # the figure comes last: say so now, not after hours of training
         raise ValueError("the figure needs matplotlib: pip install matplotlib (requirements-test.txt has it).")

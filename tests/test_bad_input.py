@@ -28,6 +28,7 @@ def inputs(tmp_path_factory, llama_dir, m2m_dir):
             {"en_instruction": "Q2", "en_response": "A2", "de_instruction": "F2"}]
     (d / "lacking.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "empty.jsonl").write_text("")
+    (d / "two.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Bye", "output": "Ciao"}\n')
     (d / "a_file").write_text("x")
     (d / "test.sw.jsonl").write_text('{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause"}\n')
     (d / "unfinished").mkdir()
@@ -79,6 +80,12 @@ CASES = [
     (CLO[:6] + ["--data", "{d}/null_output.jsonl"],
      "error: {d}/null_output.jsonl: line 2: missing field(s) ['output']. Expected Alpaca format (instruction, input, "
      "output) or chat format (messages: [{role: user, ...}, {role: assistant, ...}])."),
+    # a run labelled with more items than the data holds trained on fewer (issue 20.4)
+    (CLO + ["--num-samples", "25"], f"error: --num-samples 25: {PARALLEL} has only 24 items; ask for at most 24 (a run "
+                                    "labelled 25 would train on fewer)."),
+    (CLO[:6] + ["--data", "{d}/two.jsonl", "--num-samples", "3"], "error: --num-samples 3: {d}/two.jsonl has only 2 "
+                                                                 "items; ask for at most 2 (a run labelled 3 would "
+                                                                 "train on fewer)."),
     (CLO[:7] + ["{d}/nope.jsonl"], "error: --translations {d}/nope.jsonl: no such file."),
     (CLO[:7] + ["{d}/empty.jsonl"], "error: --translations {d}/empty.jsonl: no rows; the file is empty."),
     (CLO[:7] + ["{d}/lacking.jsonl"], "error: {d}/lacking.jsonl: line 2: lacks de_response (a string each); fill it "

@@ -257,6 +257,7 @@ def test_paired_comparison_counts_prompts_not_seeds():
     (["--sizes", "16,0"], "distinct integers of at least 1"),
     (["--seeds", "a"], "comma-separated integers"),
     (["--sizes", "900"], "has only 800 items"),                   # clo.py would train on 800 and label it 900
+    (["--data", X.D.DEFAULT_DATA, "--sizes", "176"], r"--sizes 176: \S+alpaca_seed_en.jsonl has only 175 items"),
     (["--methods", "clo,clo"], "repeated"),
     (["--data", "nowhere.jsonl"], "no such file"),
     (["--lang", "ko"], "no held-out fidelity prompts"),           # the SIB prompts are the trained templates
@@ -275,6 +276,15 @@ def test_grid_refuses_bad_options(extra, message):
         argv = argv + extra if extra[0] != "--lang" else ["--model", "M", "--out", "/tmp/unused-grid", "--mc"] + extra
     with pytest.raises(ValueError, match=message):
         X.parse_args(argv)
+
+
+def test_grid_refuses_a_size_oasst1_cannot_fill_before_any_run(tmp_path, monkeypatch):
+    """English --data was not counted (issue 20.4): the grid trained the smaller sizes, then clo.py stopped."""
+    monkeypatch.setattr(X.D, "load_oasst1", lambda: [{"instruction": "q", "response": "a"}] * 3)
+    with pytest.raises(ValueError, match=r"^--sizes 4: oasst1 has only 3 items\.$"):
+        X.main(["--model", "M", "--lang", "sw", "--data", "oasst1", "--sizes", "2,4", "--out", str(tmp_path / "g"),
+                "--mc"])
+    assert not (tmp_path / "g").exists()
 
 
 def test_grid_refuses_parallel_data_without_the_language(tmp_path):

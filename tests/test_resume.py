@@ -414,3 +414,19 @@ def test_a_template_that_writes_the_date_resumes_the_next_day(tmp_path, capsys, 
     assert code == 2 and err == (f"error: --resume: {older} was made by an older clo, which did not record the date "
                                  "the chat template writes (strftime_now), and its pairs differ from today's "
                                  "(2025-02-01); use a new --out (or drop --resume) to start over.\n")
+
+
+def test_a_checkpoint_of_the_older_format_still_resumes(setup, capsys, tmp_path):
+    """Checkpoints before issue 19.1 held rank 0's CPU random state alone, as "rng/cpu": one process takes it, as
+    before, and the run equals an uninterrupted one bitwise."""
+    from safetensors.torch import save_file
+    tmp, common, straight = setup
+    out = stopped_run(capsys, setup, "older-format", 3)
+    path = os.path.join(out, "checkpoint", "state.safetensors")
+    tensors = load_file(path)
+    assert [k for k in tensors if k.startswith("rng/")] == ["rng/cpu/0"]  # one process on the CPU: no CUDA state
+    tensors["rng/cpu"] = tensors.pop("rng/cpu/0")
+    save_file(tensors, path)
+    code, stdout, err = run(capsys, *common, "--out", out, "--resume")
+    assert code == 0 and "at step 3 of 9" in stdout and "older checkpoint" not in stdout, err
+    assert_same_adapter(out, straight["1024"])
