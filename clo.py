@@ -222,7 +222,7 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
     metrics_path = os.path.join(out, "metrics.jsonl")
     save_every = math.ceil(total / 4) if args.save_every is None else args.save_every
     if args.resume and os.path.exists(os.path.join(ckpt, "progress.json")):  # main() found and checked it
-        progress = load_checkpoint(ckpt, model, optimizer)
+        progress = load_checkpoint(ckpt, model, optimizer, dist, log)
         step, done_batches = progress["step"], progress["batches_done"]
         log(f"resumed from {ckpt} at step {step} of {total}")
         if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
@@ -326,8 +326,8 @@ def main(argv=None):
     run = start_run(args)                                    # ranks, the run folder, what --resume may reuse
     if run.resume == "finished":
         return finish(run, M.read_json(os.path.join(run.out, "summary.json")).get("final", {}))
+    items = english_items(args, run)                         # (x_en, y_en); too few for --num-samples: refused now
     model, tok = load_policy(args, run)                      # pi_theta; before any update it is also pi_ref
-    items = english_items(args, run)                         # (x_en, y_en)
     rows = translated_rows(args, items, run)                 # + (x_l, y_l)
     pairs = cross_lingual_pairs(args, rows, run)             # x_en: y_en > y_l and x_l: y_l > y_en
     tokenized = tokenize(args, pairs, tok, run)
@@ -361,6 +361,9 @@ def start_run(args) -> Run:
     log = print if dist.main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     args.model_folder = M.resolve_checkpoint(args.model)
+    recorded = os.path.join(args.out, "args.json")  # the date the chat template writes: the run's, on --resume too
+    if args.resume and os.path.exists(recorded):
+        args.date = M.read_json(recorded).get("date", args.date)
     settings = run_settings(args, args.model_folder, dist.world)  # checked before the model loads: a refusal is quick
     return Run(args.out, dist, log, settings, start_run_folder(args, settings, log, dist))
 
@@ -369,6 +372,9 @@ def load_policy(args, run: Run):
     run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision, fp32 weights and AdamW state, bf16 "
                                                             "autocast" if args.dtype == "bfloat16" else ""))
     model, tok = M.load_model(args.model_folder, training_precision(args.dtype), args.device)
+    tok.date = args.date
+    if tok.dated:
+        run.log(f"chat template: writes the date (strftime_now): {tok.date}, this run's (args.json; kept on --resume)")
     if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
         M.check_lora_targets(model, args.lora_targets)
     return model, tok
@@ -377,9 +383,7 @@ def load_policy(args, run: Run):
 def english_items(args, run: Run) -> list[dict]:
     """--data, else the English side of --translations, else the Alpaca seed tasks shipped in samples/."""
     if args.translations and not args.data:
-        items = D.items_from_translations(args.translations)[:args.num_samples or None]
-        if not items:
-            raise ValueError(f"{args.translations}: no rows found; the file is empty.")
+        items = D.first_items(D.items_from_translations(args.translations), args.num_samples, args.translations)
     else:
         items = D.load_sft(args.data, args.num_samples)
     run.settings["items"] = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
@@ -437,7 +441,12 @@ def tokenize(args, pairs, tok, run: Run) -> list[D.TokenizedPair]:
         raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
     run.settings["pairs"] = pairs_digest(tokenized)
     if isinstance(run.resume, dict):  # the checkpoint's pairs: known only now, after translation and tokenization
-        refuse_if_changed(run.out, run.resume.get("settings"), run.settings, ["pairs"])
+        old = run.resume.get("settings") or {}
+        if tok.dated and "date" not in old and old.get("pairs") not in (None, run.settings["pairs"]):
+            raise ValueError(f"--resume: {run.out} was made by an older clo, which did not record the date the chat "
+                             f"template writes (strftime_now), and its pairs differ from today's ({tok.date}); use a "
+                             "new --out (or drop --resume) to start over.")
+        refuse_if_changed(run.out, old, run.settings, ["pairs"])
     return tokenized
 
 
@@ -517,6 +526,15 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's t (one shape on all ranks), in rank order, on the CPU (NCCL moves GPU tensors only)."""
+        if self.world == 1:
+            return [t]
+        on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # the current GPU (setup_distributed)
+        out = [torch.empty_like(t, device=on) for _ in range(self.world)]
+        torch.distributed.all_gather(out, t.to(on))
+        return [o.cpu() for o in out]
 
 
 def setup_distributed(args) -> Dist:
@@ -621,7 +639,7 @@ def model_identity(folder: str) -> str:
 def run_settings(args, model_folder: str, world: int) -> dict:
     """The settings that saved state is checked against on --resume (all but "pairs", added once tokenized)."""
     s = {"model": os.path.realpath(model_folder), "model_files": model_identity(model_folder),
-         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world}
+         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world, "date": args.date}
     for key in TRAINING_SETTINGS:
         if key in ("translator", "num_beams") and args.translations:
             continue
@@ -759,9 +777,11 @@ def kept() -> str:
 
 
 def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None, settings=None):
-    """Trainable weights, AdamW state, RNG, progress and the run's settings. Every rank holds the same values (FSDP:
-    gathered here); rank 0 writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what
-    a kill between them leaves)."""
+    """Trainable weights, AdamW state, each rank's random state (CPU, and CUDA on a GPU: rng/cpu/RANK, rng/cuda/RANK),
+    progress and the run's settings. Every rank holds the same weights and AdamW state (FSDP: gathered here); rank 0
+    writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what a kill between them
+    leaves)."""
+    dist = dist or Dist()
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"param/{n}": full_tensor(t).cpu().contiguous().clone() for n, t in trainable_state(model).items()}
     for group in optimizer.param_groups:
@@ -769,8 +789,12 @@ def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=Non
             for k, v in optimizer.state.get(p, {}).items():
                 v = full_tensor(v.detach()).cpu()
                 tensors[f"optim/{k}/{names[id(p)]}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if dist is not None and not dist.main:
+    device = next(model.parameters()).device
+    states = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda"
+                                               else {})
+    for kind, state in states.items():  # the dropout masks differ by rank: each rank's own state, restored by it
+        tensors |= {f"rng/{kind}/{r}": t for r, t in enumerate(dist.gather(state))}
+    if not dist.main:
         return
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -834,8 +858,11 @@ def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return full.to(ref.device)
 
 
-def load_checkpoint(folder, model, optimizer):
-    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer."""
+def load_checkpoint(folder, model, optimizer, dist=None, log=print):
+    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer, and this
+    rank's random state (start_run_folder refused another number of ranks); an older checkpoint's one "rng/cpu" goes
+    to every rank, as before."""
+    dist = dist or Dist()
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(folder, "state.safetensors"))
     params = dict(model.named_parameters())
@@ -853,7 +880,13 @@ def load_checkpoint(folder, model, optimizer):
                     state[k] = t.reshape(()) if k == "step" else laid_out_like(t, p)
             if state:
                 optimizer.state[p] = state
-    torch.set_rng_state(tensors["rng/cpu"])
+    device, old = next(model.parameters()).device, "rng/cpu" in tensors  # old: rank 0's CPU state alone, for all
+    if old and (dist.world > 1 or device.type == "cuda"):
+        log(f"{folder}: an older checkpoint (rank 0's CPU random state alone): with dropout, not bitwise equal to an "
+            "uninterrupted run")
+    torch.set_rng_state(tensors["rng/cpu" if old else f"rng/cpu/{dist.rank}"])
+    if device.type == "cuda" and not old:
+        torch.cuda.set_rng_state(tensors[f"rng/cuda/{dist.rank}"], device)
     return M.read_json(os.path.join(folder, "progress.json"))
 
 
@@ -1003,6 +1036,7 @@ def parse_args(argv=None):
     a.pack_to = a.max_len if a.pack else None
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
+    a.date = M.today()  # what the chat template's strftime_now writes; start_run keeps a run's own on --resume
     validate_args(a)  # before the dtype, which reads --device
     a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
     training_precision(a.dtype)  # refuses fp16 before any work
@@ -1058,7 +1092,7 @@ def validate_args(a):
                 row = json.loads(line)  # valid: check_languages read the whole file
                 key = (row["en_instruction"], row["en_response"])
                 first[key] = (first.get(key, (number, {}))[0], {**first.get(key, (number, {}))[1], **row})
-            for number, row in list(first.values())[:a.num_samples]:
+            for number, row in D.first_items(list(first.values()), a.num_samples, a.translations):
                 lacking = [f"{l}_{f}" for l in a.langs for f in ("instruction", "response")
                            if not isinstance(row.get(f"{l}_{f}"), str)]
                 if lacking:

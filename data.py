@@ -107,11 +107,8 @@ def sft_item(row: dict, path: str) -> dict:
 
 
 def load_oasst1(cache_dir: str | None = None) -> list[dict]:
-    """The paper's source data: OpenAssistant oasst1, English prompts with their top-ranked (rank 0) assistant reply.
-
-    Reads the release's message trees from the hub (one gzip JSONL file, no `datasets` needed); best first means
-    replies ordered by their human quality label, then by the number of +1 votes.
-    """
+    """--data oasst1: OpenAssistant oasst1's ready trees (one gzip JSONL file from the hub, no `datasets` needed),
+    selected by oasst1_pairs. The number of items was not measured here (no hub access)."""
     from huggingface_hub import hf_hub_download
     try:
         path = hf_hub_download("OpenAssistant/oasst1", "2023-04-12_oasst_ready.trees.jsonl.gz", repo_type="dataset",
@@ -123,35 +120,47 @@ def load_oasst1(cache_dir: str | None = None) -> list[dict]:
 
 
 def oasst1_pairs(trees_path: str) -> list[dict]:
+    """oasst1 message trees (JSONL, gzip too; one tree a line, {"prompt": message}, each message with role, lang,
+    text, rank, deleted, review_result, labels {name: {value}}, emojis {name: count}, replies) -> SFT items, best first.
+
+    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": one item per
+    tree whose root prompt is English (role "prompter", lang "en"): that prompt and its assistant reply of rank 0
+    (the one human rankers preferred among its siblings). Single-turn: the first exchange only, later turns unused. A
+    root without a rank-0 reply (the release ranks siblings only) gives no item, nor does a deleted message or one that
+    failed review. "Top": the paper names no criterion; ours is the reply's human quality label (mean rating, 0-1; 0
+    when absent), then its +1 votes, highest first, ties in the file's order."""
+    def kept(m):
+        return not m.get("deleted") and m.get("review_result") is not False and m.get("text")
     scored = []
     for tree in read_jsonl(trees_path):
         prompt = tree.get("prompt") or {}
-        if prompt.get("lang") != "en" or prompt.get("role") != "prompter":
-            continue
-        best = [r for r in prompt.get("replies") or [] if r.get("role") == "assistant" and r.get("rank") == 0]
-        if not best:
-            continue
-        reply = best[0]
-        quality = ((reply.get("labels") or {}).get("quality") or {}).get("value", 0.0)
-        votes = (reply.get("emojis") or {}).get("+1", 0)
-        scored.append(((quality, votes), {"instruction": prompt["text"], "response": reply["text"]}))
+        reply = next((r for r in prompt.get("replies") or [] if r.get("role") == "assistant" and r.get("rank") == 0
+                      and kept(r)), None)
+        if prompt.get("lang") == "en" and prompt.get("role") == "prompter" and kept(prompt) and reply:
+            quality = ((reply.get("labels") or {}).get("quality") or {}).get("value") or 0.0
+            votes = (reply.get("emojis") or {}).get("+1") or 0
+            scored.append(((quality, votes), {"instruction": prompt["text"], "response": reply["text"]}))
     scored.sort(key=lambda s: s[0], reverse=True)  # stable: ties keep the release's order
     return [item for _, item in scored]
 
 
-def load_sft(source: str | None = None, num_samples: int | None = None) -> list[dict]:
-    """--data: an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', or None for the shipped English sample."""
-    if source == "oasst1":
-        items = load_oasst1()
-        path = "oasst1"
-    else:
-        path = source or DEFAULT_DATA
-        items = [sft_item(row, path) for row in read_jsonl(path)]
+def first_items(items: list, num_samples: int | None, source: str) -> list:
+    """The first num_samples items (None: all); ValueError if `source` has none, or fewer than asked."""
     if not items:
-        raise ValueError(f"{path}: no SFT items found; the file is empty.")
-    if num_samples is not None:
-        items = items[:num_samples]
-    return items
+        raise ValueError(f"{source}: no SFT items found; the file is empty.")
+    if num_samples is not None and num_samples > len(items):
+        raise ValueError(f"--num-samples {num_samples}: {source} has only {len(items)} items; ask for at most "
+                         f"{len(items)} (a run labelled {num_samples} would train on fewer).")
+    return items[:num_samples]
+
+
+def load_sft(source: str | None = None, num_samples: int | None = None) -> list[dict]:
+    """--data: an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', or None for the shipped English sample; the
+    first num_samples items (first_items)."""
+    if source == "oasst1":
+        return first_items(load_oasst1(), num_samples, "oasst1 (English root prompts with a rank-0 reply)")
+    path = source or DEFAULT_DATA
+    return first_items([sft_item(row, path) for row in read_jsonl(path)], num_samples, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

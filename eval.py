@@ -6,13 +6,14 @@
   and language confusion: the share of answers whose lines switch language.
 - likelihood: mean per-token NLL (and perplexity) of held-out reference answers, target language and English.
 - multiple choice: accuracy by the log-likelihood of each option (how BELEBELE/MMMLU/XCOPA are scored for LLMs).
-- judge: pairwise win rate of model A over model B (AlpacaEval style, as the paper reports), every pair judged in both
-  orders to cancel position bias, by an OpenAI-compatible endpoint or a local model.
+- judge: head to head against the first model (AlpacaEval's way, no word on language unless asked), both orders;
+  wins, ties, losses, the win rate with ties apart (the paper's) and ties as half (AlpacaEval's). OpenAI API or local.
 A model is a checkpoint folder or hub id, a clo run folder (base model + adapter, or its merged/ folder).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -344,10 +345,14 @@ class JudgeError(RuntimeError):
     pass
 
 
-JUDGE_PROMPT = """You compare two AI assistants' answers to the same user question. The user wrote in {language}; an
-answer in another language is a poor answer. Judge helpfulness, correctness and language.
-
-[Question]
+# AlpacaEval's annotator's structure (tatsu-lab/alpaca_eval, alpaca_eval_clf_gpt4_turbo) in our words, plus a tie (the
+# paper reports ties apart). No word on language unless --judge-language-rule adds JUDGE_RULE, which favours by
+# construction the answer in the user's language.
+JUDGE_PROMPT = """You are an impartial evaluator ranking AI assistants by the quality of their answers. Below are a
+user's instruction and two assistants' answers to it, in no particular order. Decide which answer a person who gave
+this instruction would prefer: judge how helpful, accurate, relevant and complete it is for the instruction.
+{rule}
+[Instruction]
 {question}
 
 [Answer A]
@@ -357,14 +362,14 @@ answer in another language is a poor answer. Judge helpfulness, correctness and 
 {b}
 
 Reply with exactly one of: A, B, tie."""
+JUDGE_RULE = "The user wrote in {language}; an answer in another language is a poor answer.\n"
 
 
 def parse_verdict(text: str) -> str:
     m = re.fullmatch(r"\W*(A|B|tie)\W*", text.strip(), flags=re.IGNORECASE)
     if m is None:
         raise JudgeError(f"the judge's reply {text[:200]!r} is not one of A, B, tie.")
-    v = m.group(1)
-    return "tie" if v.lower() == "tie" else v.upper()
+    return {"a": "A", "b": "B"}.get(m.group(1).lower(), "tie")
 
 
 def http_judge(url: str, model_name: str, key_env: str = "OPENAI_API_KEY", timeout: float = 120.0):
@@ -403,28 +408,28 @@ def local_judge(path: str, dtype=torch.float32, device="cpu"):
     return ask
 
 
-def win_rate(ask, questions, langs, answers_a, answers_b):
-    """Each question judged twice, A/B then B/A. A win counts 1, a tie 0.5. Returns win rate of A and counts."""
-    wins = ties = losses = 0
+def win_rate(ask, questions, langs, answers_a, answers_b, language_rule=False):
+    """A against B, head to head: each question judged twice, A/B then B/A, so that a judge's position bias cancels;
+    each order is one verdict. Returns A's wins, ties and losses over the 2 * len(questions) verdicts; win_rate: ties
+    as half (AlpacaEval's); win_rate_ties_apart: wins / verdicts, with tie_rate beside it (the paper's, as far as its
+    numbers show); verdicts: per question, A's results in the (A/B, B/A) orders, each win, tie or loss."""
+    verdicts = []
     for q, lang, a, b in zip(questions, langs, answers_a, answers_b):
-        first = parse_verdict(ask(JUDGE_PROMPT.format(language=lang, question=q, a=a, b=b)))
-        second = parse_verdict(ask(JUDGE_PROMPT.format(language=lang, question=q, a=b, b=a)))
-        for verdict, a_is in ((first, "A"), (second, "B")):
-            if verdict == "tie":
-                ties += 1
-            elif verdict == a_is:
-                wins += 1
-            else:
-                losses += 1
-    total = wins + ties + losses
-    return {"win_rate": (wins + 0.5 * ties) / total, "wins": wins, "ties": ties, "losses": losses}
+        rule = JUDGE_RULE.format(language=BENCH_LANGS.get(lang, (0, 0, lang))[2] or lang) if language_rule else ""
+        first, second = (parse_verdict(ask(JUDGE_PROMPT.format(rule=rule, question=q, a=x, b=y))) for x, y in
+                         ((a, b), (b, a)))
+        verdicts.append(({"A": "win", "B": "loss"}.get(first, "tie"), {"A": "loss", "B": "win"}.get(second, "tie")))
+    n, count = max(1, 2 * len(verdicts)), [v for pair in verdicts for v in pair].count
+    wins, ties, losses = count("win"), count("tie"), count("loss")
+    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n,
+            "win_rate_ties_apart": wins / n, "tie_rate": ties / n, "verdicts": verdicts}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
 
 
-COLUMN_ORDER = ("win", "belebele", "mmmlu", "xcopa", "in_lang", "confused", "nll", "mc_acc")
+COLUMN_ORDER = ("win", "tie", "belebele", "mmmlu", "xcopa", "in_lang", "confused", "nll", "mc_acc")
 
 
 def markdown_table(results: dict, langs=()) -> str:
@@ -526,6 +531,8 @@ def parse_args(argv=None):
                    "(default: no judge)")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to the --judge URL")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--judge-language-rule", action="store_true", help="tell the judge that an answer in another "
+                   "language than the user's is a poor one (off: the judge is told nothing of languages)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap, in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 "
@@ -535,6 +542,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="eval_out", help="folder for results.json, results.md and charts")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="under torchrun: minutes a rank may wait")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--date", default=M.today(), help="YYYY-MM-DD: the date chat templates that write today's "
+                   "(strftime_now, as Llama 3.2's) write, the same for every model; recorded in results.json")
     a = p.parse_args(argv)
     validate_args(a)
     return a
@@ -571,6 +580,7 @@ def check_model_path(flag: str, path: str):
     M.safetensors_files(folder)
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         raise ValueError(f"{flag}: {path}: no tokenizer.json; clo reads fast-tokenizer files only.")
+    M.Tokenizer(folder)  # a chat template that fails, before any model is evaluated
 
 
 def validate_args(a):
@@ -583,6 +593,10 @@ def validate_args(a):
     if not a.dist_timeout > 0:
         raise ValueError(f"--dist-timeout {a.dist_timeout}: must be above 0.")
     clo.check_device(a.device)
+    try:
+        datetime.date.fromisoformat(a.date)
+    except ValueError:
+        raise ValueError(f"--date {a.date}: not a date; give YYYY-MM-DD, e.g. {M.today()}.") from None
     a.specs = {}
     for spec in a.models:
         name, eq, path = spec.partition("=")
@@ -613,12 +627,8 @@ def main(argv=None):
     langs = ["en"] + list(dict.fromkeys(l.strip() for l in a.langs.split(",") if l.strip() and l.strip() != "en"))
     os.makedirs(a.out, exist_ok=True)
     prompts = [r for r in read_prompts(a, langs) if r.get("lang") in langs]
-    by_lang = {}
-    for r in prompts:
-        by_lang.setdefault(r["lang"], [])
-        if len(by_lang[r["lang"]]) < a.num_prompts:
-            by_lang[r["lang"]].append(r)
-    missing = [l for l in langs if l not in by_lang]
+    by_lang = {l: [r for r in prompts if r["lang"] == l][:a.num_prompts] for l in langs}
+    missing = [l for l in langs if not by_lang[l]]
     if missing:
         raise ValueError(f"{a.prompts}: no prompts for {missing}; give --prompts with rows for them.")
     prompts = [r for l in langs for r in by_lang[l]]
@@ -635,10 +645,11 @@ def main(argv=None):
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
     for name, path in specs.items():  # every hub id fetched (or found in the cache) before any model loads
         if not os.path.isdir(os.path.expanduser(path)):
-            M.resolve_checkpoint(path)
+            M.Tokenizer(M.resolve_checkpoint(path))  # and its chat template rendered
     results, answers, details = {}, {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
+        tok.date = a.date
         res = {}
         ans = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress,
                              dist)
@@ -662,20 +673,24 @@ def main(argv=None):
     if not dist.main:
         torch.distributed.destroy_process_group()
         return None
+    judged = {}
     if a.judge and len(specs) >= 2:
-        ask = local_judge(a.judge[6:], M.DTYPES[a.dtype], a.device) if a.judge.startswith("local:") else http_judge(a.judge, a.judge_model,
-                                                                                        a.judge_key_env)
-        names = list(specs)
-        for other in names[1:]:
+        ask = (local_judge(a.judge[6:], M.DTYPES[a.dtype], a.device) if a.judge.startswith("local:") else
+               http_judge(a.judge, a.judge_model, a.judge_key_env))
+        base = list(specs)[0]
+        for other in list(specs)[1:]:
             for lang in langs:  # per language, as the paper's table reports it
                 mine = [i for i, r in enumerate(prompts) if r["lang"] == lang]
-                w = win_rate(ask, [prompts[i]["prompt"] for i in mine], [lang] * len(mine),
-                             [answers[other][i] for i in mine], [answers[names[0]][i] for i in mine])
-                results[other][f"win_vs_{names[0]}_{lang}"] = w["win_rate"]
+                w = judged.setdefault(f"{other} vs {base}", {})[lang] = win_rate(
+                    ask, [prompts[i]["prompt"] for i in mine], [lang] * len(mine), [answers[other][i] for i in mine],
+                    [answers[base][i] for i in mine], a.judge_language_rule)
+                results[other].update({f"win_vs_{base}_{lang}": w["win_rate_ties_apart"], f"tie_vs_{base}_{lang}":
+                                       w["tie_rate"], f"winhalf_vs_{base}_{lang}": w["win_rate"]})
     table = markdown_table(results, langs)
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"results": results, "benchmarks": details, "answers": answers, "prompts": prompts}, f, ensure_ascii=False, indent=2)
+        json.dump({"results": results, "benchmarks": details, "judge": judged, "answers": answers,
+                   "prompts": prompts, "date": a.date}, f, ensure_ascii=False, indent=2)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)

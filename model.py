@@ -15,6 +15,7 @@ Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer ->
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import json
 import math
@@ -877,12 +878,13 @@ def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
     folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
     if raw.get("model_type") == "m2m_100":
         raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with data.load_translator().")
+    tok = Tokenizer(folder, raw)  # first: a chat template that fails does so before the weights load
     cfg = LlamaConfig.from_hf(raw, cfg_path)
     model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
     model.reset_rope()
     model.source = folder
-    return model.eval(), Tokenizer(folder, raw)
+    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -894,9 +896,15 @@ def _token_str(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _chat_environment():
+def today() -> str:
+    """The date chat templates write (strftime_now), YYYY-MM-DD; clo.py and eval.py fix it once per run."""
+    return datetime.date.today().isoformat()
+
+
+def _chat_environment(tok):
     """jinja2's immutable sandbox (templates cannot touch Python internals or mutate inputs), configured as
-    transformers renders chat templates, with the helpers checkpoints' templates call."""
+    transformers renders chat templates, with the helpers checkpoints' templates call; strftime_now writes tok.date
+    (transformers: the clock at each render), so that a run and its --resume agree."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -907,10 +915,21 @@ def _chat_environment():
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt):
-        import datetime
-        return datetime.datetime.now().strftime(fmt)
+        tok.dated = True
+        return datetime.date.fromisoformat(tok.date).strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):  # TRL's assistant-only-loss marks: the body, unchanged (a call block
+        tags = {"generation"}                  # of its own scope, as transformers' AssistantTracker)
+
+        def parse(self, parser):
+            lineno, body = next(parser.stream).lineno, parser.parse_statements(("name:endgeneration",), True)
+            return jinja2.nodes.CallBlock(self.call_method("body"), [], [], body).set_lineno(lineno)
+
+        def body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     return env
@@ -920,7 +939,9 @@ class Tokenizer:
     """The checkpoint's tokenizer.json through `tokenizers`, plus its special tokens and chat template.
 
     encode(text) returns the text's tokens only (no BOS/EOS): chat formatting, including any BOS, is the template's
-    job, exactly as transformers' apply_chat_template tokenizes the rendered text.
+    job, exactly as transformers' apply_chat_template tokenizes the rendered text. A template that fails does so here
+    (a probe render), as a ValueError naming template_file. strftime_now writes `date` (YYYY-MM-DD; set it to the
+    run's): `dated` says whether the template called it.
     """
 
     def __init__(self, folder: str, model_config: dict | None = None):
@@ -935,10 +956,8 @@ class Tokenizer:
         gen_path = os.path.join(folder, "generation_config.json")
         gen = read_json(gen_path) if os.path.exists(gen_path) else {}
         model_config = model_config or {}
-        self.bos_token = _token_str(tcfg.get("bos_token"))
-        self.eos_token = _token_str(tcfg.get("eos_token"))
-        self.unk_token = _token_str(tcfg.get("unk_token"))
-        self.pad_token = _token_str(tcfg.get("pad_token"))
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (
+            _token_str(tcfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad"))
         # Generation stops on any of these: chat models often end turns with a token other than the tokenizer's eos
         # (Llama 3: <|eot_id|>), which generation_config.json lists.
         eos_ids = []
@@ -953,22 +972,30 @@ class Tokenizer:
         if pad is None:
             pad = gen.get("pad_token_id", model_config.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
-        self.chat_template = self._find_template(folder, tcfg)
+        self.chat_template, self.template_file = self._find_template(folder, tcfg, tcfg_path)
+        self.date, self.dated = today(), False
+        if self.chat_template:
+            self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
 
     @staticmethod
-    def _find_template(folder, tcfg):
+    def _find_template(folder, tcfg, tcfg_path):
+        """(template text or None, the file it is in)."""
         jinja_path = os.path.join(folder, "chat_template.jinja")
         if os.path.exists(jinja_path):
             with open(jinja_path, encoding="utf-8") as f:
-                return f.read()
+                return f.read(), jinja_path
         json_path = os.path.join(folder, "chat_template.json")
         if os.path.exists(json_path):
-            return read_json(json_path).get("chat_template")
+            return read_json(json_path).get("chat_template"), json_path
         template = tcfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t["name"]: t["template"] for t in template}
-            template = named.get("default", next(iter(named.values()), None))
-        return template
+            if "default" not in named:  # transformers refuses too, unless told a name
+                raise ValueError(f"{tcfg_path}: 'chat_template' is a list of named templates "
+                                 f"({', '.join(sorted(named))}) without a 'default' one, so which to use is not "
+                                 "said; name the one to use 'default', or save it as chat_template.jinja beside it.")
+            template = named["default"]
+        return template, tcfg_path
 
     def token_to_id(self, token):
         return None if token is None else self.tok.token_to_id(token)
@@ -987,11 +1014,16 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
                              "chat_template.jinja); clo needs a chat model.")
-        if not hasattr(self, "_template"):
-            self._template = _chat_environment().from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                     unk_token=self.unk_token or "", pad_token=self.pad_token or "", **extra)
+        try:
+            if not hasattr(self, "_template"):
+                self._template = _chat_environment(self).from_string(self.chat_template)
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                         unk_token=self.unk_token or "", pad_token=self.pad_token or "", **extra)
+        except Exception as e:  # jinja2's errors, and a template's own TypeError and the like
+            at = f" (line {e.lineno} of the template)" if getattr(e, "lineno", None) else ""
+            raise ValueError(f"{self.template_file}: its chat template fails{at}: {str(e).rstrip('.')}; fix the "
+                             "template there, or use another checkpoint.") from e
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt, **extra))

@@ -4,6 +4,9 @@ evaluated on held-out material, written as a table, JSON and the paper's figure 
     python bench/experiments.py --model MODEL --lang sw --data samples/sib200_parallel.jsonl \
         --sizes 64,128,256 --seeds 0,1 --methods sft,sft+dpo,clo --out runs/exp-sw [-- clo.py options ...]
 
+The paper's grid (README "Experiments"): --data oasst1 --sizes 1600,3200,6400 --translator facebook/m2m100_1.2B
+--bench belebele,mmmlu --alpaca alpaca_eval --judge URL -- --tune attn.
+
 Everything after `--` goes to every clo.py run unchanged (--lr, --epochs, --tune, --beta, --lam, --max-len, ...), so
 all methods share seeds, data and budget. `--data oasst1` with a translator works as in clo.py (translated once per
 run folder, cached); offline, pass a parallel file (bench/build_parallel.py builds them from ../shared/data).
@@ -26,7 +29,13 @@ templates):
   the English one (margin > 0); pref_acc_en: English prompt, English answer preferred. Undefined for base itself.
 - nll_<l>, nll_en: mean per-token NLL of the held-out reference answers (eval.response_nll).
 - mc_<l>, mc_en: multiple-choice accuracy (lm-eval-harness scoring, eval.multiple_choice_accuracy), --mc files.
-- win_<l>: with --judge, the pairwise win rate of each run over base on the target-language prompts (eval.win_rate).
+- win_<l>: with --judge, the pairwise win rate of each run over base on the target-language prompts (eval.win_rate,
+  ties as half).
+- belebele_<l>, mmmlu_<l> (and _en), with --bench: the paper's benchmarks, scored as eval.py --bench scores them.
+- win_vs_<m>_<l>, tie_vs_<m>_<l>, winhalf_vs_<m>_<l>, with --alpaca and --judge (CLO runs only): CLO head to head
+  against method m (sft, sft+dpo) of the same size and seed on translated AlpacaEval prompts, both orders per prompt:
+  the share of verdicts CLO wins and ties (ties apart, the paper's) and its win rate with ties as half (AlpacaEval's);
+  the counts in results.json "head_to_head" and table.md.
 The primary metric (stated before running, README "Experiments") is fidelity_<target>.
 """
 from __future__ import annotations
@@ -53,7 +62,8 @@ import model as M  # noqa: E402
 SHARED = os.path.join(HERE, "..", "shared", "data")
 METHODS = ("sft", "sft+dpo", "clo", "dpo")
 GRID_FLAGS = ("--model", "--method", "--lang", "--data", "--translations", "--num-samples", "--seed", "--out",
-              "--resume", "--merge")  # clo.py options each run gets from the grid
+              "--resume", "--merge", "--translator")  # clo.py options each run gets from the grid
+LABELS = {"base": "base", "sft": "SFT", "sft+dpo": "SFT+DPO", "clo": "CLO", "dpo": "DPO"}  # as the paper names them
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,8 +183,33 @@ def heldout_material(a):
     mc = []
     for path in a.mc:
         mc += E.subset(E.read_multiple_choice(path), a.num_mc, seed=0)
+    bench = {}
+    for name in a.bench:
+        for lang in langs:
+            path = E.bench_file(name, lang, a.bench_dir, a.lang)
+            if path is None:
+                print(f"{name}: has no {lang}; its column is left out", file=sys.stderr)
+            else:
+                bench[name, lang] = E.subset(E.read_multiple_choice(path, lang), a.num_items)
     return {"prompts": {lang: [r[f"{lang}_instruction"] for r in fid_rows] for lang in langs}, "heldout": held,
-            "mc": mc}
+            "mc": mc, "bench": bench, "alpaca": alpaca_prompts(a) if a.alpaca else None}
+
+
+def alpaca_prompts(a):
+    """The head-to-head prompts in the target language (eval.read_prompts): a JSONL {lang, prompt} file's rows in
+    --lang as they are (your own translations); or AlpacaEval's English instructions (alpaca_eval: the hub's
+    tatsu-lab/alpaca_eval; or a local alpaca_eval.json), the first --num-alpaca translated by --translator, once,
+    cached in OUT/alpaca_eval.translations.jsonl. The paper's own translated set is not public."""
+    import types
+    import eval as E
+    dtype = M.DTYPES[M.resolve_dtype("auto", a.device)[0]]
+    ns = types.SimpleNamespace(prompts=a.alpaca, num_prompts=a.num_alpaca, out=a.out, translator=a.translator,
+                               dtype=dtype, device=a.device)
+    prompts = [r["prompt"] for r in E.read_prompts(ns, ["en", a.lang]) if r.get("lang") == a.lang][:a.num_alpaca]
+    if not prompts:
+        raise ValueError(f"--alpaca {a.alpaca}: no prompts in {a.lang}; give rows {{lang: {a.lang}, prompt}} or "
+                         "English AlpacaEval instructions to translate.")
+    return prompts
 
 
 def pair_logps(model, tok, rows, lang, batch_size=8):
@@ -215,7 +250,8 @@ def score_answers(result, material):
 
 def evaluate(path, material, a, name, ref=None, base_answers=None):
     """Every metric for one model (a checkpoint or a clo run folder) but the fidelity ones, which score_answers
-    computes from the answers. Returns (metrics, answers, logps)."""
+    computes from the answers, and the head-to-head ones (head_to_head). Returns (metrics, answers, logps); answers
+    has the fidelity answers per language and, with --alpaca, the head-to-head answers under "alpaca"."""
     import torch
     import eval as E
     torch.manual_seed(0)
@@ -234,12 +270,22 @@ def evaluate(path, material, a, name, ref=None, base_answers=None):
     if material["mc"]:
         for lang, r in E.multiple_choice_accuracy(model, tok, material["mc"], progress=False).items():
             metrics[f"mc_{lang}"] = r["acc"]
+    for (bench, lang), rows in material["bench"].items():
+        metrics[f"{bench}_{lang}"] = E.multiple_choice_accuracy(model, tok, rows, progress=False)[lang]["acc"]
+    if material["alpaca"]:
+        answers["alpaca"] = E.answer_prompts(model, tok, material["alpaca"], a.alpaca_max_new_tokens, progress=False)
     if a.judge and base_answers is not None:
-        ask = E.local_judge(a.judge[6:]) if a.judge.startswith("local:") else E.http_judge(a.judge, a.judge_model)
         prompts = material["prompts"][a.lang]
-        metrics[f"win_{a.lang}"] = E.win_rate(ask, prompts, [a.lang] * len(prompts), answers[a.lang],
-                                              base_answers[a.lang])["win_rate"]
+        metrics[f"win_{a.lang}"] = E.win_rate(judge(a), prompts, [a.lang] * len(prompts), answers[a.lang],
+                                              base_answers[a.lang], a.judge_language_rule)["win_rate"]
     return metrics, answers, logps
+
+
+def judge(a):
+    """eval.py's judge client for --judge: local:PATH (a chat model) or an OpenAI-compatible URL."""
+    import eval as E
+    return E.local_judge(a.judge[6:], device=a.device) if a.judge.startswith("local:") else E.http_judge(
+        a.judge, a.judge_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,7 +299,7 @@ def plan(a):
     for size in a.sizes:
         for seed in a.seeds:
             common = ["--lang", a.lang, "--num-samples", str(size), "--seed", str(seed), "--no-progress"]
-            common += ["--translations" if a.parallel else "--data", a.data]
+            common += ["--translations", a.data] if a.parallel else ["--data", a.data, "--translator", a.translator]
             sft = f"sft-n{size}-s{seed}"
             for method in a.methods:
                 if method in ("sft", "sft+dpo") and sft not in [r[0] for r in runs]:
@@ -336,8 +382,13 @@ def train_run(name, argv, a, log):
 
 def material_settings(a):
     """What an evaluation depends on besides the model: a cached OUT/eval/<run>.json is reused only if these match."""
-    return {k: getattr(a, k) for k in ("lang", "fidelity", "num_prompts", "heldout", "num_heldout", "mc", "num_mc",
-                                       "max_new_tokens", "judge")}
+    s = {k: getattr(a, k) for k in ("lang", "fidelity", "num_prompts", "heldout", "num_heldout", "mc", "num_mc",
+                                    "max_new_tokens", "judge")}
+    # the later options only when used, so that evaluations made before they existed stay valid
+    s.update({k: getattr(a, k) for k in ("bench", "bench_dir", "num_items") if a.bench})
+    s.update({k: getattr(a, k) for k in ("alpaca", "num_alpaca", "alpaca_max_new_tokens", "translator") if a.alpaca})
+    s.update({"judge_language_rule": True} if a.judge_language_rule else {})
+    return s
 
 
 def eval_source(name, a):
@@ -366,13 +417,52 @@ def eval_run(name, path, material, a, log, ref=None, base_answers=None):
         return load_eval(dest, material, a, name)
     t = time.time()
     metrics, answers, logps = evaluate(path, material, a, name, ref, base_answers)
+    alpaca = answers.pop("alpaca", None)
     result = score_answers({"run": name, "settings": material_settings(a), "source": eval_source(name, a),
-                            "metrics": metrics, "answers": answers, "logps": logps, "seconds": time.time() - t},
-                           material)
+                            "metrics": metrics, "answers": answers, "alpaca_answers": alpaca, "logps": logps,
+                            "seconds": time.time() - t}, material)
     clo.save_json(dest, result)
     log(f"{name}: evaluated in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
                                                                         if not k.startswith("pref_margin")))
     return result
+
+
+def head_to_head(evals, runs, a, material, ask=None):
+    """CLO against SFT and SFT+DPO of the same size and seed on the --alpaca prompts, in the target language:
+    eval.win_rate (each prompt judged in both orders). Each comparison is saved in OUT/judge/<clo run>_vs_<run>.json
+    with a digest of what it judged (judge, rule, prompts, both answer lists) and judged again only when that changed;
+    with `ask` None (--report-only) only saved comparisons count. Adds win_vs_<m>_<l>, tie_vs_<m>_<l> and
+    winhalf_vs_<m>_<l> to the CLO run's metrics (for the table and figure) and returns one row per comparison:
+    {items, seed, clo_vs, wins, ties, losses, prompts, win_rate, win_rate_ties_apart, tie_rate}."""
+    import hashlib
+    import json
+    import eval as E
+    names = {(method, size, seed): name for name, method, size, seed, _ in runs}
+    rows = []
+    for name, method, size, seed, _ in runs:
+        for other in ("sft", "sft+dpo") if method == "clo" else ():
+            rival = names.get((other, size, seed))
+            mine, theirs = (evals[n].get("alpaca_answers") if n in evals else None for n in (name, rival))
+            if mine is None or theirs is None:  # not evaluated yet (--report-only), or evaluated without --alpaca
+                continue
+            what = [a.judge, a.judge_model, a.judge_language_rule, E.JUDGE_PROMPT, material["alpaca"], mine, theirs]
+            digest = hashlib.sha256(json.dumps(what, ensure_ascii=False).encode("utf-8")).hexdigest()
+            path = os.path.join(a.out, "judge", f"{name}_vs_{rival}.json")
+            w = M.read_json(path) if os.path.exists(path) else None
+            if w is None or w.get("digest") != digest:
+                if ask is None:
+                    continue
+                w = dict(E.win_rate(ask, material["alpaca"], [a.lang] * len(mine), mine, theirs, a.judge_language_rule),
+                         digest=digest, clo=name, rival=rival)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                clo.save_json(path, w)
+            evals[name]["metrics"].update({f"win_vs_{other}_{a.lang}": w["win_rate_ties_apart"],
+                                           f"tie_vs_{other}_{a.lang}": w["tie_rate"],
+                                           f"winhalf_vs_{other}_{a.lang}": w["win_rate"]})
+            rows.append({"items": size, "seed": seed, "clo_vs": other, "prompts": len(mine),
+                         **{k: w[k] for k in ("wins", "ties", "losses", "win_rate", "win_rate_ties_apart",
+                                              "tie_rate")}})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -477,8 +567,22 @@ def parse_args(argv=None):
     p.add_argument("--mc", nargs="*", default=None, help="multiple-choice files (default: XCOPA val in the target "
                    "language and its English translation, where ../shared/data has them)")
     p.add_argument("--num-mc", type=int, default=100)
-    p.add_argument("--judge", default=None, help="OpenAI-compatible URL or local:PATH: win rate over base")
+    p.add_argument("--judge", default=None, help="OpenAI-compatible URL or local:PATH: win rate over base, and with "
+                   "--alpaca CLO's head to head")
     p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--judge-language-rule", action="store_true", help="tell the judge that an answer in another "
+                   "language than the user's is a poor one (eval.JUDGE_RULE; default: nothing on languages)")
+    p.add_argument("--bench", default="", help="comma-separated, of belebele,mmmlu,xcopa: the paper's benchmarks in "
+                   "the target language and English (eval.bench_file: the hub's, or --bench-dir)")
+    p.add_argument("--bench-dir", default=None, help="local benchmark files, named as on the hub (eval.py --bench-dir)")
+    p.add_argument("--num-items", type=int, default=None, help="a fixed, seeded subset of each benchmark (default all)")
+    p.add_argument("--alpaca", default=None, help="head-to-head prompts: alpaca_eval (the hub's English AlpacaEval, "
+                   "translated by --translator) or a local alpaca_eval.json, or a JSONL {lang, prompt} of your own "
+                   "translations; needs --judge")
+    p.add_argument("--num-alpaca", type=int, default=805, help="head-to-head prompts (AlpacaEval has 805)")
+    p.add_argument("--alpaca-max-new-tokens", type=int, default=512, help="answer length cap for the head to head")
+    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB for English --data "
+                   "(passed to every clo.py run) and --alpaca instructions (the paper's: facebook/m2m100_1.2B)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
@@ -490,9 +594,24 @@ def parse_args(argv=None):
         name = arg.split("=")[0]
         if arg.startswith("--") and len(name) > 2 and any(f.startswith(name) for f in GRID_FLAGS):
             raise ValueError(f"after --: {arg} is set by the grid itself for every run ({', '.join(GRID_FLAGS)}); "
-                             "use this script's --model/--lang/--data/--sizes/--seeds/--methods/--out instead.")
+                             "use this script's --model/--lang/--data/--translator/--sizes/--seeds/--methods/--out "
+                             "instead.")
     a.sizes, a.seeds = int_list("--sizes", a.sizes, 1), int_list("--seeds", a.seeds, 0)
     a.methods = [m.strip() for m in a.methods.split(",")]
+    a.bench = [b.strip() for b in a.bench.split(",") if b.strip()]
+    for b in a.bench:
+        if b not in ("belebele", "mmmlu", "xcopa"):
+            raise ValueError(f"--bench: {b!r} is not one of belebele, mmmlu, xcopa.")
+    for flag, value in (("--num-items", a.num_items), ("--num-alpaca", a.num_alpaca),
+                        ("--alpaca-max-new-tokens", a.alpaca_max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1.")
+    if a.alpaca and not a.judge:
+        raise ValueError("--alpaca: the answers are judged head to head; give --judge URL or --judge local:PATH.")
+    if a.alpaca and ("clo" not in a.methods or not {"sft", "sft+dpo"} & set(a.methods)):
+        raise ValueError(f"--alpaca: judges CLO against SFT and SFT+DPO; --methods {','.join(a.methods)} lacks them.")
+    if a.alpaca and a.alpaca != "alpaca_eval" and not os.path.isfile(a.alpaca):
+        raise ValueError(f"--alpaca {a.alpaca}: no such file.")
     for m in a.methods:
         if m not in METHODS:
             raise ValueError(f"--methods: {m!r} is not one of {', '.join(METHODS)}.")
@@ -521,9 +640,15 @@ def parse_args(argv=None):
         if f"{a.lang}_response" not in rows[0]:
             raise ValueError(f"--data {a.data}: no {a.lang}_instruction/{a.lang}_response columns; the file has "
                              f"{sorted(k for k in rows[0] if k.endswith('_response'))}.")
-        if max(a.sizes) > len(rows):  # clo.py would take all rows and label them as more
-            raise ValueError(f"--sizes {max(a.sizes)}: {a.data} has only {len(rows)} items.")
+    if a.data != "oasst1":  # oasst1: counted by main() once fetched
+        refuse_sizes(a, D.items_from_translations(a.data) if a.parallel else D.load_sft(a.data))
     return a
+
+
+def refuse_sizes(a, items):
+    """A size the data cannot fill is refused before any run (clo.py would refuse it only when its turn came)."""
+    if max(a.sizes) > len(items):
+        raise ValueError(f"--sizes {max(a.sizes)}: {a.data} has only {len(items)} items.")
 
 
 def int_list(flag, text, least):
@@ -545,6 +670,8 @@ def main(argv=None):
     from tqdm import tqdm
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     a = parse_args(argv)
+    if a.data == "oasst1" and not a.report_only:
+        refuse_sizes(a, D.load_sft("oasst1"))
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:  # the figure comes last: say so now, not after hours of training
         raise ValueError("the figure needs matplotlib: pip install matplotlib (requirements-test.txt has it).")
@@ -578,7 +705,7 @@ def main(argv=None):
         evals[name] = eval_run(name, os.path.join(a.out, "runs", name), material, a, log, ref, base["answers"])
         bar.update(1)
     bar.close()
-    return report(evals, runs, a, material)
+    return report(evals, runs, a, material, judge(a) if a.alpaca else None)
 
 
 def audit_file(evals, material):
@@ -632,7 +759,53 @@ def run_args(a, name):
     return M.read_json(path)
 
 
-def report(evals, runs, a, material):
+def pooled(h2h):
+    """The head-to-head rows summed over seeds: {(items, clo_vs): {seeds, prompts, wins, ties, losses, rates}}."""
+    out = {}
+    for r in h2h:
+        c = out.setdefault((r["items"], r["clo_vs"]), {"seeds": 0, "prompts": 0, "wins": 0, "ties": 0, "losses": 0})
+        c.update({k: c[k] + (1 if k == "seeds" else r[k]) for k in c})
+    for c in out.values():
+        n = c["wins"] + c["ties"] + c["losses"]
+        c.update(win_rate_ties_apart=c["wins"] / n, tie_rate=c["ties"] / n, loss_rate=c["losses"] / n,
+                 win_rate=(c["wins"] + c["ties"] / 2) / n)
+    return out
+
+
+def paper_tables(table, h2h, a):
+    """The paper's layout, in %: its BELEBELE and MMMLU tables (a row per model and method, a column per benchmark and
+    language, English last), here a row per method and size; and its AlpacaEval comparison, CLO against each baseline
+    head to head, wins, ties and losses apart and the win rate with ties as half."""
+    def rows(header, lines):
+        return "| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|\n" + "".join(
+            "| " + " | ".join(map(str, line)) + " |\n" for line in lines)
+    model = os.path.basename(a.model.rstrip("/"))
+    cols = [f"{b}_{l}" for b in a.bench for l in (a.lang, "en") if any(f"{b}_{l}" in c for m in table.values()
+                                                                        for c in m.values())]
+    md = ""
+    if cols:
+        lines = [[model, LABELS[method], size if method != "base" else "-"] + [
+                     f"{100 * cell[c]['mean']:.1f}" if c in cell else "" for c in cols]
+                 for method in ["base"] + [m for m in METHODS if m in table]
+                 for size, cell in sorted(table[method].items(), key=lambda kv: int(kv[0]))]
+        md += "\nThe paper's benchmark tables: accuracy (%), mean over the seeds finished\n\n" + rows(
+            ["model", "method", "items"] + [c.replace("belebele_", "BELEBELE ").replace("mmmlu_", "MMMLU ")
+                                            .replace("xcopa_", "XCOPA ") for c in cols], lines)
+    if h2h:
+        lines = [[model, size, LABELS[other], c["seeds"], c["wins"] + c["ties"] + c["losses"], c["wins"], c["ties"],
+                  c["losses"]] + [f"{100 * c[k]:.1f}" for k in ("win_rate_ties_apart", "tie_rate", "loss_rate",
+                                                                  "win_rate")]
+                 for (size, other), c in sorted(pooled(h2h).items())]
+        md += (f"\nThe paper's AlpacaEval comparison: CLO head to head on translated AlpacaEval prompts ({a.lang}), "
+               "each prompt judged in both orders, verdicts summed over the seeds; CLO's wins, ties and losses in % "
+               "of the verdicts (ties apart, as the paper reports them), then its win rate with ties as half "
+               "(AlpacaEval's)\n\n" + rows(["model", "items", "CLO vs", "seeds", "verdicts", "wins", "ties", "losses",
+                                            "CLO win %", "tie %", "CLO loss %", "win rate, ties as half %"], lines))
+    return md
+
+
+def report(evals, runs, a, material, ask=None):
+    h2h = head_to_head(evals, runs, a, material, ask) if a.alpaca else []
     table = aggregate(evals, runs, a)
     audit = audit_file(evals, material)
     clo.save_json(os.path.join(a.out, "answers.json"), audit)
@@ -640,7 +813,9 @@ def report(evals, runs, a, material):
     clo.save_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
                 "table": table, "paired": comparisons, "runs": {n: e["metrics"] for n, e in evals.items()},
-                "run_args": {n: run_args(a, n) for n in evals if n != "base"}})
+                "run_args": {n: run_args(a, n) for n in evals if n != "base"},
+                **({"head_to_head": h2h, "head_to_head_pooled": [{"items": k[0], "clo_vs": k[1], **c} for k, c in
+                                                                 sorted(pooled(h2h).items())]} if a.alpaca else {})})
     md = markdown(table, a)
     if comparisons:
         md += (f"\nCLO against each method on fidelity_{a.lang}, prompt by prompt (a prompt's score: the share of seeds "
@@ -648,6 +823,7 @@ def report(evals, runs, a, material):
                "| items | CLO vs | CLO higher | CLO lower | equal | p |\n|---|---|---|---|---|---|\n")
         md += "".join(f"| {c['items']} | {c['clo_vs']} | {c['wins']} | {c['losses']} | "
                       f"{c['prompts'] - c['wins'] - c['losses']} | {c['p']:.2f} |\n" for c in comparisons)
+    md += paper_tables(table, h2h, a)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     figure(table, a, os.path.join(a.out, "figure.png"))

@@ -4,6 +4,7 @@ end-of-run message (clo.final_message): every output it names exists, and the co
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ def inputs(tmp_path_factory, llama_dir, m2m_dir):
             {"en_instruction": "Q2", "en_response": "A2", "de_instruction": "F2"}]
     (d / "lacking.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "empty.jsonl").write_text("")
+    (d / "two.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Bye", "output": "Ciao"}\n')
     (d / "a_file").write_text("x")
     (d / "test.sw.jsonl").write_text('{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause"}\n')
     (d / "unfinished").mkdir()
@@ -36,6 +38,12 @@ def inputs(tmp_path_factory, llama_dir, m2m_dir):
                                                                     "target_modules": ["q_proj"],
                                                                     "base_model_name_or_path": llama_dir}))
     (d / "models").mkdir()  # so that models/smol and runs/x are local paths, as in the README's layout
+    for name, template in {"misspelt": "{% for m in messages %}{{ m['content'] }}\n{% endfro %}",  # chat templates
+                           "unnamed": [{"name": "tool_use", "template": "{{ messages }}"}],
+                           "strict": "{{ raise_exception('System message required') }}"}.items():
+        shutil.copytree(llama_dir, d / name)
+        cfg = json.load(open(d / name / "tokenizer_config.json"))
+        json.dump(dict(cfg, chat_template=template), open(d / name / "tokenizer_config.json", "w"))
     (d / "runs").mkdir()
     return {"d": str(d), "llama": llama_dir, "m2m": m2m_dir}
 
@@ -72,6 +80,12 @@ CASES = [
     (CLO[:6] + ["--data", "{d}/null_output.jsonl"],
      "error: {d}/null_output.jsonl: line 2: missing field(s) ['output']. Expected Alpaca format (instruction, input, "
      "output) or chat format (messages: [{role: user, ...}, {role: assistant, ...}])."),
+    # a run labelled with more items than the data holds trained on fewer (issue 20.4)
+    (CLO + ["--num-samples", "25"], f"error: --num-samples 25: {PARALLEL} has only 24 items; ask for at most 24 (a run "
+                                    "labelled 25 would train on fewer)."),
+    (CLO[:6] + ["--data", "{d}/two.jsonl", "--num-samples", "3"], "error: --num-samples 3: {d}/two.jsonl has only 2 "
+                                                                 "items; ask for at most 2 (a run labelled 3 would "
+                                                                 "train on fewer)."),
     (CLO[:7] + ["{d}/nope.jsonl"], "error: --translations {d}/nope.jsonl: no such file."),
     (CLO[:7] + ["{d}/empty.jsonl"], "error: --translations {d}/empty.jsonl: no rows; the file is empty."),
     (CLO[:7] + ["{d}/lacking.jsonl"], "error: {d}/lacking.jsonl: line 2: lacks de_response (a string each); fill it "
@@ -97,6 +111,16 @@ CASES = [
                                                      "nothing to resume; check --out, or drop --resume to start a new run."),
     (CLO + ["--out", "{d}/a_file/run"], "error: --out {d}/a_file/run: {d}/a_file is a file, so the folder cannot be "
                                         "made there; give another path."),
+    (CLO[:3] + ["{d}/misspelt"] + CLO[4:], "error: {d}/misspelt/tokenizer_config.json: its chat template fails (line "
+     "2 of the template): Encountered unknown tag 'endfro'. Jinja was looking for the following tags: 'endfor' or "
+     "'else'. The innermost block that needs to be closed is 'for'; fix the template there, or use another checkpoint."),
+    (CLO[:3] + ["{d}/unnamed"] + CLO[4:], "error: {d}/unnamed/tokenizer_config.json: 'chat_template' is a list of "
+     "named templates (tool_use) without a 'default' one, so which to use is not said; name the one to use 'default', "
+     "or save it as chat_template.jinja beside it."),
+    (EVAL + ["b={d}/strict"], "error: {d}/strict/tokenizer_config.json: its chat template fails: System message "
+                              "required; fix the template there, or use another checkpoint."),
+    (EVAL + ["--date", "2025-02-30"], "error: --date 2025-02-30: not a date; give YYYY-MM-DD, e.g. "
+                                      f"{__import__('model').today()}."),
     (EVAL + ["--batch-size", "0"], "error: --batch-size 0: must be at least 1."),
     (EVAL + ["--max-new-tokens", "0"], "error: --max-new-tokens 0: must be at least 1."),
     (EVAL + ["b={llama}", "c=runs/x"], "error: --models c: runs/x: no such folder. Give a checkpoint folder, a clo run "
@@ -134,6 +158,27 @@ def test_bad_input_prints_one_line_and_leaves_nothing(argv, line, inputs, tmp_pa
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == filled(line)
     assert not out.exists() or not os.listdir(out)
+
+
+def test_a_hub_model_whose_template_fails_stops_before_translation(inputs, tmp_path, monkeypatch, capsys):
+    """A hub id is fetched in main(), not checked by validate_args: its failing template (issue 19.2) was found after
+    translation and the reference pass. Now at load (before the weights), and neither runs."""
+    import clo
+    import data as D
+    import model as M
+    folder = os.path.join(inputs["d"], "misspelt")
+    monkeypatch.setattr(M, "resolve_checkpoint", lambda name, *a, **k: folder if name == "someone/misspelt" else name)
+
+    def never(*a, **k):
+        raise AssertionError("work done before the template was checked")
+    for module, name in ((D, "load_translator"), (D, "translate_items"), (clo, "reference_logps"), (M, "load_weights")):
+        monkeypatch.setattr(module, name, never)
+    with pytest.raises(SystemExit) as e:
+        clo.exit_on_error(lambda: clo.main(["--model", "someone/misspelt", "--lang", "de", "--no-progress", "--out",
+                                            str(tmp_path / "run")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {folder}/tokenizer_config.json: its chat template fails (line 2"
+                                                ) and err.count("\n") == 1, err
 
 
 def test_final_message_names_outputs_that_exist_and_commands_that_work(llama_dir, tmp_path):

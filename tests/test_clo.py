@@ -259,20 +259,40 @@ def test_translation_cache_resumes_with_every_item_once(tmp_path):
     assert D.translate_items(items, ["ko", "sw"], cache, again, log=lambda *_: None) == rows
 
 
-def test_oasst1_parser_takes_english_rank0_best_first(tmp_path):
+def test_oasst1_selection_english_rank0_single_turn_best_first(tmp_path, monkeypatch):
+    """The paper's "top highly-ranked single-turn entries" as data.oasst1_pairs reads them, on trees in the release's
+    layout; which items are picked, worked by hand. Deleted messages and failed reviews were taken before."""
+    def msg(role, text, rank=None, quality=None, votes=None, replies=(), lang="en", **extra):
+        m = {"message_id": text, "role": role, "lang": lang, "text": text, "rank": rank, "deleted": False,
+             "review_result": True, "replies": list(replies), **extra}
+        m["labels"] = {"quality": {"value": quality, "count": 3}} if quality is not None else None
+        m["emojis"] = {"+1": votes} if votes is not None else None
+        return m
+    follow_up = msg("prompter", "Q1 again", replies=[msg("assistant", "A1 again", rank=0, quality=1.0)])
     trees = [
-        {"prompt": {"role": "prompter", "lang": "en", "text": "Q1", "replies": [
-            {"role": "assistant", "rank": 1, "text": "worse"},
-            {"role": "assistant", "rank": 0, "text": "A1", "labels": {"quality": {"value": 0.5}}}]}},
-        {"prompt": {"role": "prompter", "lang": "de", "text": "Frage", "replies": [
-            {"role": "assistant", "rank": 0, "text": "Antwort"}]}},
-        {"prompt": {"role": "prompter", "lang": "en", "text": "Q2", "replies": [
-            {"role": "assistant", "rank": 0, "text": "A2", "labels": {"quality": {"value": 0.9}}}]}},
+        msg("prompter", "Q1", replies=[msg("assistant", "worse", rank=1, quality=0.99),  # ranked below A1
+                                       msg("assistant", "A1", rank=0, quality=0.5, replies=[follow_up])]),
+        msg("prompter", "Frage", lang="de", replies=[msg("assistant", "Antwort", rank=0, quality=1.0)]),
+        msg("prompter", "Q2", replies=[msg("assistant", "A2", rank=0, quality=0.9)]),
+        msg("prompter", "lone", replies=[msg("assistant", "unranked", quality=1.0)]),     # no rank 0: not ranked
+        msg("prompter", "Q3", replies=[msg("assistant", "A3", rank=0, quality=0.5, votes=3)]),
+        msg("prompter", "Q4", replies=[msg("assistant", "A4", rank=0)]),                    # no quality label: last
+        msg("prompter", "gone", replies=[msg("assistant", "deleted", rank=0, quality=1.0, deleted=True)]),
+        msg("prompter", "spam", review_result=False, replies=[msg("assistant", "A", rank=0, quality=1.0)]),
     ]
-    path = tmp_path / "trees.jsonl"
-    path.write_text("\n".join(json.dumps(t) for t in trees))
-    assert D.oasst1_pairs(str(path)) == [{"instruction": "Q2", "response": "A2"}, {"instruction": "Q1",
-                                                                                     "response": "A1"}]
+    path = tmp_path / "trees.jsonl.gz"
+    import gzip
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps({"message_tree_id": t["text"], "tree_state": "ready_for_export", "prompt": t})
+                        + "\n" for t in trees))
+    picked = D.oasst1_pairs(str(path))
+    assert [(i["instruction"], i["response"]) for i in picked] == [("Q2", "A2"), ("Q3", "A3"), ("Q1", "A1"),
+                                                                    ("Q4", "A4")]
+    monkeypatch.setattr(D, "load_oasst1", lambda: picked)
+    assert D.load_sft("oasst1", 4) == picked
+    with pytest.raises(ValueError, match=r"^--num-samples 5: oasst1 \(English root prompts with a rank-0 reply\) has "
+                                         r"only 4 items; ask for at most 4"):
+        D.load_sft("oasst1", 5)
 
 
 def test_chat_format_and_alpaca_input(tmp_path):

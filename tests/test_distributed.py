@@ -66,21 +66,27 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tune, eng
 
 
 @pytest.mark.parametrize("engine", ["DDP", "FSDP"])
-def test_resume_under_torchrun(setup, engine):
+def test_resume_under_torchrun_is_bitwise_with_dropout(setup, engine):
+    """Each rank's own random state is checkpointed (issue 19.1: rank 0's alone, reloaded by every rank, left the
+    dropout masks of rank 1 different after resume: 1.66e-3 away)."""
     tmp, llama, par = setup
-    common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-steps", "4", "--batch-size", "2",
-              "--lr", "1e-3", "--save-every", "2"] + (["--fsdp"] if engine == "FSDP" else [])
+    common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-steps", "3", "--batch-size", "2",
+              "--grad-accum", "2", "--lr", "1e-3", "--lora-dropout", "0.1"] + (["--fsdp"] if engine == "FSDP" else [])
     straight, resumed = tmp / f"straight-{engine}", tmp / f"resumed-{engine}"
     assert torchrun(*common, "--out", str(straight)).returncode == 0
-    killed = torchrun(*common, "--out", str(resumed), "--stop-after", "3")
-    assert killed.returncode == 0 and (resumed / "checkpoint" / "progress.json").exists(), killed.stderr
-    assert "stopped after step 3 of 4" in killed.stdout
+    killed = torchrun(*common, "--out", str(resumed), "--stop-after", "1")
+    assert killed.returncode == 0 and "stopped after step 1 of 3" in killed.stdout, killed.stderr
+    if engine == "DDP":  # a checkpoint of 2 ranks is refused by 1, in one line naming the number of ranks
+        one = subprocess.run([sys.executable, os.path.join(ROOT, "clo.py"), "--no-progress", *common, "--out",
+                              str(resumed), "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert one.returncode != 0 and "2 ranks, now 1" in one.stderr and len(one.stderr.strip().splitlines()) == 1
     r = torchrun(*common, "--out", str(resumed), "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     a = load_file(str(straight / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
 
 
 def test_rank0_translates_once_for_all(setup):

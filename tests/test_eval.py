@@ -63,7 +63,10 @@ class StubJudge(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
         StubJudge.auth = self.headers.get("Authorization")
-        a = prompt.split("[Answer A]")[1].split("[Answer B]")[0]
+        a = prompt.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        b = prompt.split("[Answer B]\n")[1].split("\n\nReply with")[0]
+        if StubJudge.mode == "longer":  # the longer answer wins; equal lengths tie
+            verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
         if StubJudge.mode == "content":
             verdict = "A" if "GOOD" in a else "B"
         elif StubJudge.mode == "always-a":
@@ -99,12 +102,14 @@ def test_judge_win_rate_both_orders(judge_url):
     qs, langs = ["q1", "q2"], ["ko", "ko"]
     StubJudge.mode = "content"
     w = E.win_rate(ask, qs, langs, ["GOOD one", "GOOD two"], ["meh", "meh"])
-    assert w == {"win_rate": 1.0, "wins": 4, "ties": 0, "losses": 0}
+    assert (w["wins"], w["ties"], w["losses"], w["win_rate"], w["win_rate_ties_apart"]) == (4, 0, 0, 1.0, 1.0)
     assert StubJudge.auth == "Bearer sk-test"
-    StubJudge.mode = "always-a"  # pure position bias cancels out
-    assert E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])["win_rate"] == 0.5
+    StubJudge.mode = "always-a"  # pure position bias cancels out: one win and one loss per question
+    w = E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
+    assert (w["wins"], w["losses"], w["win_rate"], w["verdicts"]) == (2, 2, 0.5, [("win", "loss")] * 2)
     StubJudge.mode = "tie"
-    assert E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"]) == {"win_rate": 0.5, "wins": 0, "ties": 4, "losses": 0}
+    w = E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
+    assert (w["ties"], w["win_rate"], w["win_rate_ties_apart"], w["tie_rate"]) == (4, 0.5, 0.0, 1.0)
     StubJudge.mode = "garbage"
     with pytest.raises(E.JudgeError, match="not an OpenAI chat completion"):
         E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
@@ -113,6 +118,53 @@ def test_judge_win_rate_both_orders(judge_url):
         E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
     with pytest.raises(E.JudgeError, match="cannot connect"):
         E.http_judge("http://127.0.0.1:9", "stub")("hi")
+
+
+def test_judge_prompt_names_no_language_unless_asked():
+    sent = []
+    ask = lambda prompt: sent.append(prompt) or "tie"  # noqa: E731
+    E.win_rate(ask, ["Habari yako?"], ["sw"], ["Nzuri sana."], ["I am fine."])
+    assert len(sent) == 2 and "[Instruction]\nHabari yako?" in sent[0] and "helpful" in sent[0]
+    for prompt in sent:  # nothing about languages, by name, code or rule
+        assert "language" not in prompt.lower() and "swahili" not in prompt.lower() and " sw" not in prompt
+    sent.clear()
+    E.win_rate(ask, ["Habari yako?"], ["sw"], ["Nzuri sana."], ["I am fine."], language_rule=True)
+    assert all("The user wrote in Swahili; an answer in another language is a poor answer." in p for p in sent)
+
+
+def test_win_rate_counts_by_hand():
+    """A stub judge that prefers the longer answer, ties equal lengths, and on a question marked 'biased' always says
+    A. Per question, (A/B order, B/A order): q1 A longer (win, win); q2 equal (tie, tie); q3 A shorter (loss, loss);
+    q4 biased (win, loss). Over 8 verdicts: 3 wins, 2 ties, 3 losses; ties apart 3/8 and 2/8; ties as half 4/8."""
+    def ask(prompt):
+        a = prompt.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        b = prompt.split("[Answer B]\n")[1].split("\n\nReply with")[0]
+        return "A" if "biased" in prompt or len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+    w = E.win_rate(ask, ["q1", "q2", "q3", "q4 biased"], ["de"] * 4, ["longer", "same", "s", "x"],
+                   ["short", "same", "longer", "y"])
+    assert w["verdicts"] == [("win", "win"), ("tie", "tie"), ("loss", "loss"), ("win", "loss")]
+    assert (w["wins"], w["ties"], w["losses"]) == (3, 2, 3)
+    assert (w["win_rate_ties_apart"], w["tie_rate"], w["win_rate"]) == (3 / 8, 2 / 8, 4 / 8)
+
+
+def test_eval_cli_keeps_head_to_head_counts(tmp_path, llama_dir, judge_url):
+    """eval.py's results.json: per language, the second model's wins, ties and losses against the first, as the stub
+    judge's rule (the longer answer wins) gives them on the answers saved beside them."""
+    other = tiny.make_llama(str(tmp_path / "other"), seed=3)
+    StubJudge.mode = "longer"
+    out = str(tmp_path / "eval")
+    E.main(["--no-progress", "--models", f"base={llama_dir}", f"other={other}", "--langs", "de", "--num-prompts", "3",
+            "--max-new-tokens", "6", "--heldout", "", "--judge", judge_url, "--judge-model", "stub", "--out", out])
+    saved = json.load(open(os.path.join(out, "results.json")))
+    for lang in ("en", "de"):
+        mine = [i for i, p in enumerate(saved["prompts"]) if p["lang"] == lang]
+        pairs = [(len(saved["answers"]["other"][i]), len(saved["answers"]["base"][i])) for i in mine]
+        w = saved["judge"]["other vs base"][lang]
+        want = (2 * sum(x > y for x, y in pairs), 2 * sum(x == y for x, y in pairs), 2 * sum(x < y for x, y in pairs))
+        assert (w["wins"], w["ties"], w["losses"]) == want
+        assert saved["results"]["other"][f"win_vs_base_{lang}"] == want[0] / 6
+        assert saved["results"]["other"][f"tie_vs_base_{lang}"] == want[1] / 6
+        assert saved["results"]["other"][f"winhalf_vs_base_{lang}"] == (want[0] + want[1] / 2) / 6
 
 
 @pytest.mark.skipif(not os.path.isdir(SIB), reason="../shared/data/sib200 not present")
@@ -171,3 +223,26 @@ def test_charts_of_results_and_training_curves(tmp_path):
     for path in written:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_fixes_and_records_the_date_its_templates_write(tmp_path, monkeypatch):
+    """Issue 19.3: a template that writes today's date (strftime_now) gave each model the prompts of the moment it
+    rendered them, and results.json did not say which day. Now one date for the run, every model (--date, default
+    today), recorded in results.json."""
+    from test_resume import DATED, set_clock
+    llama = tiny.make_llama(str(tmp_path / "llama"), template=DATED)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"lang": "en", "prompt": "Hi"}) + "\n" + json.dumps({"lang": "ko", "prompt": "안녕"}))
+    seen = []
+
+    def answers(model, tok, prompts, *a, **k):  # the prompt as generation sees it; no generation
+        seen.append(tok.render_chat([{"role": "user", "content": prompts[0]}]))
+        return ["x"] * len(prompts)
+    monkeypatch.setattr(E, "answer_prompts", answers)
+    set_clock(monkeypatch, "2025-02-01")
+    for date, day, argv in (("2025-02-01", "01 Feb 2025", []), ("2024-07-26", "26 Jul 2024", ["--date", "2024-07-26"])):
+        out = tmp_path / date
+        E.main(["--models", f"a={llama}", f"b={llama}", "--langs", "ko", "--prompts", str(prompts), "--heldout", "",
+                "--num-prompts", "1", "--out", str(out), "--no-progress", *argv])
+        assert json.load(open(out / "results.json"))["date"] == date
+        assert len(seen) % 2 == 0 and all(f"Today Date: {day}<|im_end|>" in s for s in seen[-2:]), seen

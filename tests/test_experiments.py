@@ -116,7 +116,7 @@ def test_preference_accuracy_by_hand(tmp_path, llama_dir):
             hits += m > 0
         want[lang] = hits / len(held)
     a = X.parse_args(["--model", llama_dir, "--lang", "de", "--out", str(tmp_path / "o"), "--mc"])
-    material = {"prompts": {"de": ["Hallo"], "en": ["Hello"]}, "heldout": held, "mc": []}
+    material = {"prompts": {"de": ["Hallo"], "en": ["Hello"]}, "heldout": held, "mc": [], "bench": {}, "alpaca": None}
     _, _, ref = X.evaluate(llama_dir, material, a, "base")
     metrics, _, _ = X.evaluate(other, material, a, "other", ref={k: tuple(v) for k, v in ref.items()})
     assert metrics["pref_acc_de"] == pytest.approx(want["de"])
@@ -197,7 +197,8 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
 
 def test_sft_dpo_plan_trains_sft_once(tmp_path):
     a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--sizes", "8", "--seeds", "0,1",
-                      "--methods", "sft,sft+dpo,clo", "--out", str(tmp_path), "--mc", "--", "--lr", "1e-4"])
+                      "--methods", "sft,sft+dpo,clo", "--out", str(tmp_path), "--mc", "--translator", "T",
+                      "--", "--lr", "1e-4"])
     runs = X.plan(a)
     names = [r[0] for r in runs]
     assert names == ["sft-n8-s0", "sftdpo-n8-s0", "clo-n8-s0", "sft-n8-s1", "sftdpo-n8-s1", "clo-n8-s1"]
@@ -205,6 +206,8 @@ def test_sft_dpo_plan_trains_sft_once(tmp_path):
     assert "--merge" in sft and sft[sft.index("--data") + 1] == "oasst1" and sft[-2:] == ["--lr", "1e-4"]
     assert dpo[dpo.index("--model") + 1] == os.path.join(str(tmp_path), "runs", "sft-n8-s0", "merged")
     assert dpo[dpo.index("--method") + 1] == "dpo"
+    for run in runs:  # English data: every run translates it with the grid's one translator
+        assert run[4][run[4].index("--translator") + 1] == "T"
 
 
 def test_translations_shared_across_the_grid(tmp_path):
@@ -254,9 +257,16 @@ def test_paired_comparison_counts_prompts_not_seeds():
     (["--sizes", "16,0"], "distinct integers of at least 1"),
     (["--seeds", "a"], "comma-separated integers"),
     (["--sizes", "900"], "has only 800 items"),                   # clo.py would train on 800 and label it 900
+    (["--data", X.D.DEFAULT_DATA, "--sizes", "176"], r"--sizes 176: \S+alpaca_seed_en.jsonl has only 175 items"),
     (["--methods", "clo,clo"], "repeated"),
     (["--data", "nowhere.jsonl"], "no such file"),
     (["--lang", "ko"], "no held-out fidelity prompts"),           # the SIB prompts are the trained templates
+    (["--", "--translator", "m"], "set by the grid itself"),      # the grid's one translator, for data and AlpacaEval
+    (["--alpaca", "alpaca_eval"], "give --judge"),                # answers nobody would judge
+    (["--alpaca", "alpaca_eval", "--judge", "http://j", "--methods", "clo,dpo"], "lacks them"),
+    (["--alpaca", "nowhere.json", "--judge", "http://j"], "no such file"),
+    (["--bench", "belebele,hellaswag"], "not one of belebele"),
+    (["--num-alpaca", "0"], "must be at least 1"),
 ])
 def test_grid_refuses_bad_options(extra, message):
     argv = ["--model", "M", "--lang", "de", "--out", "/tmp/unused-grid", "--mc"]
@@ -268,8 +278,140 @@ def test_grid_refuses_bad_options(extra, message):
         X.parse_args(argv)
 
 
+def test_grid_refuses_a_size_oasst1_cannot_fill_before_any_run(tmp_path, monkeypatch):
+    """English --data was not counted (issue 20.4): the grid trained the smaller sizes, then clo.py stopped."""
+    monkeypatch.setattr(X.D, "load_oasst1", lambda: [{"instruction": "q", "response": "a"}] * 3)
+    with pytest.raises(ValueError, match=r"^--sizes 4: oasst1 has only 3 items\.$"):
+        X.main(["--model", "M", "--lang", "sw", "--data", "oasst1", "--sizes", "2,4", "--out", str(tmp_path / "g"),
+                "--mc"])
+    assert not (tmp_path / "g").exists()
+
+
 def test_grid_refuses_parallel_data_without_the_language(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", parallel_rows(4))   # en and de only
     with pytest.raises(ValueError, match=r"no sw_instruction/sw_response columns; the file has \['de_response', "
                                          r"'en_response'\]"):
         X.parse_args(["--model", "M", "--lang", "sw", "--data", str(tmp_path / "d.jsonl"), "--out", "/tmp/u", "--mc"])
+
+
+class LongerWins(__import__("http.server").server.BaseHTTPRequestHandler):
+    """A stub OpenAI-compatible judge: the longer answer wins, equal lengths tie. Keeps every prompt it was sent."""
+    prompts = []
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+        LongerWins.prompts.append(prompt)
+        a, b = answers_in(prompt)
+        verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def answers_in(prompt):
+    return (prompt.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0],
+            prompt.split("[Answer B]\n")[1].split("\n\nReply with")[0])
+
+
+def test_paper_grid_end_to_end(tmp_path, llama_dir):
+    """The paper's grid on tiny checkpoints: --tune attn, SFT, SFT+DPO and CLO (on a parallel file: English --data
+    translated inside clo.py is test_clo's; the grid passes --translator to it, test_sft_dpo_plan_trains_sft_once);
+    BELEBELE and MMMLU in German and English from --bench-dir; AlpacaEval's English instructions translated by
+    --translator, CLO judged head to head against SFT and SFT+DPO by a stub judge. The counts must be the stub's rule
+    applied by hand to the saved answers; a rerun must judge nothing again."""
+    import http.server
+    import threading
+    import eval as E
+    import model as M
+    m2m = tiny.make_m2m100(str(tmp_path / "m2m"), seed=0)  # no eos bias: its translations are never empty
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, parallel_rows(2))
+    held = tmp_path / "held.jsonl"
+    write_jsonl(held, parallel_rows(2, 100))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for code in ("deu_Latn", "eng_Latn"):
+        write_jsonl(bench / f"{code}.jsonl", [{"flores_passage": f"The dog {i} sleeps.", "question": "Who sleeps?",
+                                               **{f"mc_answer{k}": f"thing {k}" for k in range(1, 5)},
+                                               "correct_answer_num": str(1 + i % 4)} for i in range(3)])
+    for locale in ("DE-DE", "EN-US"):
+        (bench / f"mmlu_{locale}.csv").write_text("Question,A,B,C,D,Answer,Subject\n" + "".join(
+            f"What is {i} plus {i}?,{i},{2 * i},{3 * i},{4 * i},B,elementary_mathematics\n" for i in range(3)))
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps([{"instruction": t, "output": "", "generator": "x", "dataset": "x"} for t in
+                                  ("Write a short poem about the sea.", "Explain gravity in simple words.",
+                                   "What is the capital of France?")]))
+    server = http.server.HTTPServer(("127.0.0.1", 0), LongerWins)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    LongerWins.prompts = []
+    out = tmp_path / "exp"
+    argv = ["--model", llama_dir, "--lang", "de", "--data", str(data), "--translator", m2m, "--sizes", "2",
+            "--seeds", "0", "--methods", "sft,sft+dpo,clo", "--heldout", str(held), "--num-prompts", "1", "--mc",
+            "--num-heldout", "2", "--max-new-tokens", "4", "--bench", "belebele,mmmlu", "--bench-dir", str(bench),
+            "--alpaca", str(alpaca), "--alpaca-max-new-tokens", "12", "--judge",
+            f"http://127.0.0.1:{server.server_port}/v1", "--judge-model", "stub", "--out", str(out),
+            "--", "--tune", "attn", "--max-steps", "2", "--lr", "0.05", "--batch-size", "2", "--grad-accum", "1",
+            "--max-len", "96"]  # a large step, so that the methods answer differently
+    try:
+        X.main(argv)
+        judged = len(LongerWins.prompts)
+        X.main(argv)                                   # everything saved: nothing trained, evaluated or judged again
+        os.remove(out / "table.md")
+        X.main(argv[:argv.index("--")] + ["--report-only"])      # the saved comparisons, in the report
+        assert len(LongerWins.prompts) == judged
+    finally:
+        server.shutdown()
+    for name, method in (("sft-n2-s0", "sft"), ("sftdpo-n2-s0", "dpo"), ("clo-n2-s0", "clo")):
+        args = json.load(open(out / "runs" / name / "args.json"))
+        assert (args["tune"], args["num_samples"], args["method"]) == ("attn", 2, method)
+    res = json.load(open(out / "results.json"))
+    # the head-to-head prompts are the translator's German for AlpacaEval's instructions, and the judge is neutral
+    german = [r["de_instruction"] for r in X.D.read_jsonl(str(out / "alpaca_eval.translations.jsonl"))]
+    sent = {p.split("[Instruction]\n")[1].split("\n\n[Answer A]")[0] for p in LongerWins.prompts}
+    assert set(german) <= sent and len(german) == 3 and all(german)
+    assert not any("language" in p for p in LongerWins.prompts)
+    clo_answers = json.load(open(out / "eval" / "clo-n2-s0.json"))["alpaca_answers"]
+    rows = {r["clo_vs"]: r for r in res["head_to_head"]}
+    cell = res["table"]["clo"]["2"]
+    for other, run in (("sft", "sft-n2-s0"), ("sft+dpo", "sftdpo-n2-s0")):
+        theirs = json.load(open(out / "eval" / f"{run}.json"))["alpaca_answers"]
+        lengths = [(len(x), len(y)) for x, y in zip(clo_answers, theirs)]
+        want = [2 * sum(x > y for x, y in lengths), 2 * sum(x == y for x, y in lengths),
+                2 * sum(x < y for x, y in lengths)]          # both orders: the stub's verdict is the same twice
+        r = rows[other]
+        assert [r["wins"], r["ties"], r["losses"]] == want and r["prompts"] == 3
+        assert cell[f"win_vs_{other}_de"]["mean"] == want[0] / 6
+        assert cell[f"tie_vs_{other}_de"]["mean"] == want[1] / 6
+        assert cell[f"winhalf_vs_{other}_de"]["mean"] == (want[0] + want[1] / 2) / 6
+        assert (f"| {os.path.basename(llama_dir)} | 2 | {X.LABELS[other]} | 1 | 6 | {want[0]} | {want[1]} | "
+                f"{want[2]} | {100 * want[0] / 6:.1f} | {100 * want[1] / 6:.1f} | {100 * want[2] / 6:.1f} | "
+                f"{100 * (want[0] + want[1] / 2) / 6:.1f} |") in open(out / "table.md").read()
+    # the benchmarks for every method, in both languages; base's numbers are eval.py's scorer on the base model
+    for method, size in (("base", "0"), ("sft", "2"), ("sft+dpo", "2"), ("clo", "2")):
+        assert {"belebele_de", "belebele_en", "mmmlu_de", "mmmlu_en"} <= set(res["table"][method][size])
+    model, tok = M.load_model(llama_dir)
+    for b, lang, path in (("belebele", "de", "deu_Latn.jsonl"), ("mmmlu", "en", "mmlu_EN-US.csv")):
+        acc = E.multiple_choice_accuracy(model, tok, E.read_multiple_choice(str(bench / path), lang), False)[lang]
+        assert res["table"]["base"]["0"][f"{b}_{lang}"]["mean"] == acc["acc"]
+    assert "| model | method | items | BELEBELE de | BELEBELE en | MMMLU de | MMMLU en |" in open(out / "table.md").read()
+    assert open(out / "figure.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_head_to_head_pooled_over_seeds():
+    """Counts summed over seeds, then the rates. The totals are an AlpacaEval 2 leaderboard row (tatsu-lab/alpaca_eval
+    issue 471: n_wins 371, n_draws 17, n_wins_base 417 of 805), whose discrete win rate, ties as half, is
+    100 * (371 + 17 / 2) / 805 = 47.142857...; with ties apart CLO wins 371 / 805 and loses 417 / 805."""
+    rows = [{"items": 4, "seed": 0, "clo_vs": "sft", "prompts": 400, "wins": 200, "ties": 10, "losses": 190},
+            {"items": 4, "seed": 1, "clo_vs": "sft", "prompts": 405, "wins": 171, "ties": 7, "losses": 227},
+            {"items": 4, "seed": 0, "clo_vs": "sft+dpo", "prompts": 1, "wins": 0, "ties": 2, "losses": 0}]
+    got = X.pooled(rows)
+    c = got[(4, "sft")]
+    assert (c["seeds"], c["prompts"], c["wins"], c["ties"], c["losses"]) == (2, 805, 371, 17, 417)
+    assert 100 * c["win_rate"] == pytest.approx(47.142857, abs=1e-6)
+    assert (c["win_rate_ties_apart"], c["tie_rate"], c["loss_rate"]) == (371 / 805, 17 / 805, 417 / 805)
+    assert got[(4, "sft+dpo")]["win_rate"] == 0.5 and got[(4, "sft+dpo")]["win_rate_ties_apart"] == 0

@@ -111,6 +111,66 @@ def test_chat_template_is_sandboxed_and_raise_exception_works(llama_dir):
         tok.render_chat([{"role": "user", "content": "x"}])
 
 
+# {% generation %} as TRL's assistant-only-loss templates write it; `said`, set inside the block, is not seen outside
+GENERATION = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+              "{% generation %}{% set said = m['content'] | trim %}{{ said }}<|im_end|>{% endgeneration %}"
+              "{{ said | default('') }}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": " Hello there "}, {"role": "user", "content": "Bye"}]
+
+
+def reference_ids(ref, convo, gen_prompt):
+    return list(ref.apply_chat_template(convo, add_generation_prompt=gen_prompt, tokenize=True,
+                                        return_dict=True)["input_ids"])
+
+
+def test_generation_blocks_render_their_body_as_transformers(tmp_path):
+    """Issue 19.2: {% generation %} (TRL's assistant-only-loss templates, so TRL-saved SFT checkpoints) was an
+    unknown tag: a TemplateSyntaxError. Now its body renders unchanged in its own scope: text and tokens equal
+    transformers' apply_chat_template, for our template and the training templates TRL ships (when installed)."""
+    import importlib.util
+    folder = tiny.make_llama(str(tmp_path), template_file=True)
+    trl = importlib.util.find_spec("trl")
+    templates = {"ours": GENERATION}
+    for name in ("llama3", "qwen3", "phi3_5", "gptoss"):
+        path = os.path.join(trl.submodule_search_locations[0], "chat_templates", f"{name}_training.jinja") if trl else ""
+        if os.path.exists(path):
+            templates[name] = open(path).read()
+    for name, template in templates.items():
+        assert "{% generation %}" in template.replace("{%- generation %}", "{% generation %}"), name
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(template)
+        tok, ref = M.Tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+        for convo, gen_prompt in ((CONVO[:3], False), (CONVO, True)):
+            assert tok.render_chat(convo, gen_prompt) == ref.apply_chat_template(
+                convo, add_generation_prompt=gen_prompt, tokenize=False), name
+            assert tok.apply_chat_template(convo, gen_prompt) == reference_ids(ref, convo, gen_prompt), name
+
+
+def test_named_templates_without_default_are_refused_naming_them(tmp_path):
+    """Issue 19.9: a tokenizer_config.json list of named templates without "default" was rendered with its first
+    entry (tool_use); transformers refuses (unless told a name). Now refused at load, in one line naming the file and
+    the templates; with a "default", that one is used, as transformers does."""
+    folder = tiny.make_llama(str(tmp_path))
+    path = os.path.join(folder, "tokenizer_config.json")
+    cfg = json.load(open(path))
+    tool_use = tiny.CHATML.replace("<|im_start|>{{ m['role'] }}", "<|im_start|>[{{ m['role'] }}]")
+    cfg["chat_template"] = [{"name": "tool_use", "template": tool_use}, {"name": "rag", "template": GENERATION}]
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(ValueError, match="no default specified"):
+        transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(CONVO, tokenize=False)
+    with pytest.raises(ValueError) as e:
+        M.Tokenizer(folder)
+    assert str(e.value) == (f"{path}: 'chat_template' is a list of named templates (rag, tool_use) without a "
+                            "'default' one, so which to use is not said; name the one to use 'default', or save it "
+                            "as chat_template.jinja beside it.")
+    cfg["chat_template"].append({"name": "default", "template": tiny.CHATML})
+    json.dump(cfg, open(path, "w"))
+    ref = transformers.AutoTokenizer.from_pretrained(folder)
+    assert M.Tokenizer(folder).apply_chat_template(CONVO) == reference_ids(ref, CONVO, True)
+
+
 def test_special_tokens_from_configs(llama_dir):
     _, tok = M.load_model(llama_dir)
     vocab = tok.tok.get_vocab()

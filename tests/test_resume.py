@@ -350,3 +350,83 @@ def test_other_english_items_are_refused_before_any_translation(tmp_path, capsys
     code, printed, err = run(capsys, *common, "--translator", str(tmp_path / "m2m2"), "--num-samples", "2",
                              "--resume")
     assert code == 2 and f"--translator {m2m}, now {tmp_path / 'm2m2'}" in err
+
+
+# as Llama 3.2's: the system header carries today's date from strftime_now
+DATED = ("{{ bos_token }}<|im_start|>system\nToday Date: {{ strftime_now('%d %b %Y') }}<|im_end|>\n"
+         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def set_clock(monkeypatch, day):
+    """The day both readings of the clock say, the old code's (datetime.now at each render) and clo's (date.today)."""
+    import datetime
+    real_date, real_datetime = monkeypatch.__dict__.setdefault("real_clock", (datetime.date, datetime.datetime))
+
+    class Date(real_date):
+        @classmethod
+        def today(cls):
+            return cls.fromisoformat(day)
+
+    class Datetime(real_datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls.fromisoformat(f"{day}T12:00:00")
+    monkeypatch.setattr(datetime, "date", Date)
+    monkeypatch.setattr(datetime, "datetime", Datetime)
+
+
+def test_a_template_that_writes_the_date_resumes_the_next_day(tmp_path, capsys, monkeypatch):
+    """Issue 19.3: strftime_now read the clock at each render, so a run stopped one day and resumed the next had
+    other pairs, and --resume refused it blaming --data/--translations/the cache. Now the run's date is fixed when it
+    starts (args.json, and the settings its checkpoints record) and --resume keeps it: the resumed run equals an
+    uninterrupted one bitwise. A checkpoint of an older clo (no date recorded) is refused naming the date."""
+    import transformers
+    import model as M
+    llama = tiny.make_llama(str(tmp_path / "llama"), template=DATED)
+    tok, ref = M.Tokenizer(llama), transformers.AutoTokenizer.from_pretrained(llama)
+    convo = [{"role": "user", "content": "Hi"}]
+    assert tok.render_chat(convo) == ref.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+    par = tmp_path / "parallel.jsonl"
+    par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
+    common = ["--model", llama, "--translations", str(par), "--lang", "ko", "--batch-size", "2", "--grad-accum", "1",
+              "--lr", "1e-3", "--max-steps", "3", "--no-progress"]
+    set_clock(monkeypatch, "2025-01-31")
+    clo.main([*common, "--out", str(tmp_path / "straight")])
+    for name in ("older", "stopped"):
+        code, said, err = run(capsys, *common, "--out", str(tmp_path / name), "--stop-after", "1")
+        assert code == 0, err
+    set_clock(monkeypatch, "2025-02-01")  # the next day
+    code, printed, err = run(capsys, *common, "--out", str(tmp_path / "stopped"), "--resume")
+    assert code == 0 and "resumed from" in printed, err  # was: "made with other training pairs (... --data ...)"
+    assert "chat template: writes the date (strftime_now): 2025-01-31, this run's" in said + printed
+    assert_same_adapter(str(tmp_path / "stopped"), str(tmp_path / "straight"))
+    summary = json.load(open(tmp_path / "stopped" / "summary.json"))
+    assert summary["settings"]["date"] == json.load(open(tmp_path / "stopped" / "args.json"))["date"] == "2025-01-31"
+    tok.date = "2025-01-31"  # what the run trained on, not today's
+    assert "Today Date: 31 Jan 2025" in tok.render_chat(convo) and tok.dated
+    older = tmp_path / "older"  # as an older clo left it: no date in args.json or in the checkpoint's settings
+    for path in (older / "args.json", older / "checkpoint" / "progress.json"):
+        saved = json.load(open(path))
+        saved.pop("date", None), (saved.get("settings") or {}).pop("date", None)
+        json.dump(saved, open(path, "w"))
+    code, printed, err = run(capsys, *common, "--out", str(older), "--resume")
+    assert code == 2 and err == (f"error: --resume: {older} was made by an older clo, which did not record the date "
+                                 "the chat template writes (strftime_now), and its pairs differ from today's "
+                                 "(2025-02-01); use a new --out (or drop --resume) to start over.\n")
+
+
+def test_a_checkpoint_of_the_older_format_still_resumes(setup, capsys, tmp_path):
+    """Checkpoints before issue 19.1 held rank 0's CPU random state alone, as "rng/cpu": one process takes it, as
+    before, and the run equals an uninterrupted one bitwise."""
+    from safetensors.torch import save_file
+    tmp, common, straight = setup
+    out = stopped_run(capsys, setup, "older-format", 3)
+    path = os.path.join(out, "checkpoint", "state.safetensors")
+    tensors = load_file(path)
+    assert [k for k in tensors if k.startswith("rng/")] == ["rng/cpu/0"]  # one process on the CPU: no CUDA state
+    tensors["rng/cpu"] = tensors.pop("rng/cpu/0")
+    save_file(tensors, path)
+    code, stdout, err = run(capsys, *common, "--out", out, "--resume")
+    assert code == 0 and "at step 3 of 9" in stdout and "older checkpoint" not in stdout, err
+    assert_same_adapter(out, straight["1024"])

@@ -47,8 +47,9 @@ def _randomize(model, std, seed):
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
-def make_llama(folder, model_type="llama", tie=False, seed=0, template_file=False, shard=False, **overrides):
-    """A 2-layer Llama-family checkpoint with a ChatML template. Returns the folder."""
+def make_llama(folder, model_type="llama", tie=False, seed=0, template_file=False, shard=False, template=CHATML,
+               **overrides):
+    """A 2-layer Llama-family checkpoint with a chat template (ChatML unless given). Returns the folder."""
     import transformers
     tok = make_tokenizer(folder, ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
     cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -67,9 +68,9 @@ def make_llama(folder, model_type="llama", tie=False, seed=0, template_file=Fals
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256}
     if template_file:
         with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
-            f.write(CHATML)
+            f.write(template)
     else:
-        tcfg["chat_template"] = CHATML
+        tcfg["chat_template"] = template
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(tcfg, f)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
