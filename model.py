@@ -726,7 +726,7 @@ def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
 def resolve_checkpoint(path_or_id: str) -> str:
     """A local folder as is; anything else is taken as a hub id: lists the repository and fetches exactly
     hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder (pickle-only main: the weights from
-    safetensors_pr()). When the listing fails (offline, HF_HUB_OFFLINE=1) a cached snapshot is used as it is."""
+    safetensors_pr()). Listing failed (offline, HF_HUB_OFFLINE=1): the cached snapshot if it holds those files."""
     path = os.path.expanduser(str(path_or_id))
     if os.path.isdir(path):
         return path
@@ -738,12 +738,22 @@ def resolve_checkpoint(path_or_id: str) -> str:
         listing = hub.list_repo_files(path)
     except Exception as e:  # offline, unknown repo, gated repo: a cached snapshot, else one message naming the id
         try:
-            return hub.snapshot_download(repo_id=path, local_files_only=True)
-        except Exception:
-            pass
-        raise OSError(f"{path_or_id}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). "
-                      "Check the id and your network, log in with `hf auth login` for gated models, or pass a local "
-                      f"folder (there is no folder {path_or_id} here).") from e
+            folder, listing = hub.snapshot_download(repo_id=path, local_files_only=True), []
+        except Exception as partial:  # huggingface_hub 2.x: clo's files alone are "incomplete", at snapshot_path
+            folder = getattr(partial, "snapshot_path", None)
+            listing = [f.path for f in getattr(hub, "get_cached_repo_tree", lambda _: [])(path)] if folder else []
+        try:  # what clo would fetch, given the file list cached with the snapshot (if any) and the snapshot's files
+            missing = folder and [f for f in hub_files_to_fetch(sorted(set(listing + os.listdir(folder))), lambda: (
+                read_json(os.path.join(folder, HUB_INDEX)))) if not os.path.isfile(os.path.join(folder, f))]
+        except (ValueError, OSError):  # no safetensors weights, or no index of the shards
+            missing = ["its *.safetensors weights"]
+        if folder and not missing:
+            return folder
+        raise OSError(f"{path_or_id}: the hub is unreachable ({type(e).__name__}) and its cached snapshot "
+                      f"{folder} lacks {', '.join(missing)}: run once with network access (HF_HUB_OFFLINE unset) to "
+                      "fetch them." if folder else f"{path_or_id}: could not fetch it from the Hugging Face hub "
+                      f"({type(e).__name__}: {e}). Check the id and your network, log in with `hf auth login` for "
+                      f"gated models, or pass a local folder (there is no folder {path_or_id} here).") from e
     read_index = lambda rev=None: read_json(hub.hf_hub_download(path, HUB_INDEX, revision=rev))  # noqa: E731
     try:
         files, pr = hub_files_to_fetch(listing, read_index), None

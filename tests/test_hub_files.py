@@ -90,8 +90,12 @@ def test_listing_fails_then_the_cached_snapshot_is_used(monkeypatch, tmp_path):
         return str(tmp_path)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    (tmp_path / "config.json").write_text("{}")  # huggingface_hub < 2 keeps no file list: the folder's own files count
+    with pytest.raises(OSError, match=r"org/cached: .* lacks its \*\.safetensors weights: run once with network"):
+        M.resolve_checkpoint("org/cached")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     assert M.resolve_checkpoint("org/cached") == str(tmp_path)
-    assert asked == [("org/cached", True, {})]
+    assert asked == [("org/cached", True, {})] * 2
 
 
 def test_local_folder_prefers_model_safetensors_over_stray_consolidated(llama_dir, tmp_path):
