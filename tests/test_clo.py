@@ -409,7 +409,8 @@ def test_every_micro_batch_holds_both_pairs_of_each_of_its_items(tmp_path, paral
             shares = [clo.rank_share(global_batch, clo.Dist(rank, 2)) for rank in range(2)]
             assert sorted(shares[0] + shares[1]) == sorted(i for g in global_batch for i in g)
             for share in shares:
-                assert len(share) == 2 * len(global_batch) and all(sum(pairs[j].item == pairs[i].item for j in share) == 4 for i in share)
+                assert len(share) == 2 * len(global_batch)
+                assert all(sum(pairs[j].item == pairs[i].item for j in share) == 4 for i in share)
     seen.clear()
     clo.main([*common, "--out", str(tmp_path / "pairs"), "--pairing", "pairs", "--batch-size", "4"])
     assert len(seen) == 12 and all(len(b) == 4 for b in seen)  # 24 pairs, 4 a micro-batch, each on its own
