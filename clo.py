@@ -14,8 +14,7 @@ The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 3, the objective L = lam * NLL + (1 - lam) * L_CL           clo_loss
     Sec. 3, "batch-based": an item's pairs in one micro-batch        data.length_grouped_batches, rank_share
     Sec. 4, trained parameters: attention Q/K/V/O (or LoRA on them)  set_trainable
-    Sec. 4-5, baselines and ablations: the same equation, other      METHODS (lam and the NLL mask)
-              settings
+    Sec. 4-5, baselines and ablations: the equation, other settings  METHODS (lam and the NLL mask)
     Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
 Below the banner "Plumbing": torchrun, the run folder (atomic writes, --resume checks), checkpoints, export, the CLI.
 """
@@ -220,9 +219,9 @@ def rank_share(global_batch, dist) -> list[int]:
 
 def train(args, model, pairs, tok, ref, run: Run) -> dict:
     """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
-    grad_accum micro-batches of batch_size x world items (or pairs: --pairing), whatever the number of ranks. A checkpoint (tagged with
-    `settings`, see run_settings) every --save-every steps (default: a quarter of the run) and every --save-minutes;
-    with --stop-after N, one after step N, and the return value has "stopped": True."""
+    grad_accum micro-batches of batch_size x world items (or pairs: --pairing), whatever the number of ranks. A
+    checkpoint (tagged with `settings`, see run_settings) every --save-every steps (default: a quarter of the run)
+    and every --save-minutes; with --stop-after N, one after step N, and the return value has "stopped": True."""
     device, out, log, dist, settings = args.device, run.out, run.log, run.dist, run.settings
     plan = global_batches(pairs, args, dist, 0)
     batches_per_epoch = len(plan)
@@ -978,9 +977,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=None, help="dropout on LoRA's input, 0 to <1 (default 0)")
     p.add_argument("--lora-targets", default=None, help="comma-separated names of the linear layers that get LoRA "
                    "(default q_proj,k_proj,v_proj,o_proj; also gate_proj, up_proj, down_proj, lm_head)")
-    p.add_argument("--pairing", default="items", choices=("items", "pairs"), help="items: each micro-batch holds "
-                   "whole items, both pairs of every target language of each (our reading of the paper's "
-                   "batch-based loss); pairs: pairs length-grouped one by one")
+    p.add_argument("--pairing", default="items", choices=("items", "pairs"), help="items: micro-batches of whole "
+                   "items, all pairs of each (our reading of the paper's batch-based loss); pairs: pairs one by one")
     p.add_argument("--epochs", type=int, default=3, help="passes over the pairs")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run --epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank, items per micro-batch (--pairing items, "
@@ -1027,12 +1025,11 @@ def parse_args(argv=None):
         raise ValueError(f"{flag} {getattr(a, lora[0])}: --tune {a.tune} trains full weights, without LoRA; add "
                          f"--tune lora, or drop {flag}.")
     defaults = {"lam": lam if lam is not None else 0.5, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
-                "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4}
+                "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
+                "lr": 1e-4 if a.tune == "lora" else 5e-6}  # clo's choices (README: options and defaults)
     for k, v in defaults.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
-    if a.lr is None:
-        a.lr = 1e-4 if a.tune == "lora" else 5e-6
     a.pack_to = a.max_len if a.pack else None
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
