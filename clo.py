@@ -2,8 +2,9 @@
 
     python clo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --lang ko --out runs/ko
 
-English SFT data -> translated by an NLLB/M2M100 model -> cross-lingual preference pairs -> the CLO loss on a LoRA
-adapter (or on the attention projections, the paper's setting) -> a PEFT adapter and, with --merge, a full checkpoint.
+English SFT data -> translated by an NLLB/M2M100 model -> cross-lingual preference pairs, an item's pairs in one
+micro-batch -> the CLO loss on the attention projections Q/K/V/O (the paper's setting; or LoRA on them, for small GPUs)
+-> a full checkpoint in merged/ (LoRA: a PEFT adapter, and merged/ with --merge).
 
 The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      main -> translated_rows -> data.translate_items
@@ -11,8 +12,9 @@ The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 3, sequence log-probs log pi(y|x), summed over tokens       sequence_logps
     Sec. 3, pi_ref: the initial model, computed once                 reference_logps
     Sec. 3, the objective L = lam * NLL + (1 - lam) * L_CL           clo_loss
+    Sec. 3, "batch-based": an item's pairs in one micro-batch        data.length_grouped_batches, rank_share
     Sec. 4, trained parameters: attention Q/K/V/O (or LoRA on them)  set_trainable
-    Sec. 4, baselines SFT and DPO: the same equation, other settings parse_args (lam and the NLL mask)
+    Sec. 4-5, baselines and ablations: the equation, other settings  METHODS (lam and the NLL mask)
     Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
 Below the banner "Plumbing": torchrun, the run folder (atomic writes, --resume checks), checkpoints, export, the CLI.
 """
@@ -64,8 +66,7 @@ def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     The four *_logps (B,) are sequence log-probs, summed over response tokens (sequence_logps). L_CL runs over both
     kinds of pair (x_en: y_en > y_l and x_l: y_l > y_en). The NLL term is the chosen log-probs of the pairs in
     nll_mask (B,) 1.0/0.0 (CLO: the target-language pairs), per token: chosen_lengths (B,) are their token counts.
-    The paper's baselines are this equation with other settings (see parse_args): SFT is lam = 1 with every chosen
-    response in the mask (or the target-language ones), DPO is lam = 0.
+    The paper's baselines and ablations are this equation with other settings: METHODS, below.
 
     n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts. The training loop passes
     the whole optimizer step's counts (all micro-batches, all ranks): each micro-batch's loss is then its share of
@@ -83,10 +84,21 @@ def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                      margin.sum().detach() / n_pairs)
 
 
-def in_nll_term(pair, args) -> bool:
-    """Whether a pair's chosen response enters the NLL term: target-language ones (CLO; SFT with --sft-target-only),
-    or every one (SFT on both languages)."""
-    return pair.in_target_lang or args.nll_on == "all"
+# --method -> (lam, whose chosen answers enter the NLL term): the paper's baselines and ablations (Sec. 4-5) as settings
+# of the one equation above. lam None: --lam (default 0.5); a number: fixed, and --lam is refused. dpo's NLL term has
+# weight 0: the target-language NLL is only logged.
+METHODS = {"clo": (None, "target"),        # the paper's CLO: NLL on target-language answers only
+           "clo-en-nll": (None, "both"),   # its ablation "target + English NLL": NLL on every chosen answer
+           "sft": (1.0, "both"),           # SFT on both languages' answers
+           "sft-en": (1.0, "en"),          # SFT-eng: English answers only
+           "sft-target": (1.0, "target"),  # SFT-tgt: target-language answers only
+           "dpo": (0.0, "target")}         # DPO: L_CL alone (SFT+DPO: dpo on an sft run's merged/)
+
+
+def in_nll_term(pair, method: str) -> bool:
+    """Whether a pair's chosen response enters the NLL term of --method (METHODS)."""
+    nll_on = METHODS[method][1]
+    return nll_on == "both" or pair.in_target_lang == (nll_on == "target")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,25 +204,32 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def global_batches(pairs, args, dist, epoch: int) -> list[list[int]]:
-    """Length-grouped batches of batch_size x world pairs; rank r trains on every world-th pair of each. A last batch
-    with fewer pairs than ranks is dropped (every rank must take part in every step)."""
-    batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch)
+def global_batches(pairs, args, dist, epoch: int) -> list[list[list[int]]]:
+    """Length-grouped batches of batch_size x world groups (--pairing items: an item's pairs; pairs: one pair each),
+    as pair indices; rank r trains on every world-th group of each (rank_share). A last batch with fewer groups than
+    ranks is dropped (every rank must take part in every step)."""
+    batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch, args.pairing == "items")
     return [b for b in batches if len(b) >= dist.world]
+
+
+def rank_share(global_batch, dist) -> list[int]:
+    """This rank's micro-batch of a global batch: every world-th group, whole (an item's pairs stay together)."""
+    return [i for group in global_batch[dist.rank::dist.world] for i in group]
 
 
 def train(args, model, pairs, tok, ref, run: Run) -> dict:
     """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
-    grad_accum micro-batches of batch_size x world pairs, whatever the number of ranks. A checkpoint (tagged with
-    `settings`, see run_settings) every --save-every steps (default: a quarter of the run) and every --save-minutes;
-    with --stop-after N, one after step N, and the return value has "stopped": True."""
+    grad_accum micro-batches of batch_size x world items (or pairs: --pairing), whatever the number of ranks. A
+    checkpoint (tagged with `settings`, see run_settings) every --save-every steps (default: a quarter of the run)
+    and every --save-minutes; with --stop-after N, one after step N, and the return value has "stopped": True."""
     device, out, log, dist, settings = args.device, run.out, run.log, run.dist, run.settings
     plan = global_batches(pairs, args, dist, 0)
     batches_per_epoch = len(plan)
-    left_out = len(pairs) - sum(map(len, plan))
+    left_out = len(pairs) - sum(len(g) for b in plan for g in b)
     if left_out:  # every rank must take part in every step
-        log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer pairs than the "
-            f"{dist.world} ranks (use a --batch-size that divides the pairs, or fewer ranks, to keep them)")
+        log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer {args.pairing} "
+            f"than the {dist.world} ranks (use a --batch-size that divides the {args.pairing}, or fewer ranks, to keep "
+            "them)")
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     total = args.max_steps or steps_per_epoch * args.epochs
     warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
@@ -250,17 +269,17 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
         micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
         # Sec. 3's means run over the pairs (and NLL tokens) of the whole optimizer step, however it is split into
         # micro-batches and ranks: the denominators are the step's counts, known to every rank from the batch plan.
-        step_pairs = [pairs[i] for global_idx in micro for i in global_idx]
-        n_pairs = len(step_pairs)
-        n_nll_tokens = float(sum(len(p.chosen) for p in step_pairs if in_nll_term(p, args)))
+        step_pairs = [pairs[i] for global_batch in micro for group in global_batch for i in group]
+        n_pairs, n_target = len(step_pairs), sum(p.in_target_lang for p in step_pairs)
+        n_nll_tokens = float(sum(len(p.chosen) for p in step_pairs if in_nll_term(p, args.method)))
         optimizer.zero_grad(set_to_none=True)
         logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
-        for k, global_idx in enumerate(micro):
-            idx = global_idx[dist.rank::dist.world]
+        for k, global_batch in enumerate(micro):
+            idx = rank_share(global_batch, dist)
             B = len(idx)
             batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
             chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
-            nll_mask = torch.tensor([float(in_nll_term(pairs[i], args)) for i in idx], device=device)
+            nll_mask = torch.tensor([float(in_nll_term(pairs[i], args.method)) for i in idx], device=device)
             sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
             with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
                 logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
@@ -277,7 +296,7 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
                     "written). Try a lower --lr, or --dtype float32.")
             logged += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
                                    parts.margin]).float()
-            pairs_seen += len(global_idx)
+            pairs_seen += sum(map(len, global_batch))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         grad_norm = full_tensor(grad_norm).item()
         lr = lr_at(step, total, warmup, args.lr)
@@ -289,8 +308,8 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
         loss, nll, pair_loss, acc, margin = dist.sum(logged).tolist()
         last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), "loss": round(loss, 5),
                 "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
-                "margin": round(margin, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
+                "margin": round(margin, 5), "en_pairs": n_pairs - n_target, "target_pairs": n_target, "lr": lr,
+                "grad_norm": round(grad_norm, 4), "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
         if dist.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
@@ -456,8 +475,9 @@ def reference_table(args, model, tokenized, tok, run: Run) -> torch.Tensor:
     path = os.path.join(run.out, "reference_logps.safetensors")
     ref = load_reference(path, run.settings, run.log) if args.resume else None
     if ref is None:
-        ref = reference_logps(model, tokenized, args.batch_size * 2, tok.pad_id, args.device, args.progress,
-                              run.dist, args.pack_to, args.dtype)
+        per_unit = 2 * len(args.langs) if args.pairing == "items" else 1  # pairs per --batch-size unit
+        ref = reference_logps(model, tokenized, 2 * args.batch_size * per_unit, tok.pad_id, args.device,
+                              args.progress, run.dist, args.pack_to, args.dtype)
         if run.dist.main:
             save_tensors(path, {"logps": ref.contiguous()},
                          {"settings": json.dumps({k: run.settings[k] for k in REFERENCE_SETTINGS})})
@@ -621,7 +641,7 @@ def save_json(path: str, obj):
 REFERENCE_SETTINGS = ("model", "model_files", "dtype", "device", "lang", "max_len", "pairs")
 
 TRAINING_SETTINGS = REFERENCE_SETTINGS + (
-    "method", "beta", "lam", "sft_target_only", "tune", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
+    "method", "beta", "lam", "pairing", "tune", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
     "warmup", "weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "world", "seed",
     "translator", "num_beams")  # the MT settings only when clo translates (not with --translations)
 
@@ -660,6 +680,7 @@ def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
     """What differs between the settings saved state was made with and this run's, each as "--flag OLD, now NEW"."""
     if old is None:
         return ["no record of its settings (an older clo)"]
+    old = {"pairing": "pairs", **old}  # made before --pairing existed: pairs one by one
 
     def show(v):
         return ",".join(map(str, v)) if isinstance(v, list) else ("on" if v else "off") if isinstance(v, bool) else v
@@ -667,8 +688,8 @@ def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
     for key in keys:
         if key not in old or key not in new or old[key] == new[key]:
             continue
-        if key == "lam" and old.get("method") != new.get("method"):  # --method sft/dpo set lam: said by --method
-            continue
+        if key == "lam" and any(METHODS.get(s.get("method"), (None,))[0] is not None for s in (old, new)):
+            continue  # a --method that fixes lam: said by --method
         if key == "items":
             out.append("other English items (--data, --num-samples or the --translations file changed)")
         elif key == "pairs":
@@ -975,21 +996,26 @@ def parse_args(argv=None):
     p.add_argument("--num-beams", type=int, default=4, help="translation beam width")
     p.add_argument("--keep-flagged", action="store_true", help="train also on items whose translation was flagged "
                    "(a sentence cut at the MT model's input limit, or degenerate output); default: left out")
-    p.add_argument("--method", default="clo", choices=("clo", "sft", "dpo"), help="clo: the paper's loss; sft, "
-                   "dpo: its baselines on the same pairs (sft: lam 1, dpo: lam 0)")
-    p.add_argument("--sft-target-only", action="store_true", help="sft: NLL on target-language responses only")
+    p.add_argument("--method", default="clo", choices=tuple(METHODS), help="clo: the paper's loss; clo-en-nll: "
+                   "with NLL on English answers too; sft (both languages), sft-en, sft-target, dpo: its baselines on "
+                   "the same pairs (clo.METHODS)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature of the pair term")
-    p.add_argument("--lam", type=float, default=0.5, help="weight of the NLL term (1 - lam on the pair term)")
-    p.add_argument("--tune", default="lora", choices=("lora", "attn", "full"), help="what trains: LoRA on "
-                   "--lora-targets, the full attention projections (the paper's choice), or every weight")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale: alpha / r")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input, 0 to <1")
-    p.add_argument("--lora-targets", default=",".join(ATTENTION_PROJECTIONS), help="comma-separated names of "
-                   "the linear layers that get LoRA (also gate_proj, up_proj, down_proj, lm_head)")
+    p.add_argument("--lam", type=float, default=None, help="weight of the NLL term, 1 - lam on the pair term "
+                   "(default 0.5; clo and clo-en-nll only: the others fix it)")
+    p.add_argument("--tune", default="attn", choices=("attn", "lora", "full"), help="what trains: the full "
+                   "attention projections Q/K/V/O (the paper's choice), LoRA on --lora-targets (small GPUs), or "
+                   "every weight")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16; --tune lora only)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale: alpha / r (default 32)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="dropout on LoRA's input, 0 to <1 (default 0)")
+    p.add_argument("--lora-targets", default=None, help="comma-separated names of the linear layers that get LoRA "
+                   "(default q_proj,k_proj,v_proj,o_proj; also gate_proj, up_proj, down_proj, lm_head)")
+    p.add_argument("--pairing", default="items", choices=("items", "pairs"), help="items: micro-batches of whole "
+                   "items, all pairs of each (our reading of the paper's batch-based loss); pairs: pairs one by one")
     p.add_argument("--epochs", type=int, default=3, help="passes over the pairs")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run --epochs)")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank, items per micro-batch (--pairing items, "
+                   "default 2: 4 pairs per target language) or pairs (--pairing pairs, default 4)")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 for lora, 5e-6 for "
                    "attn/full)")
@@ -1014,7 +1040,8 @@ def parse_args(argv=None):
                    "checkpoint; refused, naming the setting, if a setting it depends on differs")
     p.add_argument("--stop-after", type=int, default=0, help="save a checkpoint and exit normally after N steps; "
                    "continue later with --resume (0: run to the end)")
-    p.add_argument("--merge", action="store_true", help="also write a full merged checkpoint to RUN_DIR/merged")
+    p.add_argument("--merge", action="store_true", help="--tune lora: also write a full merged checkpoint to "
+                   "RUN_DIR/merged (attn and full always write it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still "
                    "print)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
@@ -1022,17 +1049,20 @@ def parse_args(argv=None):
                    "(rank 0 translates while the others wait)")
     a = p.parse_args(argv)
     a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
+    lam, lora = METHODS[a.method][0], [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+                                       if getattr(a, k) is not None]
+    if lam is not None and a.lam is not None:  # a setting that would be silently ignored is refused
+        raise ValueError(f"--lam {a.lam}: --method {a.method} fixes lam at {lam:g}; drop --lam, or use --method clo.")
+    if lora and a.tune != "lora":
+        flag = "--" + lora[0].replace("_", "-")
+        raise ValueError(f"{flag} {getattr(a, lora[0])}: --tune {a.tune} trains full weights, without LoRA; add "
+                         f"--tune lora, or drop {flag}.")
+    defaults = {"lam": lam if lam is not None else 0.5, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
+                "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
+                "lr": 1e-4 if a.tune == "lora" else 5e-6}  # clo's choices (README: options and defaults)
+    for k, v in defaults.items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
-    # The paper's baselines (Sec. 4) are CLO's equation with other settings, fixed here rather than inside the loss:
-    # SFT is the NLL term alone, on the chosen answers of both languages (or the target language's); DPO is L_CL alone.
-    if a.method == "sft":
-        a.lam, a.nll_on = 1.0, ("target" if a.sft_target_only else "all")
-    elif a.method == "dpo":
-        a.lam, a.nll_on = 0.0, "target"
-    else:
-        a.nll_on = "target"
-    if a.lr is None:
-        a.lr = 1e-4 if a.tune == "lora" else 5e-6
     a.pack_to = a.max_len if a.pack else None
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")

@@ -550,19 +550,21 @@ def items_from_translations(path: str) -> list[dict]:
 
 
 def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) -> list[dict]:
-    """Two pairs per item and language. `in_target_lang` marks the pair whose chosen answer is in the target language:
-    only those responses enter CLO's NLL term. An item whose translation into a language was flagged (`<lang>_flags`:
+    """Two pairs per item and language, each with its item's number (`item`, the row's). `in_target_lang` marks the
+    pair whose chosen answer is in the target language: only those responses enter CLO's NLL term. An item whose translation into a language was flagged (`<lang>_flags`:
     a sentence cut at the MT model's input limit, or an output still degenerate after the retry) gives no pairs for
     that language unless keep_flagged: a half-translated answer would teach the wrong thing."""
     pairs = []
-    for row in rows:
+    for item, row in enumerate(rows):
         x_en, y_en = row["en_instruction"], row["en_response"]
         for lang in langs:
             if row.get(f"{lang}_flags") and not keep_flagged:
                 continue
             x_l, y_l = row[f"{lang}_instruction"], row[f"{lang}_response"]
-            pairs.append({"lang": lang, "in_target_lang": False, "prompt": x_en, "chosen": y_en, "rejected": y_l})
-            pairs.append({"lang": lang, "in_target_lang": True, "prompt": x_l, "chosen": y_l, "rejected": y_en})
+            pairs.append({"lang": lang, "item": item, "in_target_lang": False, "prompt": x_en, "chosen": y_en,
+                          "rejected": y_l})
+            pairs.append({"lang": lang, "item": item, "in_target_lang": True, "prompt": x_l, "chosen": y_l,
+                          "rejected": y_en})
     return pairs
 
 
@@ -597,6 +599,7 @@ class TokenizedPair:
     rejected: list[int]
     in_target_lang: bool  # the chosen answer is in the target language (it enters CLO's NLL term)
     index: int            # position in pairs.jsonl
+    item: int | None = None  # the English item it comes from: its pairs (2 per language) train in one micro-batch
 
 
 def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]], bool]:
@@ -666,16 +669,24 @@ def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[To
             if len(ids) > room:
                 report["truncated"] += 1
                 responses[k] = ids[:room]
-        kept.append(TokenizedPair(prompt_ids, responses[0], responses[1], p["in_target_lang"], index))
+        kept.append(TokenizedPair(prompt_ids, responses[0], responses[1], p["in_target_lang"], index,
+                                  p.get("item", index)))
     report["kept"] = len(kept)
     return kept, report
 
 
-def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Indices of pairs in batches of similar length (little padding), the batch order shuffled per epoch with a
-    seed so that a rerun, or a resumed run, sees exactly the same batches."""
-    length = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: (length[i], i))
+def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int,
+                           by_item: bool = True) -> list[list[list[int]]]:
+    """Batches of batch_size groups of pair indices, groups of similar length in a batch (little padding). A group is
+    one item's pairs (by_item: both pairs of every language, so each update sees x_en: y_en > y_l beside
+    x_l: y_l > y_en) or one pair. The batch order is shuffled per epoch with a seed so that a rerun, or a resumed
+    run, sees exactly the same batches."""
+    groups = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.item if by_item and p.item is not None else -1 - i, []).append(i)
+    length = [max(len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected)) for i in g)
+              for g in groups.values()]
+    order = [g for _, g in sorted(zip(length, groups.values()), key=lambda x: (x[0], x[1][0]))]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     random.Random(seed * 1000 + epoch).shuffle(batches)
     return batches

@@ -100,12 +100,17 @@ CASES = [
     (CLO[:3] + ["{d}/unfinished"] + CLO[4:], "error: --model {d}/unfinished: a clo run folder without a model in it; "
                                              "pass its merged/ folder (a run trained with --merge), or the model it "
                                              "was trained on."),
-    (CLO + ["--lora-targets", "q_proj,nope"], "error: LoRA target 'nope' names no layer of the model; use linear "
-                                              "layer names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-                                              "down_proj,lm_head."),
-    (CLO + ["--lora-targets", "embed_tokens"], "error: LoRA target 'embed_tokens' (model.embed_tokens, Embedding) is "
-                                               "not a linear layer: clo puts LoRA on nn.Linear layers only (q_proj, "
-                                               "..., down_proj, lm_head)."),
+    (CLO + ["--tune", "lora", "--lora-targets", "q_proj,nope"], "error: LoRA target 'nope' names no layer of the "
+                                                                "model; use linear layer names such as q_proj,k_proj,"
+                                                                "v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head."),
+    (CLO + ["--tune", "lora", "--lora-targets", "embed_tokens"], "error: LoRA target 'embed_tokens' "
+                                                                 "(model.embed_tokens, Embedding) is not a linear "
+                                                                 "layer: clo puts LoRA on nn.Linear layers only "
+                                                                 "(q_proj, ..., down_proj, lm_head)."),
+    (CLO + ["--method", "sft", "--lam", "0.3"], "error: --lam 0.3: --method sft fixes lam at 1; drop --lam, or use "
+                                                "--method clo."),
+    (CLO + ["--lora-r", "8"], "error: --lora-r 8: --tune attn trains full weights, without LoRA; add --tune lora, or "
+                              "drop --lora-r."),
     (CLO + ["--out", "{d}/a_file"], "error: --out {d}/a_file: is a file; give a folder (created if missing)."),
     (CLO + ["--out", "{d}/no-such-run", "--resume"], "error: --resume: {d}/no-such-run does not exist, so there is "
                                                      "nothing to resume; check --out, or drop --resume to start a new run."),
@@ -182,13 +187,14 @@ def test_a_hub_model_whose_template_fails_stops_before_translation(inputs, tmp_p
 
 
 def test_final_message_names_outputs_that_exist_and_commands_that_work(llama_dir, tmp_path):
-    """A tiny finished run (--merge): each path the message names exists; its eval.py command passes eval.py's
+    """A tiny finished LoRA run (--tune lora --merge): each path the message names exists; its eval.py command passes eval.py's
     argument checks; its peft and transformers lines, run as printed, load models that give the same logits."""
     import clo
     import eval as E
     out = str(tmp_path / "run")
     argv = ["--model", llama_dir, "--lang", "de", "--translations", PARALLEL, "--batch-size", "2", "--grad-accum", "1",
-            "--max-steps", "1", "--lr", "1e-2", "--merge", "--no-progress", "--out", out, "--device", "cpu", "--dtype", "float32"]
+            "--max-steps", "1", "--lr", "1e-2", "--tune", "lora", "--merge", "--no-progress", "--out", out, "--device",
+            "cpu", "--dtype", "float32"]
     last = clo.main(argv)
     text = clo.final_message(clo.parse_args(argv), out, last)
     lines = text.splitlines()

@@ -53,13 +53,41 @@ def test_clo_loss_worked_by_hand():
         assert sum(getattr(s, field).item() for s in shares) == pytest.approx(getattr(parts, field).item(), abs=1e-6)
 
 
-def test_baselines_are_the_equation_with_other_settings():
-    """SFT = lam 1 with every chosen answer in the NLL term (or the target language's); DPO = lam 0; CLO = --lam."""
-    sft, sft_target, dpo, clo_ = (clo.parse_args(["--model", "m", "--lang", "ko", *extra]) for extra in
-                                  (["--method", "sft"], ["--method", "sft", "--sft-target-only"],
-                                   ["--method", "dpo"], ["--lam", "0.3"]))
-    assert (sft.lam, sft.nll_on) == (1.0, "all") and (sft_target.lam, sft_target.nll_on) == (1.0, "target")
-    assert dpo.lam == 0.0 and (clo_.lam, clo_.nll_on) == (0.3, "target")
+def test_each_method_trains_what_its_table_row_says():
+    """The batch of test_clo_loss_worked_by_hand through clo.METHODS: which chosen answers enter the NLL term and
+    lam, per --method (clo and clo-en-nll with --lam 0.25), against the numbers worked there by hand:
+        clo         lam 0.25, NLL on the target answer (1.25):  0.25 * 1.25 + 0.75 * 0.650008     = 0.800006
+        clo-en-nll  lam 0.25, NLL on both (8 / 7 = 1.142857):   0.25 * 1.142857 + 0.75 * 0.650008 = 0.773220
+        sft         lam 1, both: 1.142857;  sft-en: the English answer, 3 / 3 = 1.0;  sft-target: 1.25
+        dpo         lam 0: L_CL = 0.650008 (the NLL logged is the target answer's, 1.25)"""
+    english, target = (D.TokenizedPair([1], [2, 3, 4], [5], t, i) for i, t in enumerate((False, True)))
+    logps = (torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-3.5, -5.0]),
+             torch.tensor([-3.5, -4.5]))
+    expected = {"clo": (0.800006, 1.25), "clo-en-nll": (0.773220, 1.142857), "sft": (1.142857, 1.142857),
+                "sft-en": (1.0, 1.0), "sft-target": (1.25, 1.25), "dpo": (0.650008, 1.25)}
+    assert set(expected) == set(clo.METHODS)
+    for method, (loss, nll) in expected.items():
+        args = clo.parse_args(["--model", "m", "--lang", "ko", "--method", method]
+                              + (["--lam", "0.25"] if method.startswith("clo") else []))
+        mask = torch.tensor([float(clo.in_nll_term(p, method)) for p in (english, target)])
+        parts = clo.clo_loss(*logps, torch.tensor([3.0, 4.0]), mask, beta=0.5, lam=args.lam)
+        assert parts.loss.item() == pytest.approx(loss, abs=1e-6), method
+        assert parts.nll.item() == pytest.approx(nll, abs=1e-6), method
+    assert clo.parse_args(["--model", "m", "--lang", "ko"]).lam == 0.5  # clo's default lam
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--method", "sft", "--lam", "0.3"], "--lam 0.3: --method sft fixes lam at 1; drop --lam, or use --method clo."),
+    (["--method", "dpo", "--lam", "0.5"], "--lam 0.5: --method dpo fixes lam at 0; drop --lam, or use --method clo."),
+    (["--lora-r", "8"], "--lora-r 8: --tune attn trains full weights, without LoRA; add --tune lora, or drop "
+                        "--lora-r."),
+    (["--tune", "full", "--lora-targets", "q_proj"], "--lora-targets q_proj: --tune full trains full weights, "
+                                                     "without LoRA; add --tune lora, or drop --lora-targets."),
+])
+def test_a_flag_that_would_be_ignored_is_refused(argv, said):
+    with pytest.raises(ValueError) as e:
+        clo.parse_args(["--model", "m", "--lang", "ko", *argv])
+    assert str(e.value) == said
 
 
 PARALLEL = [
@@ -153,7 +181,8 @@ def test_lora_merge_and_peft_and_transformers_agree(llama_dir, tmp_path):
         with M.lora_disabled(model):
             base = model(ids)
     assert (ours - base).abs().max() > 1e-3  # the adapter matters, so the comparisons below mean something
-    args = clo.parse_args(["--model", llama_dir, "--lang", "ko", "--lora-r", "4", "--lora-alpha", "8"])
+    args = clo.parse_args(["--model", llama_dir, "--lang", "ko", "--tune", "lora", "--lora-r", "4", "--lora-alpha",
+                           "8"])
     out = str(tmp_path / "run")
     os.makedirs(out)
     clo.save_adapter(out, model, args)
@@ -174,7 +203,8 @@ def test_end_to_end_with_translator_writes_every_output(tmp_path):
     m2m = tiny.make_m2m100(str(tmp_path / "m2m"), seed=0)  # no eos bias: outputs are never empty
     out = str(tmp_path / "run")
     r = run_clo("--model", llama, "--translator", m2m, "--lang", "ko,sw", "--num-samples", "3", "--out", out,
-                "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--merge", "--num-beams", "2",
+                "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--tune", "lora", "--merge",
+                "--num-beams", "2",
                 "--max-len", "8192", "--keep-flagged")  # a random translator's output is flagged degenerate
     for name in ("args.json", "translations.jsonl", "pairs.jsonl", "metrics.jsonl", "adapter_model.safetensors",
                  "adapter_config.json", "summary.json", "merged/model.safetensors", "merged/config.json",
@@ -187,7 +217,7 @@ def test_end_to_end_with_translator_writes_every_output(tmp_path):
                                                                         "response": c["en_response"]}, l)
                                                              for c in cache for l in ("ko", "sw") if f"{l}_response" in c}
     en = D.load_sft(None, 3)
-    assert pairs[0] == {"lang": "ko", "in_target_lang": False, "prompt": en[0]["instruction"], "chosen": en[0]["response"],
+    assert pairs[0] == {"lang": "ko", "item": 0, "in_target_lang": False, "prompt": en[0]["instruction"], "chosen": en[0]["response"],
                         "rejected": cache[0]["ko_response"]}
     assert pairs[1]["prompt"] == cache[0]["ko_instruction"] and pairs[1]["chosen"] == cache[0]["ko_response"]
     merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"))
@@ -198,7 +228,7 @@ def test_reward_accuracy_reaches_one(tmp_path, parallel_file):
     llama = tiny.make_llama(str(tmp_path / "llama"))
     out = str(tmp_path / "run")
     run_clo("--model", llama, "--translations", parallel_file, "--lang", "ko", "--out", out, "--max-steps", "25",
-            "--batch-size", "6", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "0")
+            "--batch-size", "3", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "0", "--tune", "lora")
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert rows[0]["pair_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert rows[-1]["reward_acc"] == 1.0 and rows[-1]["pair_loss"] < rows[0]["pair_loss"] / 2
@@ -330,3 +360,78 @@ def test_bad_input_messages(tmp_path, llama_dir, parallel_file):
     r = run_clo("--model", llama_dir, "--lang", "de", "--translations", parallel_file, "--out", str(tmp_path / "r7"),
                 check=False)
     assert r.returncode == 2 and "has no de_instruction/de_response columns; its languages: ko, sw." in r.stderr
+
+
+def test_default_trains_the_attention_projections_and_merged_loads_in_transformers(tmp_path, parallel_file,
+                                                                                   monkeypatch):
+    """The paper's setting by default: exactly the Q/K/V/O weights train, as full weights, and the run's output is
+    merged/, which transformers loads with the trained model's logits (no adapter is written)."""
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    args = clo.parse_args(["--model", llama, "--lang", "ko"])
+    model, tok = M.load_model(llama)
+    names = clo.set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+    assert args.tune == "attn" and sorted(names) == sorted(
+        f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in clo.ATTENTION_PROJECTIONS)
+    assert names == [n for n, p in model.named_parameters() if p.requires_grad]
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Explain gravity."}])])
+    trained = {}
+    save_outputs = clo.save_outputs
+
+    def keep_logits(args, model, last, run):  # the trained model, as training left it
+        with torch.no_grad():
+            trained["logits"] = model.eval()(ids)
+        return save_outputs(args, model, last, run)
+    monkeypatch.setattr(clo, "save_outputs", keep_logits)
+    out = tmp_path / "run"
+    clo.main(["--model", llama, "--translations", parallel_file, "--lang", "ko", "--max-steps", "2", "--lr", "1e-3",
+              "--out", str(out), "--no-progress"])
+    assert not (out / "adapter_model.safetensors").exists() and (out / "merged" / "config.json").exists()
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()(ids)
+        base = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()(ids)
+    assert (theirs.logits - trained["logits"]).abs().max() < 1e-4
+    assert (base.logits - trained["logits"]).abs().max() > 1e-3  # training moved it: the comparison means something
+
+
+def test_every_micro_batch_holds_both_pairs_of_each_of_its_items(tmp_path, parallel_file, monkeypatch):
+    """--pairing items (the default), two target languages: every micro-batch trained on holds, for each item in
+    it, all 4 of its pairs (x_en: y_en > y_l and x_l: y_l > y_en for ko and for sw); so does each rank's share of a
+    global batch under 2 ranks. metrics.jsonl counts the step's English and target-language pairs. --pairing pairs
+    keeps the old order (pairs length-grouped one by one)."""
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    seen = []
+    collate = D.collate
+
+    def record(pairs, *a, **k):
+        if torch.is_grad_enabled():  # training, not the reference table (no_grad)
+            seen.append([(p.item, p.in_target_lang) for p in pairs])
+        return collate(pairs, *a, **k)
+    monkeypatch.setattr(D, "collate", record)
+    rows = [{k: f"{v} ({i})" for k, v in r.items()} for i in range(2) for r in PARALLEL]  # 6 items
+    par = tmp_path / "six.jsonl"
+    par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    common = ["--model", llama, "--translations", str(par), "--lang", "ko,sw", "--batch-size", "2", "--grad-accum",
+              "2", "--epochs", "2", "--lr", "1e-3", "--no-progress"]
+    clo.main([*common, "--out", str(tmp_path / "items")])
+    assert len(seen) == 6  # 3 micro-batches of 2 items an epoch
+    for batch in seen:
+        assert len(batch) == 8 and len({item for item, _ in batch}) == 2
+        for item in {item for item, _ in batch}:
+            assert sorted(t for i, t in batch if i == item) == [False, False, True, True]
+    metrics = [json.loads(l) for l in open(tmp_path / "items" / "metrics.jsonl")]
+    assert [(m["en_pairs"], m["target_pairs"]) for m in metrics] == [(8, 8), (4, 4)] * 2
+    # under 2 ranks, each rank's micro-batch is whole items too
+    _, tok = M.load_model(llama)
+    pairs, _ = D.tokenize_pairs(D.build_pairs(rows, ["ko", "sw"]), tok, 1024)
+    args = clo.parse_args(common)
+    for epoch in range(2):
+        for global_batch in clo.global_batches(pairs, args, clo.Dist(0, 2), epoch):
+            shares = [clo.rank_share(global_batch, clo.Dist(rank, 2)) for rank in range(2)]
+            assert sorted(shares[0] + shares[1]) == sorted(i for g in global_batch for i in g)
+            for share in shares:
+                assert len(share) == 2 * len(global_batch)
+                assert all(sum(pairs[j].item == pairs[i].item for j in share) == 4 for i in share)
+    seen.clear()
+    clo.main([*common, "--out", str(tmp_path / "pairs"), "--pairing", "pairs", "--batch-size", "4"])
+    assert len(seen) == 12 and all(len(b) == 4 for b in seen)  # 24 pairs, 4 a micro-batch, each on its own
+    assert any(len({i for i, _ in b}) == 4 for b in seen)

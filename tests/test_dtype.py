@@ -108,7 +108,7 @@ def runs(tmp_path_factory):
         try:
             clo.main(["--model", llama, "--translations", str(par), "--lang", "ko,sw", "--out", str(tmp / dtype),
                       "--max-steps", "3", "--batch-size", "6", "--grad-accum", "2", "--lr", "3e-3", "--warmup", "0",
-                      "--dtype", dtype, "--no-progress"])
+                      "--dtype", dtype, "--tune", "lora", "--no-progress"])
         finally:
             torch.optim.AdamW = original
         out[dtype] = tmp / dtype

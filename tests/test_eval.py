@@ -194,7 +194,7 @@ def test_eval_cli_on_base_and_clo_run(tmp_path):
     tuned, tok = E.load_for_eval(run)
     ids = torch.tensor([tok.encode("Say hello.")])
     with torch.no_grad():
-        assert (tuned(ids) - base(ids)).abs().max() > 1e-4  # the adapter was applied
+        assert (tuned(ids) - base(ids)).abs().max() > 1e-4  # the trained weights (merged/) were loaded
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"question": "The sky is", "choices": ["blue", "green"], "answer": 0, "lang": "ko"}) + "\n")
     out = str(tmp_path / "eval")

@@ -1,8 +1,9 @@
 """What clo optimises is the paper's equation, whatever the batch split and the tokenizer.
 
 - Gradient accumulation: one optimizer step minimises L over all of the step's pairs (the pair term averaged over the
-  step's pairs, the NLL term over the step's target-language tokens) for every micro-batch size x --grad-accum split,
-  for clo, sft and dpo. The reference is computed here one sequence at a time, with the whole step's loss at once.
+  step's pairs, the NLL term over the step's tokens of the chosen answers it takes) for every micro-batch size x
+  --grad-accum split, with whole items (--pairing items) or single pairs in a micro-batch, for every --method. The
+  reference is computed here one sequence at a time, with the whole step's loss at once.
 - Tokenization: a response's tokens are those of the whole conversation after the prompt, for sentencepiece-style
   tokenizers (Llama 2, Mistral) as for byte-level BPE; transformers' apply_chat_template is the reference.
 """
@@ -34,7 +35,7 @@ def setup(tmp_path_factory):
     return tmp, tiny.make_llama(str(tmp / "llama")), str(par)
 
 
-def reference_step(llama, par, lam, nll_on_all):
+def reference_step(llama, par, lam, nll_on):
     """Step 1's loss parts and gradient norm, computed independently: each sequence through the model alone (full
     log_softmax, response tokens summed), the step's 8 pairs taken at once, autograd on the attention weights."""
     model, tok = M.load_model(llama)
@@ -49,7 +50,7 @@ def reference_step(llama, par, lam, nll_on_all):
 
     chosen = torch.stack([logp(p.prompt, p.chosen) for p in pairs])
     rejected = torch.stack([logp(p.prompt, p.rejected) for p in pairs])
-    in_nll = [p.in_target_lang or nll_on_all for p in pairs]
+    in_nll = [nll_on == "both" or p.in_target_lang == (nll_on == "target") for p in pairs]  # written out here
     nll = -sum(c for c, m in zip(chosen, in_nll) if m) / sum(len(p.chosen) for p, m in zip(pairs, in_nll) if m)
     # at step 1 the policy is the reference: every margin is 0 and L_CL = log 2, but its gradient is not 0
     margin = 0.1 * ((chosen - chosen.detach()) - (rejected - rejected.detach()))
@@ -61,20 +62,28 @@ def reference_step(llama, par, lam, nll_on_all):
     return {"loss": loss.item(), "nll": nll.item(), "pair_loss": pair_loss.item(), "grad_norm": grad_norm}, lengths
 
 
-@pytest.mark.parametrize("method", ["clo", "sft", "dpo"])
+# the paper's variants (clo.METHODS), as this test reads them: lam, and whose chosen answers enter the NLL term
+VARIANTS = {"clo": (0.5, "target"), "clo-en-nll": (0.5, "both"), "sft": (1.0, "both"), "sft-en": (1.0, "en"),
+            "sft-target": (1.0, "target"), "dpo": (0.0, "target")}
+SPLITS = {"items": ((4, 1), (2, 2), (1, 4)), "pairs": ((8, 1), (4, 2), (2, 4), (1, 8))}  # 4 items, 8 pairs
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
 def test_every_split_of_a_step_optimises_the_same_objective(setup, method):
     tmp, llama, par = setup
-    lam, nll_on_all = {"clo": (0.5, False), "sft": (1.0, True), "dpo": (0.0, False)}[method]
-    expected, lengths = reference_step(llama, par, lam, nll_on_all)
+    assert set(VARIANTS) == set(clo.METHODS)
+    expected, lengths = reference_step(llama, par, *VARIANTS[method])
     assert lengths[-1] > 10 * lengths[0]  # the test's point: answers of very different lengths
     assert expected["pair_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for batch_size, grad_accum in ((8, 1), (4, 2), (2, 4), (1, 8)):
-        out = tmp / f"{method}-{batch_size}x{grad_accum}"
-        clo.main(["--model", llama, "--translations", par, "--lang", "ko", "--method", method, "--tune", "attn",
+    for pairing, batch_size, grad_accum in ((p, b, g) for p, splits in SPLITS.items() for b, g in splits
+                                            if method in ("clo", "sft", "dpo") or (b, g) == (1, 4)):
+        out = tmp / f"{method}-{pairing}-{batch_size}x{grad_accum}"
+        clo.main(["--model", llama, "--translations", par, "--lang", "ko", "--method", method, "--pairing", pairing,
                   "--max-grad-norm", "1e9", "--max-steps", "1", "--batch-size", str(batch_size), "--grad-accum",
-                  str(grad_accum), "--out", str(out), "--no-progress"])
+                  str(grad_accum), "--dtype", "float32", "--out", str(out), "--no-progress"])  # fp32: the reference's
         step = json.loads(open(out / "metrics.jsonl").readline())
-        split = f"{method} {batch_size}x{grad_accum}"
+        split = f"{method} {pairing} {batch_size}x{grad_accum}"
+        assert (step["en_pairs"], step["target_pairs"]) == (4, 4), split
         for key in ("loss", "nll", "pair_loss"):
             assert step[key] == pytest.approx(expected[key], abs=2e-5), (split, key)
         assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-3, abs=1e-4), split
@@ -179,13 +188,14 @@ def test_a_token_across_the_boundary_is_scored_as_response(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_ranks_with_accumulation_equal_one_process_with_the_whole_step(setup):
-    """2 ranks x 2 micro-batches of 2 pairs (torchrun, gloo) against one process with all 8 pairs in one batch."""
+    """2 ranks x 2 micro-batches of 1 item, 2 pairs (torchrun, gloo) against one process with all 4 items (8 pairs)
+    in one batch."""
     from test_distributed import torchrun
     tmp, llama, par = setup
-    common = ["--model", llama, "--translations", par, "--lang", "ko", "--tune", "attn", "--max-grad-norm", "1e9",
-              "--max-steps", "2", "--lr", "1e-3", "--warmup", "1"]
-    clo.main([*common, "--batch-size", "8", "--grad-accum", "1", "--out", str(tmp / "one"), "--no-progress"])
-    r = torchrun(*common, "--batch-size", "2", "--grad-accum", "2", "--out", str(tmp / "two"))
+    common = ["--model", llama, "--translations", par, "--lang", "ko", "--max-grad-norm", "1e9", "--max-steps", "2",
+              "--lr", "1e-3", "--warmup", "1", "--dtype", "float32"]
+    clo.main([*common, "--batch-size", "4", "--grad-accum", "1", "--out", str(tmp / "one"), "--no-progress"])
+    r = torchrun(*common, "--batch-size", "1", "--grad-accum", "2", "--out", str(tmp / "two"))
     assert r.returncode == 0, r.stdout + r.stderr
     one = [json.loads(l) for l in open(tmp / "one" / "metrics.jsonl")]
     two = [json.loads(l) for l in open(tmp / "two" / "metrics.jsonl")]

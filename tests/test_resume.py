@@ -22,7 +22,7 @@ import tiny
 from conftest import ROOT
 from test_clo import PARALLEL
 
-# 6 pairs (ko), 2 a step: 3 steps an epoch, 9 in all; the default cadence saves at steps 3 and 6
+# 3 items, 6 pairs (ko), 1 item (2 pairs) a step: 3 steps an epoch, 9 in all; the default cadence saves at steps 3, 6
 STEPS = 9
 
 
@@ -32,8 +32,8 @@ def setup(tmp_path_factory):
     par = tmp / "parallel.jsonl"
     par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
     llama = tiny.make_llama(str(tmp / "llama"))
-    common = ["--model", llama, "--translations", str(par), "--lang", "ko", "--batch-size", "2", "--grad-accum", "1",
-              "--lr", "1e-3", "--no-progress"]
+    common = ["--model", llama, "--translations", str(par), "--lang", "ko", "--batch-size", "1", "--grad-accum", "1",
+              "--lr", "1e-3", "--tune", "lora", "--no-progress"]
     straight = {}
     for max_len in ("1024", "64"):  # 64: one pair fewer (a prompt over half of it)
         out = str(tmp / f"straight-{max_len}")
@@ -96,7 +96,7 @@ def test_default_cadence_checkpoints_a_short_run_killed_after_its_middle_step(se
 @pytest.mark.parametrize("change,said", [
     (["--max-len", "64"], "--max-len 1024, now 64"),
     (["--lang", "ko,sw"], "--lang ko, now ko,sw"),
-    (["--batch-size", "3"], "--batch-size 2, now 3"),
+    (["--batch-size", "3"], "--batch-size 1, now 3"),
     (["--grad-accum", "2"], "--grad-accum 1, now 2"),
     (["--lr", "2e-3"], "--lr 0.001, now 0.002"),
     (["--method", "sft"], "--method clo, now sft"),
@@ -106,7 +106,8 @@ def test_default_cadence_checkpoints_a_short_run_killed_after_its_middle_step(se
     (["--lora-r", "8"], "--lora-r 16, now 8"),
     (["--epochs", "2"], "--epochs 3, now 2"),
     (["--seed", "1"], "--seed 0, now 1"),
-    (["--sft-target-only"], "--sft-target-only off, now on"),
+    (["--method", "sft-target"], "--method clo, now sft-target"),
+    (["--pairing", "pairs"], "--pairing items, now pairs"),
 ])
 def test_resume_with_another_setting_is_refused_naming_it(setup, capsys, change, said):
     """Before: --max-len silently reused the old reference table for other pairs, --lang died in an IndexError,
@@ -319,7 +320,7 @@ def test_readme_says_what_resume_checks():
     text = open(os.path.join(ROOT, "README.md")).read()
     section = text[text.index("### Resuming a run"):]
     section = section[:section.index("\n#", 1)]
-    for flag in ("--model", "--dtype", "--lang", "--max-len", "--method", "--beta", "--lam", "--sft-target-only",
+    for flag in ("--model", "--dtype", "--lang", "--max-len", "--method", "--beta", "--lam", "--pairing",
                  "--tune", "--lora-r", "--lr", "--warmup", "--epochs", "--max-steps", "--batch-size", "--grad-accum",
                  "--seed", "ranks", "--save-every", "--save-minutes", "--stop-after", "args.json", "finished"):
         assert flag in section, flag
