@@ -151,11 +151,10 @@ def autocast(device, dtype="float32"):
 def training_precision(dtype: str) -> str:
     """--dtype for training -> the dtype the frozen weights are held in (float32_weights says which are trained).
 
-    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision, as PEFT and torchtune
-    train: frozen weights in bf16 (autocast would cast them to bf16 at every matmul anyway), the trained tensors'
-    weights, gradients and AdamW state in fp32 (LoRA and Adam updates are far below bf16's 8-bit mantissa: a bf16
-    weight of 1.0 cannot take a step under 0.004), matmuls in bf16 under torch.autocast (see autocast()). fp16 needs
-    loss scaling, which clo does not do."""
+    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision as PEFT trains: frozen
+    weights in bf16 (autocast casts them so at every matmul anyway); trained tensors, their gradients and AdamW state in
+    fp32 (Adam's updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take a step under 0.004);
+    matmuls in bf16 under torch.autocast (see autocast()). fp16 needs loss scaling, which clo does not do."""
     if dtype == "float16":
         raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
                          "--dtype bfloat16 (mixed precision) or float32.")
@@ -163,10 +162,9 @@ def training_precision(dtype: str) -> str:
 
 
 def float32_weights(tune: str, dtype: str):
-    """Which parameters a run holds in fp32, as (name, parameter) -> bool for model.load_model: all under float32;
-    under bfloat16 the trained ones (is_trained; LoRA's A and B are made in fp32 by set_trainable) and the 1-D ones
-    (RMSNorm weights, biases: a few KB a layer, and fp32 norms keep the residual stream in fp32, see
-    LlamaForCausalLM.hidden_states)."""
+    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
+    the trained ones (LoRA's A and B: set_trainable) and the 1-D ones (norms, biases: KBs, and fp32 norms keep the
+    residual stream in fp32, see LlamaForCausalLM.hidden_states)."""
     return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
 
 
@@ -915,12 +913,11 @@ def save_adapter(out, model, args):
 
 
 def save_merged(folder, model, source):
-    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files. Every
-    tensor in the dtype the checkpoint `source` stores it in (a bf16 release gives a bf16 merged/, as large as the
-    release, its config's dtype saying so): a frozen tensor is the source's own, bit for bit (not the bf16 copy that
-    mixed precision trained with); a trained one, or a base weight plus its adapter (W + scaling B A in fp32), is
-    rounded to it once. The model is merged in place (as eval.py merges in memory). An adapted lm_head of a model
-    with tied embeddings is written untied (see M.merge_lora)."""
+    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files. Each
+    tensor in the dtype the checkpoint `source` stores it in (a bf16 release gives a bf16 merged/, config saying so):
+    a frozen one is the source's, bit for bit (not mixed precision's bf16 copy); a trained one, or a base weight plus
+    its adapter (W + scaling B A in fp32), is rounded to it once. The model is merged in place (as eval.py merges in
+    memory). An adapted lm_head of a model with tied embeddings is written untied (see M.merge_lora)."""
     from safetensors import safe_open
     os.makedirs(folder, exist_ok=True)
     deltas = {f"{n}.weight": m.delta() for n, m in M.lora_modules(model).items()}
@@ -946,11 +943,8 @@ def save_merged(folder, model, source):
     # merge_lora may have untied an adapted lm_head from the embedding: the checkpoint then holds both matrices, and
     # a loader that still tied them would drop the merged lm_head
     config["tie_word_embeddings"] = config.get("tie_word_embeddings", False) and model.config.tie_word_embeddings
-    sizes = {}  # the dtype most bytes are in; transformers v4 reads torch_dtype, v5 dtype (else torch_dtype)
-    for t in state.values():
-        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel() * t.element_size()
-    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
-        config[key] = str(max(sizes, key=sizes.get)).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:  # transformers v5, v4
+        config[key] = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     save_json(os.path.join(folder, "config.json"), config)
 
 
@@ -1028,7 +1022,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order, LoRA init and dropout")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="auto: bfloat16 on CUDA and on CPUs with "
                    "native bf16 matmul, else float32 (model.default_dtype). Training in bfloat16 is mixed precision: "
-                   "fp32 weights and AdamW state, bf16 autocast; the translator runs in bf16 weights")
+                   "frozen weights in bf16, trained ones and AdamW state in fp32, bf16 autocast; the translator runs "
+                   "in bf16 weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
                    "cuda:N; the default is cuda where torch finds a GPU")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: a quarter of "

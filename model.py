@@ -334,6 +334,7 @@ class LoRALinear(nn.Module):
     merge() folds the update into W (W += scaling B A) for inference at the base model's speed.
     Parameter names (lora_A.weight, lora_B.weight) are peft's, so the saved adapter loads in peft and vLLM.
     `scaling` overrides alpha / r for adapters trained elsewhere (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)).
+    `dtype`: A's and B's (default W's; clo trains fp32 adapters on a bf16 W, see clo.float32_weights).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scaling: float | None = None,
@@ -342,9 +343,8 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r if scaling is None else scaling
         w = base.weight
-        dtype = dtype or w.dtype  # training: fp32 A and B on a bf16 base (mixed precision, see clo.float32_weights)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype or w.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype or w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -368,12 +368,11 @@ class LoRALinear(nn.Module):
         """The base Linear with the update folded in: W + scaling B A. untie: W is shared with another module
         (lm_head tied to embed_tokens), so the sum goes into a new parameter of this layer alone and the other
         module keeps W, which is what the adapter computes (its update acts on this layer's output only)."""
-        delta = self.delta()
         w = self.base.weight
         with torch.no_grad():
             if untie:
                 self.base.weight = nn.Parameter(torch.empty_like(w), requires_grad=w.requires_grad)
-            self.base.weight.copy_((w.float() + delta).to(w.dtype))
+            self.base.weight.copy_((w.float() + self.delta()).to(w.dtype))
         return self.base
 
 
@@ -405,8 +404,8 @@ def check_lora_targets(model: nn.Module, targets):
 
 def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,
                alpha: float = 32.0, dropout: float = 0.0, dtype=None) -> list[str]:
-    """Wraps every nn.Linear whose attribute name is in `targets`; freezes everything else. Returns wrapped names.
-    dtype: of the adapters' A and B (default: their base weight's).
+    """Wraps every nn.Linear whose attribute name is in `targets` (A and B in dtype, default their base's); freezes
+    everything else. Returns wrapped names.
 
     Errors: a target that names no layer of the model, or names one that is not an nn.Linear (embed_tokens is an
     nn.Embedding: LoRA on embeddings is not implemented), is refused, so that no target is silently left untrained.
@@ -824,8 +823,7 @@ def build_on_meta(cls, cfg, dtype, device, column_major: bool = False, float32=N
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
     for name, p in model.named_parameters():
-        if float32 is not None and float32(name, p):
-            p.data = p.data.float()
+        p.data = p.data.float() if float32 and float32(name, p) else p.data
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
     if column_major and torch.device(device).type == "cpu":
