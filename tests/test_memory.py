@@ -205,3 +205,23 @@ def test_merged_is_in_the_checkpoints_dtype_and_gives_the_trained_logits(llama_d
         base = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()(ids).logits[0]
     assert (trained["logits"] - base).abs().max() > 5 * tolerance  # training changed the logits beyond the tolerance
     assert (logits - trained["logits"]).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("tune", ["lora", "attn"])
+def test_bf16_reference_is_the_policys_step0_forward_bitwise(qwen_tied, tmp_path, tune):
+    """clo.reference_logps on the bf16-held model and the policy's first training forward (adapters or fp32 Q/K/V/O
+    in place, train mode, autocast) give the same log-probs bit for bit on the same batch: pair loss log 2 exactly.
+    (Across differently shaped batches bf16 rounding moves it by < 1e-3: tests/test_dtype.py.)"""
+    args = clo.parse_args(["--model", qwen_tied, "--lang", "ko", "--tune", tune, "--dtype", "bfloat16",
+                           "--out", str(tmp_path)])
+    args.model_folder = qwen_tied
+    model, tok = clo.load_policy(args, clo.Run(str(tmp_path), clo.Dist(), lambda *a: None, {}, None))
+    pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
+    ref = clo.reference_logps(model, pairs, len(pairs), tok.pad_id, "cpu", False, pack_to=256, dtype="bfloat16")
+    clo.set_trainable(model, tune, args.lora_targets, args.lora_r, args.lora_alpha, 0.0)
+    model.train()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))  # the pass's order
+    with clo.autocast("cpu", "bfloat16"):
+        logp, _ = clo.sequence_logps(model, D.collate([pairs[i] for i in order], tok.pad_id, 256), 2 * len(pairs))
+    assert logp.requires_grad
+    assert torch.equal(logp[:len(pairs)], ref[order, 0]) and torch.equal(logp[len(pairs):], ref[order, 1])
