@@ -161,16 +161,23 @@ def autocast(device, dtype="float32"):
 
 
 def training_precision(dtype: str) -> str:
-    """--dtype for training -> the dtype the weights are loaded in.
+    """--dtype for training -> the dtype the frozen weights are held in (float32_weights says which are trained).
 
-    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision: weights, gradients and
-    AdamW state stay fp32 (LoRA and Adam updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take
-    a step under 0.004), and the forward/backward matmuls run in bf16 under torch.autocast (see autocast()). Pure-bf16
-    weights are not offered: that is another training than fp32's. fp16 needs loss scaling, which clo does not do."""
+    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision as PEFT trains: frozen
+    weights in bf16 (autocast casts them so at every matmul anyway); trained tensors, their gradients and AdamW state in
+    fp32 (Adam's updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take a step under 0.004);
+    matmuls in bf16 under torch.autocast (see autocast()). fp16 needs loss scaling, which clo does not do."""
     if dtype == "float16":
         raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
                          "--dtype bfloat16 (mixed precision) or float32.")
-    return "float32"
+    return dtype
+
+
+def float32_weights(tune: str, dtype: str):
+    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
+    the trained ones (LoRA's A and B: set_trainable) and the 1-D ones (norms, biases: KBs, and fp32 norms keep the
+    residual stream in fp32, see LlamaForCausalLM.hidden_states)."""
+    return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,13 +186,36 @@ def training_precision(dtype: str) -> str:
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+def is_trained(tune: str, name: str) -> bool:
+    """Whether --tune trains the checkpoint's parameter `name` itself (LoRA trains adapters beside it)."""
+    return tune == "full" or (tune == "attn" and any(f".{t}." in name for t in ATTENTION_PROJECTIONS))
+
+
 def set_trainable(model, tune: str, targets, r: int, alpha: float, dropout: float) -> list[str]:
-    """--tune lora: LoRA adapters on `targets`; attn: the full Q/K/V/O weights (the paper's setting); full: all."""
+    """--tune lora: fp32 LoRA adapters on `targets`; attn: the full Q/K/V/O weights (the paper's setting); full: all."""
     if tune == "lora":
-        return M.apply_lora(model, targets, r, alpha, dropout)
+        return M.apply_lora(model, targets, r, alpha, dropout, dtype=torch.float32)
     for name, p in model.named_parameters():
-        p.requires_grad_(tune == "full" or any(f".{t}." in name for t in ATTENTION_PROJECTIONS))
+        p.requires_grad_(is_trained(tune, name))
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def training_bytes(cfg: M.LlamaConfig, tune: str, dtype: str, targets=ATTENTION_PROJECTIONS, r: int = 16,
+                   shards: int = 1) -> dict[str, int]:
+    """Bytes of a run's weights, gradients and AdamW state (two moments and a 4-byte step per trained tensor), per
+    rank, before any weight is loaded: counted on a weightless (meta-device) copy held and made trainable as the
+    run's model is (training_precision, float32_weights, set_trainable). shards: FSDP's ranks, each holding
+    ceil(rows / shards) rows of every tensor; 1 for one process and DDP. Activations, FSDP's gathered layer and the
+    allocator's slack come on top. Raises ValueError on LoRA targets that name no linear layer."""
+    with torch.device("meta"):
+        model = M.build_on_meta(M.LlamaForCausalLM, cfg, M.DTYPES[training_precision(dtype)], "meta",
+                                float32=float32_weights(tune, dtype))
+        set_trainable(model, tune, targets, r, 2.0 * r, 0.0)
+    def size(p):
+        return -(-p.shape[0] // shards) * (p.numel() // max(1, p.shape[0])) * p.element_size() if p.dim() else 4
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {"weights": sum(map(size, model.parameters())), "gradients": sum(map(size, trained)),
+            "optimizer": sum(2 * size(p) + 4 for p in trained)}
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -387,15 +417,24 @@ def start_run(args) -> Run:
     return Run(args.out, dist, log, settings, start_run_folder(args, settings, log, dist))
 
 
-def load_policy(args, run: Run):
-    run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision, fp32 weights and AdamW state, bf16 "
-                                                            "autocast" if args.dtype == "bfloat16" else ""))
-    model, tok = M.load_model(args.model_folder, training_precision(args.dtype), args.device)
+def load_policy(args, run: Run, device=None):
+    """The model to train, held as training_precision and float32_weights say; first (device None) the memory it
+    will take is said (training_bytes), and a bad --lora-targets refused, before any weight loads."""
+    if device is None:
+        shards = run.dist.world if args.fsdp else 1
+        cfg = M.LlamaConfig.from_hf(M.read_json(os.path.join(args.model_folder, "config.json")))
+        need = training_bytes(cfg, args.tune, args.dtype, args.lora_targets, args.lora_r, shards)
+        gib = {k: f"{v / 2 ** 30:.2f} GiB" if v >= 2 ** 30 else f"{v / 2 ** 20:.1f} MiB"
+               for k, v in {**need, "all": sum(need.values())}.items()}
+        run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision: frozen weights in bf16, trained "
+                "ones, their gradients and AdamW state in fp32, bf16 autocast" if args.dtype == "bfloat16" else ""))
+        run.log(f"memory{' per rank' * (shards > 1)}: weights {gib['weights']}, gradients {gib['gradients']}, AdamW "
+                f"state {gib['optimizer']}; {gib['all']} in all, activations not counted")
+    model, tok = M.load_model(args.model_folder, training_precision(args.dtype), device or args.device,
+                              float32_weights(args.tune, args.dtype))
     tok.date = args.date
-    if tok.dated:
+    if tok.dated and device is None:
         run.log(f"chat template: writes the date (strftime_now): {tok.date}, this run's (args.json; kept on --resume)")
-    if args.tune == "lora":  # a bad --lora-targets fails now, not after translation and reference scoring
-        M.check_lora_targets(model, args.lora_targets)
     return model, tok
 
 
@@ -492,7 +531,7 @@ def save_outputs(args, model, last, run: Run):
         trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
     if run.dist.main:
         if sharded:  # rebuild an unsharded copy on rank 0 from the gathered weights
-            model, _ = M.load_model(args.model_folder, training_precision(args.dtype), "cpu")
+            model, _ = load_policy(args, run, "cpu")
             set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
             with torch.no_grad():
                 params = dict(model.named_parameters())
@@ -929,25 +968,39 @@ def save_adapter(out, model, args):
 
 
 def save_merged(folder, model, source):
-    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files.
-    An adapted lm_head of a model with tied embeddings is written untied (see M.merge_lora)."""
+    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files. Each
+    tensor in the dtype the checkpoint `source` stores it in (a bf16 release gives a bf16 merged/, config saying so):
+    a frozen one is the source's, bit for bit (not mixed precision's bf16 copy); a trained one, or a base weight plus
+    its adapter (W + scaling B A in fp32), is rounded to it once. The model is merged in place (as eval.py merges in
+    memory). An adapted lm_head of a model with tied embeddings is written untied (see M.merge_lora)."""
+    from safetensors import safe_open
     os.makedirs(folder, exist_ok=True)
+    deltas = {f"{n}.weight": m.delta() for n, m in M.lora_modules(model).items()}
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
     M.merge_lora(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_tensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
+    state = {}
+    for path in M.safetensors_files(source):
+        with safe_open(path, framework="pt") as st:
+            state.update({key: st.get_tensor(key) for key in st.keys()})
+    if "lm_head.weight" in deltas:  # a tied checkpoint has no lm_head of its own: the embedding is its base
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    for key, t in trained.items():
+        state[key] = t.to("cpu", state[key].dtype)
+    for key, d in deltas.items():
+        state[key] = (state[key].float() + d.cpu()).to(state[key].dtype)
+    save_tensors(os.path.join(folder, "model.safetensors"), {k: v.contiguous() for k, v in state.items()},
+                 {"format": "pt"})
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
         if os.path.exists(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), folder)
     config = M.read_json(os.path.join(folder, "config.json"))
-    if config.get("tie_word_embeddings") and not model.config.tie_word_embeddings:
-        # merge_lora untied an adapted lm_head from the embedding: the checkpoint now holds both matrices, and a
-        # loader that still tied them would drop the merged lm_head
-        config["tie_word_embeddings"] = False
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+    # merge_lora may have untied an adapted lm_head from the embedding: the checkpoint then holds both matrices, and
+    # a loader that still tied them would drop the merged lm_head
+    config["tie_word_embeddings"] = config.get("tie_word_embeddings", False) and model.config.tie_word_embeddings
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:  # transformers v5, v4
+        config[key] = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    save_json(os.path.join(folder, "config.json"), config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1029,7 +1082,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order, LoRA init and dropout")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="auto: bfloat16 on CUDA and on CPUs with "
                    "native bf16 matmul, else float32 (model.default_dtype). Training in bfloat16 is mixed precision: "
-                   "fp32 weights and AdamW state, bf16 autocast; the translator runs in bf16 weights")
+                   "frozen weights in bf16, trained ones and AdamW state in fp32, bf16 autocast; the translator runs "
+                   "in bf16 weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
                    "cuda:N; the default is cuda where torch finds a GPU")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: a quarter of "

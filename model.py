@@ -311,7 +311,8 @@ class LlamaForCausalLM(nn.Module):
                                                    key_valid.long() - 1, start, window)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
-        x = self.model.embed_tokens(input_ids)                # (B, T, d_model)
+        # the residual stream in the norms' dtype: fp32 under mixed precision, whose embedding is held in bf16
+        x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # (B, T, d_model)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
@@ -335,15 +336,17 @@ class LoRALinear(nn.Module):
     merge() folds the update into W (W += scaling B A) for inference at the base model's speed.
     Parameter names (lora_A.weight, lora_B.weight) are peft's, so the saved adapter loads in peft and vLLM.
     `scaling` overrides alpha / r for adapters trained elsewhere (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)).
+    `dtype`: A's and B's (default W's; clo trains fp32 adapters on a bf16 W, see clo.float32_weights).
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scaling: float | None = None):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scaling: float | None = None,
+                 dtype=None):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r if scaling is None else scaling
         w = base.weight
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype or w.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype or w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -359,25 +362,28 @@ class LoRALinear(nn.Module):
             y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return y
 
+    def delta(self) -> torch.Tensor:
+        """scaling B A (out, in), in fp32: what merging adds to the base weight."""
+        return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
+
     def merged_linear(self, untie: bool = False) -> nn.Linear:
         """The base Linear with the update folded in: W + scaling B A. untie: W is shared with another module
         (lm_head tied to embed_tokens), so the sum goes into a new parameter of this layer alone and the other
         module keeps W, which is what the adapter computes (its update acts on this layer's output only)."""
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         w = self.base.weight
         with torch.no_grad():
             if untie:
                 self.base.weight = nn.Parameter(torch.empty_like(w), requires_grad=w.requires_grad)
-            self.base.weight.copy_((w.float() + delta).to(w.dtype))
+            self.base.weight.copy_((w.float() + self.delta()).to(w.dtype))
         return self.base
 
 
 def wrap_linear(model: nn.Module, name: str, r: int, alpha: float, dropout: float = 0.0,
-                scaling: float | None = None) -> LoRALinear:
+                scaling: float | None = None, dtype=None) -> LoRALinear:
     """Replaces the nn.Linear at `name` (e.g. model.layers.0.self_attn.q_proj) by a LoRALinear around it."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    layer = LoRALinear(getattr(parent, child), r, alpha, dropout, scaling)
+    layer = LoRALinear(getattr(parent, child), r, alpha, dropout, scaling, dtype)
     setattr(parent, child, layer)
     return layer
 
@@ -399,8 +405,9 @@ def check_lora_targets(model: nn.Module, targets):
 
 
 def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,
-               alpha: float = 32.0, dropout: float = 0.0) -> list[str]:
-    """Wraps every nn.Linear whose attribute name is in `targets`; freezes everything else. Returns wrapped names.
+               alpha: float = 32.0, dropout: float = 0.0, dtype=None) -> list[str]:
+    """Wraps every nn.Linear whose attribute name is in `targets` (A and B in dtype, default their base's); freezes
+    everything else. Returns wrapped names.
 
     Errors: a target that names no layer of the model, or names one that is not an nn.Linear (embed_tokens is an
     nn.Embedding: LoRA on embeddings is not implemented), is refused, so that no target is silently left untrained.
@@ -412,7 +419,7 @@ def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"
     wrapped = [name for name, module in model.named_modules()
                if name.rpartition(".")[2] in targets and type(module) is nn.Linear]
     for name in wrapped:
-        wrap_linear(model, name, r, alpha, dropout)
+        wrap_linear(model, name, r, alpha, dropout, dtype=dtype)
     if not wrapped:
         raise ValueError(f"LoRA targets {list(targets)} match no linear layer of the model.")
     return wrapped
@@ -849,10 +856,13 @@ def load_weights(model: nn.Module, folder: str, ignore=()):
         raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
 
 
-def build_on_meta(cls, cfg, dtype, device, column_major: bool = False):
-    """Builds the module without allocating or initialising weights, then allocates them once on `device`."""
+def build_on_meta(cls, cfg, dtype, device, column_major: bool = False, float32=None):
+    """Builds the module without allocating or initialising weights, then allocates them once on `device`: in
+    `dtype`, but the parameters for which float32(name, parameter) is true in fp32."""
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
+    for name, p in model.named_parameters():
+        p.data = p.data.float() if float32 and float32(name, p) else p.data
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
     if column_major and torch.device(device).type == "cpu":
@@ -883,14 +893,15 @@ def open_checkpoint(path_or_id: str, dtype) -> tuple[str, torch.dtype, str, dict
     return folder, dtype, cfg_path, read_json(cfg_path)
 
 
-def load_model(path_or_id: str, dtype=torch.float32, device="cpu"):
-    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode."""
+def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None):
+    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
+    `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights)."""
     folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
     if raw.get("model_type") == "m2m_100":
         raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with data.load_translator().")
     tok = Tokenizer(folder, raw)  # first: a chat template that fails does so before the weights load
     cfg = LlamaConfig.from_hf(raw, cfg_path)
-    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True)
+    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True, float32=float32)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
     model.reset_rope()
     model.source = folder

@@ -431,3 +431,22 @@ def test_a_checkpoint_of_the_older_format_still_resumes(setup, capsys, tmp_path)
     code, stdout, err = run(capsys, *common, "--out", out, "--resume")
     assert code == 0 and "at step 3 of 9" in stdout and "older checkpoint" not in stdout, err
     assert_same_adapter(out, straight["1024"])
+
+
+@pytest.mark.parametrize("tune", ["lora", "attn"])
+def test_resumed_bf16_run_continues_bit_identically(setup, capsys, tune):
+    """Mixed precision (issue 21): the checkpoint holds the fp32 trained tensors and AdamW state; the bf16 frozen
+    weights are reloaded from the model as they were: a bf16 run stopped at step 4 and resumed ends bitwise where
+    an uninterrupted one does."""
+    tmp, common, _ = setup
+    extra = ("--dtype", "bfloat16", "--tune", tune)
+    straight = str(tmp / f"straight-bf16-{tune}")
+    assert run(capsys, *common, *extra, "--out", straight)[0] == 0
+    out = stopped_run(capsys, setup, f"stopped-bf16-{tune}", 4, *extra)
+    code, stdout, err = run(capsys, *common, *extra, "--out", out, "--resume")
+    assert code == 0 and "resumed from" in stdout, err
+    name = "adapter_model.safetensors" if tune == "lora" else "merged/model.safetensors"
+    a, b = load_file(os.path.join(straight, name)), load_file(os.path.join(out, name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["loss"] for l in open(os.path.join(straight, "metrics.jsonl"))] == [
+        json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl"))]
