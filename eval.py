@@ -74,9 +74,28 @@ def switches_language(text: str, min_chars: int = 20) -> bool:
 # Metrics
 
 
-def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progress=True, dist=None):
-    """Greedy answers, batched by prompt length. Under torchrun each rank answers every world-th prompt and rank 0
-    gathers them all."""
+# transformers' GenerationConfig defaults, for what a checkpoint's generation_config.json leaves unset
+GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+def decoding_settings(model, mode: str = "greedy") -> dict:
+    """model.generate's decoding keywords. "greedy": plain argmax, no repetition penalty (reproducible; the default).
+    "checkpoint": the model's generation_config.json (do_sample, temperature, top_p, top_k, repetition_penalty; a
+    missing file or field: GENERATION_DEFAULTS) as transformers' generate applies it: without do_sample, greedy with
+    the repetition penalty; sampling seeded (0). ValueError: a penalty, or a sampling temperature, not above 0."""
+    path = os.path.join(model.source, "generation_config.json")
+    gen = M.read_json(path) if mode == "checkpoint" and os.path.exists(path) else {}
+    s = {k: v if gen.get(k) is None else gen[k] for k, v in GENERATION_DEFAULTS.items()}
+    if not (s["repetition_penalty"] > 0 and (s["temperature"] > 0 or not s["do_sample"])):
+        raise ValueError(f"{path}: repetition_penalty {s['repetition_penalty']} and, with do_sample, temperature "
+                         f"{s['temperature']} must be above 0; fix the file or use --decoding greedy.")
+    return {**s, "seed": 0} if s.pop("do_sample") else {"temperature": 0.0,
+                                                         "repetition_penalty": s["repetition_penalty"]}
+
+
+def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progress=True, dist=None, decoding=None):
+    """Answers, batched by prompt length: greedy, or as `decoding` (model.generate's keywords, see decoding_settings).
+    Under torchrun each rank answers every world-th prompt and rank 0 gathers them all."""
     from tqdm import tqdm
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     mine = [i for i in range(len(prompts)) if i % world == rank]
@@ -85,7 +104,7 @@ def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progre
     answers = {}
     for b in tqdm(range(0, len(order), batch_size), desc="generating", disable=not (progress and rank == 0)):
         idx = order[b:b + batch_size]
-        for i, new in zip(idx, M.generate(model, tok, [ids[i] for i in idx], max_new_tokens)):
+        for i, new in zip(idx, M.generate(model, tok, [ids[i] for i in idx], max_new_tokens, **(decoding or {}))):
             answers[i] = tok.decode(new)
     if world > 1:
         parts = [None] * world
@@ -271,8 +290,8 @@ def subset(rows: list, n: int | None, seed: int = 0) -> list:
 def choice_logprobs(model, tok, rows, batch_tokens: int | None = None, progress=True) -> list[list[float]]:
     """Per row, per choice: log p(" " + choice | context), summed over the choice's tokens, as lm-evaluation-
     harness's HF backend computes it: the tokenizer's own special tokens (encode(..., add_special_tokens=True)), the
-    continuation = encode(context + " " + choice) after len(encode(context)) tokens (BPE may merge across the
-    boundary), the last token of context + continuation dropped and the rest left-truncated to the model's
+    continuation = encode(context + " " + choice) after len(encode(context.rstrip())) tokens (its _encode_pair
+    moves the context's trailing whitespace into the continuation; BPE may merge across the boundary), the last token of context + continuation dropped and the rest left-truncated to the model's
     max_position_embeddings. Where a token spans the boundary and that leaves no continuation (the harness then
     fails an assert), the continuation is encoded alone. Speed: identical inputs run once (choices that are one
     token each, as BELEBELE's and MMMLU's letters, share one pass over the context), and inputs run in
@@ -284,9 +303,9 @@ def choice_logprobs(model, tok, rows, batch_tokens: int | None = None, progress=
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
     seqs, requests = {}, []                                   # input ids -> index; (seq, first scored pos, targets)
     for r in rows:
-        ctx = enc(r["context"])
+        ctx = enc(text := r["context"].rstrip())
         for c in r["choices"]:
-            cont = enc(f"{r['context']} {c}")[len(ctx):] or enc(f" {c}")
+            cont = enc(f"{r['context']} {c}")[len(ctx):] or enc(f"{r['context'][len(text):]} {c}")
             full = (ctx + cont)[-(limit + 1):]
             s = seqs.setdefault(tuple(full[:-1]), len(seqs))
             requests.append((s, len(full) - 1 - len(cont), cont))
@@ -528,6 +547,9 @@ def parse_args(argv=None):
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap, in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--decoding", default="greedy", choices=("greedy", "checkpoint"), help="answers: greedy (argmax, "
+                   "no repetition penalty, whatever generation_config.json says), or the checkpoint's own "
+                   "generation_config.json (sampling settings and repetition_penalty, as transformers' generate)")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 "
                    "on CUDA and on CPUs with native bf16 matmul, else float32; see model.default_dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
@@ -636,12 +658,13 @@ def main(argv=None):
     for name, path in specs.items():  # every hub id fetched (or found in the cache) before any model loads
         if not os.path.isdir(os.path.expanduser(path)):
             M.resolve_checkpoint(path)
-    results, answers, details = {}, {}, {}
+    results, answers, details, decoding = {}, {}, {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
         res = {}
+        decoding[name] = decoding_settings(model, a.decoding)
         ans = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress,
-                             dist)
+                             dist, decoding[name])
         answers[name] = ans
         if not dist.main:
             continue
@@ -675,7 +698,8 @@ def main(argv=None):
     table = markdown_table(results, langs)
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"results": results, "benchmarks": details, "answers": answers, "prompts": prompts}, f, ensure_ascii=False, indent=2)
+        json.dump({"results": results, "benchmarks": details, "answers": answers, "prompts": prompts,
+                   "decoding": decoding}, f, ensure_ascii=False, indent=2)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)
