@@ -1028,9 +1028,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     valid = torch.cat((prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)), 1)
     mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path (generated slots are real)
     cache = model.new_kv_cache(B, P + max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
@@ -1048,11 +1046,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
         logits = model(token[:, None], mask, cache=cache, start=P + step, last_only=True)  # decode: one token
     tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     eos_set = set(tokenizer.eos_ids)
-    results = []
-    for row in tokens:
-        cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
-        results.append(row[:cut])
-    return results
+    return [row[:next((j for j, t in enumerate(row) if t in eos_set), len(row))] for row in tokens]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
