@@ -75,9 +75,25 @@ def switches_language(text: str, min_chars: int = 20) -> bool:
 # Metrics
 
 
-def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progress=True, dist=None):
-    """Greedy answers, batched by prompt length. Under torchrun each rank answers every world-th prompt and rank 0
-    gathers them all."""
+GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+def decoding_settings(model, mode: str = "greedy") -> dict:
+    """model.generate's keywords: "greedy" (argmax, no repetition penalty; reproducible), or "checkpoint": the model's
+    generation_config.json as transformers' generate applies it (unset fields: its defaults, GENERATION_DEFAULTS;
+    without do_sample, greedy with the repetition penalty; sampling seeded 0). ValueError: a value not above 0."""
+    path = os.path.join(model.source, "generation_config.json")
+    gen = M.read_json(path) if mode == "checkpoint" and os.path.exists(path) else {}
+    s = {k: v if gen.get(k) is None else gen[k] for k, v in GENERATION_DEFAULTS.items()}
+    if not (s["repetition_penalty"] > 0 and (s["temperature"] > 0 or not s["do_sample"])):
+        raise ValueError(f"{path}: repetition_penalty {s['repetition_penalty']} and, with do_sample, temperature "
+                         f"{s['temperature']} must be above 0; fix the file or use --decoding greedy.")
+    return {**s, "seed": 0} if s.pop("do_sample") else dict(temperature=0.0, repetition_penalty=s["repetition_penalty"])
+
+
+def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progress=True, dist=None, decoding=None):
+    """Answers, batched by prompt length: greedy, or as `decoding` (model.generate's keywords, see decoding_settings).
+    Under torchrun each rank answers every world-th prompt and rank 0 gathers them all."""
     from tqdm import tqdm
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     mine = [i for i in range(len(prompts)) if i % world == rank]
@@ -86,7 +102,7 @@ def answer_prompts(model, tok, prompts, max_new_tokens=128, batch_size=8, progre
     answers = {}
     for b in tqdm(range(0, len(order), batch_size), desc="generating", disable=not (progress and rank == 0)):
         idx = order[b:b + batch_size]
-        for i, new in zip(idx, M.generate(model, tok, [ids[i] for i in idx], max_new_tokens)):
+        for i, new in zip(idx, M.generate(model, tok, [ids[i] for i in idx], max_new_tokens, **(decoding or {}))):
             answers[i] = tok.decode(new)
     if world > 1:
         parts = [None] * world
@@ -110,10 +126,8 @@ def response_nll(model, tok, rows, lang, batch_size=4, progress=True):
     """Mean per-token NLL of the reference answers `<lang>_response` given `<lang>_instruction`, tokenized as in
     training (data.conversation_tokens). `progress`: a bar over the batches."""
     from tqdm import tqdm
-    seqs = []
-    for r in rows:
-        prompt_ids, (response_ids,), _ = D.conversation_tokens(tok, r[f"{lang}_instruction"], [r[f"{lang}_response"]])
-        seqs.append((prompt_ids, response_ids))
+    seqs = [(prompt, responses[0]) for prompt, responses, _ in
+            (D.conversation_tokens(tok, r[f"{lang}_instruction"], [r[f"{lang}_response"]]) for r in rows)]
     total, count = 0.0, 0
     for b in tqdm(range(0, len(seqs), batch_size), desc=f"held-out NLL {lang}", unit="batch", disable=not progress):
         part = seqs[b:b + batch_size]
@@ -272,22 +286,22 @@ def subset(rows: list, n: int | None, seed: int = 0) -> list:
 def choice_logprobs(model, tok, rows, batch_tokens: int | None = None, progress=True) -> list[list[float]]:
     """Per row, per choice: log p(" " + choice | context), summed over the choice's tokens, as lm-evaluation-
     harness's HF backend computes it: the tokenizer's own special tokens (encode(..., add_special_tokens=True)), the
-    continuation = encode(context + " " + choice) after len(encode(context)) tokens (BPE may merge across the
-    boundary), the last token of context + continuation dropped and the rest left-truncated to the model's
-    max_position_embeddings. Where a token spans the boundary and that leaves no continuation (the harness then
-    fails an assert), the continuation is encoded alone. Speed: identical inputs run once (choices that are one
-    token each, as BELEBELE's and MMMLU's letters, share one pass over the context), and inputs run in
-    length-sorted batches of about batch_tokens tokens (default: 2048 on CPU, where small batches keep attention in
-    cache and ran 1.4-1.7x faster than 16384 on SmolLM2; 16384 on GPUs), each position projected onto the vocabulary
-    only if scored."""
+    continuation = encode(context + " " + choice) after len(encode(context.rstrip())) tokens (its _encode_pair
+    moves the context's trailing whitespace into the continuation; BPE may merge across the boundary), the last
+    token of context + continuation dropped and the rest left-truncated to the model's max_position_embeddings.
+    Where a token spans the boundary and that leaves no continuation (the harness then fails an assert), the
+    continuation is encoded alone. Speed: identical inputs run once (choices that are one token each, as BELEBELE's
+    and MMMLU's letters, share one pass over the context), and inputs run in length-sorted batches of about
+    batch_tokens tokens (default: 2048 on CPU, where small batches keep attention in cache and ran 1.4-1.7x faster
+    than 16384 on SmolLM2; 16384 on GPUs), each position projected onto the vocabulary only if scored."""
     from tqdm import tqdm
     enc = (lambda s: tok.tok.encode(s, add_special_tokens=True).ids) if hasattr(tok, "tok") else tok.encode
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
     seqs, requests = {}, []                                   # input ids -> index; (seq, first scored pos, targets)
     for r in rows:
-        ctx = enc(r["context"])
+        ctx = enc(text := r["context"].rstrip())
         for c in r["choices"]:
-            cont = enc(f"{r['context']} {c}")[len(ctx):] or enc(f" {c}")
+            cont = enc(f"{r['context']} {c}")[len(ctx):] or enc(f"{r['context'][len(text):]} {c}")
             full = (ctx + cont)[-(limit + 1):]
             s = seqs.setdefault(tuple(full[:-1]), len(seqs))
             requests.append((s, len(full) - 1 - len(cont), cont))
@@ -331,10 +345,9 @@ def multiple_choice_accuracy(model, tok, rows, progress=True) -> dict:
     per = {}
     for r, lls in zip(rows, choice_logprobs(model, tok, rows, progress=progress)):
         norm = [ll / len(c) for ll, c in zip(lls, r["choices"])]
-        hits = per.setdefault(r["lang"], [[], []])
-        hits[0].append(lls.index(max(lls)) == r["answer"])
-        hits[1].append(norm.index(max(norm)) == r["answer"])
-    return {lang: {"acc": sum(a) / len(a), "acc_norm": sum(n) / len(n), "n": len(a)} for lang, (a, n) in per.items()}
+        per.setdefault(r["lang"], []).append((lls.index(max(lls)) == r["answer"], norm.index(max(norm)) == r["answer"]))
+    return {lang: {"acc": sum(a for a, _ in h) / len(h), "acc_norm": sum(n for _, n in h) / len(h), "n": len(h)}
+            for lang, h in per.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,21 +448,15 @@ COLUMN_ORDER = ("win", "tie", "belebele", "mmmlu", "xcopa", "in_lang", "confused
 def markdown_table(results: dict, langs=()) -> str:
     """The paper's main-table shape: a row per model; columns grouped by language (langs' order, English last:
     retention), within a language win rate, BELEBELE, MMMLU, XCOPA, fidelity, then the rest."""
-    names = list(results)
     order = list(langs[1:]) + list(langs[:1])
     def key(c):
         lang, metric = c.rsplit("_", 1)[-1], c.rsplit("_", 1)[0]
         return (order.index(lang) if lang in order else len(order), lang,
                 next((i for i, m in enumerate(COLUMN_ORDER) if metric.startswith(m)), len(COLUMN_ORDER)), c)
     columns = sorted({c for r in results.values() for c in r}, key=key)
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for n in names:
-        cells = []
-        for c in columns:
-            v = results[n].get(c)
-            cells.append("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cell = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+                     + [f"| {n} | " + " | ".join(cell(r.get(c)) for c in columns) + " |" for n, r in results.items()])
 
 
 def plot(results: dict, runs: dict, out: str):
@@ -460,7 +467,6 @@ def plot(results: dict, runs: dict, out: str):
     except ImportError:
         print("charts skipped: `pip install matplotlib` to draw them", file=sys.stderr)
         return []
-    written = []
     columns = sorted({c for r in results.values() for c in r})
     fig, ax = plt.subplots(figsize=(max(6, len(columns) * 1.2), 4))
     width = 0.8 / max(1, len(results))
@@ -469,8 +475,8 @@ def plot(results: dict, runs: dict, out: str):
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))], columns, rotation=45, ha="right")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "results.png"))
-    written.append(os.path.join(out, "results.png"))
+    written = [os.path.join(out, "results.png")]
+    fig.savefig(written[0])
     curves = {n: p for n, p in runs.items() if os.path.exists(os.path.join(p, "metrics.jsonl"))}
     if curves:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
@@ -481,8 +487,8 @@ def plot(results: dict, runs: dict, out: str):
                 ax.set_title(key)
         axes[0].legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "training.png"))
         written.append(os.path.join(out, "training.png"))
+        fig.savefig(written[-1])
     return written
 
 
@@ -535,6 +541,9 @@ def parse_args(argv=None):
                    "language than the user's is a poor one (off: the judge is told nothing of languages)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap, in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--decoding", default="greedy", choices=("greedy", "checkpoint"), help="answers: greedy (argmax, "
+                   "no repetition penalty, whatever generation_config.json says), or the checkpoint's own "
+                   "generation_config.json (sampling settings and repetition_penalty, as transformers' generate)")
     p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="weights and KV cache (auto: bfloat16 "
                    "on CUDA and on CPUs with native bf16 matmul, else float32; see model.default_dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
@@ -646,14 +655,13 @@ def main(argv=None):
     for name, path in specs.items():  # every hub id fetched (or found in the cache) before any model loads
         if not os.path.isdir(os.path.expanduser(path)):
             M.Tokenizer(M.resolve_checkpoint(path))  # and its chat template rendered
-    results, answers, details = {}, {}, {}
+    results, answers, details, decoding = {}, {}, {}, {}
     for name, path in specs.items():
         model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
         tok.date = a.date
-        res = {}
-        ans = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress,
-                             dist)
-        answers[name] = ans
+        res, decoding[name] = {}, decoding_settings(model, a.decoding)
+        ans = answers[name] = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens,
+                                             a.batch_size, a.progress, dist, decoding[name])
         if not dist.main:
             continue
         for lang, f in fidelity(ans, [r["lang"] for r in prompts]).items():
@@ -690,7 +698,7 @@ def main(argv=None):
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"results": results, "benchmarks": details, "judge": judged, "answers": answers,
-                   "prompts": prompts, "date": a.date}, f, ensure_ascii=False, indent=2)
+                   "prompts": prompts, "date": a.date, "decoding": decoding}, f, ensure_ascii=False, indent=2)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(results, specs, a.out)

@@ -1067,12 +1067,22 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", devic
     return ids.to(device), mask.to(device)
 
 
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, vocab) -> token ids (B,). temperature 0 is greedy; otherwise softmax(logits / T) restricted to the
-    smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+def sample_next(logits, temperature: float, top_p: float, generator=None, top_k: int = 0,
+                repetition_penalty: float = 1.0, seen=None):
+    """logits (B, vocab) -> token ids (B,), as transformers' logits processors in its order: the `seen` ((B, vocab)
+    bool) tokens' logits divided by repetition_penalty where positive, else multiplied (even when greedy); temperature
+    0 is greedy; otherwise softmax(logits / T) over the top_k (0: all) most likely tokens, restricted to the smallest
+    set of tokens whose probability reaches top_p (nucleus sampling)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty),
+                             logits)
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k)[0][:, -1:], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # mass before this token already reached top_p
@@ -1083,8 +1093,10 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+             top_p: float = 1.0, seed: int | None = None, top_k: int = 0,
+             repetition_penalty: float = 1.0) -> list[list[int]]:
     """Continues each prompt (a list of token ids); returns only the new tokens of each, without the stop token.
+    Decoding as sample_next (defaults: greedy, no penalty); the penalty counts each row's prompt, not its padding.
 
     Prompts are left-padded into one batch; positions and the attention mask skip the padding, so each row equals
     its own unbatched generation. The KV cache holds exactly max prompt length + max_new_tokens slots.
@@ -1097,15 +1109,16 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     valid = torch.cat((prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)), 1)
     mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path (generated slots are real)
     cache = model.new_kv_cache(B, P + max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     logits = model(ids, mask, cache=cache, start=0, last_only=True)  # prefill: (B, 1, vocab)
+    V = logits.shape[-1]  # the tokens repetition_penalty counts; padding goes to one spare column
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device).scatter_(1, ids.masked_fill(prompt_mask < 1, V), True)
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, generator)
+        token = sample_next(logits[:, -1], temperature, top_p, generator, top_k, repetition_penalty, seen[:, :V])
+        seen.scatter_(1, token[:, None], True)
         token = torch.where(done, torch.full_like(token, tokenizer.pad_id), token)
         out.append(token)
         done = done | torch.isin(token, eos)
@@ -1114,11 +1127,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
         logits = model(token[:, None], mask, cache=cache, start=P + step, last_only=True)  # decode: one token
     tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     eos_set = set(tokenizer.eos_ids)
-    results = []
-    for row in tokens:
-        cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
-        results.append(row[:cut])
-    return results
+    return [row[:next((j for j, t in enumerate(row) if t in eos_set), len(row))] for row in tokens]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -280,3 +280,23 @@ def test_malformed_belebele_and_xcopa_answers_are_refused(tmp_path, value):
                                  "label": True if value is True else value, "idx": 0}) + "\n")
     with pytest.raises(ValueError, match="line 1: 'answer' must be the index"):
         E.read_multiple_choice(str(xcopa), "sw")
+
+
+def test_generic_mc_trailing_whitespace_as_the_harness(llama_dir, tmp_path):
+    """A generic --mc question ending in whitespace ("...Answer: "): the harness's _encode_pair moves the context's
+    trailing whitespace into the continuation before tokenizing; its HF backend's log-likelihoods of the requests a
+    multiple_choice task sends, (question, " " + choice), on the same checkpoint, to 1e-4."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    questions = ["Question: What is 1+1?\nAnswer: ", "The sky is\n", "Hello, how are  \t", "2+2?"]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "choices": ["2", "blue", "you today", " four"], "answer": 0})
+                            + "\n" for q in questions))
+    rows = E.read_multiple_choice(str(path))
+    model, tok = M.load_model(llama_dir)
+    mine = E.choice_logprobs(model, tok, rows, progress=False)
+    lm = HFLM(pretrained=llama_dir, dtype="float32", device="cpu", batch_size=4)
+    reqs = [Instance("loglikelihood", {}, (r["context"], f" {c}"), i) for i, r in enumerate(rows) for c in r["choices"]]
+    theirs = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+    assert [x for row in mine for x in row] == pytest.approx(theirs, abs=1e-4)

@@ -246,3 +246,40 @@ def test_eval_fixes_and_records_the_date_its_templates_write(tmp_path, monkeypat
                 "--num-prompts", "1", "--out", str(out), "--no-progress", *argv])
         assert json.load(open(out / "results.json"))["date"] == date
         assert len(seen) % 2 == 0 and all(f"Today Date: {day}<|im_end|>" in s for s in seen[-2:]), seen
+
+
+def test_decoding_greedy_by_default_or_the_checkpoints_own(tmp_path):
+    """--decoding checkpoint reads generation_config.json as transformers does (its defaults for what is unset), and
+    the answers equal transformers' generate, which applies the file's repetition_penalty without sampling; the
+    default stays plain greedy; results.json records what was used; a temperature 0 with do_sample is refused."""
+    transformers = pytest.importorskip("transformers")
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    gen_path = os.path.join(llama, "generation_config.json")
+    gen = json.load(open(gen_path))
+    json.dump({**gen, "do_sample": True, "temperature": 0.7, "top_p": 0.9}, open(gen_path, "w"))
+    model, tok = M.load_model(llama)
+    ref_cfg, defaults = transformers.GenerationConfig.from_pretrained(llama), E.GENERATION_DEFAULTS
+    want = {k: getattr(ref_cfg, k) if getattr(ref_cfg, k) is not None else
+            transformers.GenerationConfig._get_default_generation_params()[k] for k in defaults if k != "do_sample"}
+    assert E.decoding_settings(model, "checkpoint") == {**want, "seed": 0} and want["top_k"] == 50
+    json.dump({**gen, "do_sample": True, "temperature": 0}, open(gen_path, "w"))
+    with pytest.raises(ValueError, match=r"generation_config.json: .*temperature 0 must be above 0"):
+        E.decoding_settings(model, "checkpoint")
+    json.dump({**gen, "repetition_penalty": 1.5, "temperature": 0.3}, open(gen_path, "w"))  # greedy + penalty
+    ref = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    prompts = [json.loads(line)["prompt"] for line in open(E.DEFAULT_PROMPTS) if '"en"' in line][:2]
+    recorded, answers = {}, {}
+    for mode in ("greedy", "checkpoint"):
+        out = str(tmp_path / mode)
+        E.main(["--no-progress", "--models", f"m={llama}", "--langs", "en", "--num-prompts", "2", "--heldout", "",
+                "--max-new-tokens", "12", "--dtype", "float32", "--decoding", mode, "--out", out])
+        saved = json.load(open(os.path.join(out, "results.json")))
+        recorded[mode], answers[mode] = saved["decoding"]["m"], saved["answers"]["m"]
+        for prompt, answer in zip(prompts, saved["answers"]["m"]):
+            ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt}])])
+            kw = {} if mode == "checkpoint" else {"repetition_penalty": 1.0}  # transformers reads the file itself
+            new = ref.generate(ids, max_new_tokens=12, **kw)[0, ids.shape[1]:].tolist()
+            assert answer == tok.decode(new[:next((i for i, t in enumerate(new) if t in tok.eos_ids), len(new))])
+    assert recorded == {"greedy": {"temperature": 0.0, "repetition_penalty": 1.0},
+                        "checkpoint": {"temperature": 0.0, "repetition_penalty": 1.5}}
+    assert answers["greedy"] != answers["checkpoint"]

@@ -206,6 +206,32 @@ def test_sampling_is_seeded_and_top_p_restricts(llama_dir):
     probs = torch.softmax(logits, -1)[0]  # 0.032, 0.087, 0.237, 0.644: top_p 0.8 keeps tokens 3 and 2 only
     draws = {M.sample_next(logits, 1.0, 0.8, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert draws == {2, 3} and probs[3] < 0.8 < probs[3] + probs[2]
+    draws = {M.sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(s), top_k=2).item() for s in range(200)}
+    assert draws == {2, 3}  # top_k 2: the two largest logits only
+    # repetition_penalty 2 by hand: seen 2.0 -> 1.0 (divided), seen -1.0 -> -2.0 (multiplied), unseen 1.5 kept
+    seen = torch.tensor([[True, True, False, False]])
+    pen = torch.tensor([[2.0, -1.0, 1.5, -3.0]])
+    assert M.sample_next(pen, 0.0, 1.0, repetition_penalty=2.0, seen=seen).item() == 2
+    assert M.sample_next(pen, 0.0, 1.0, repetition_penalty=0.5, seen=seen).item() == 0  # 2.0 -> 4.0
+
+
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_repetition_penalty_matches_transformers(llama_dir, penalty):
+    """Greedy with repetition_penalty, batched with left padding, token for token as transformers' generate(do_sample=
+    False, repetition_penalty=...) (RepetitionPenaltyLogitsProcessor over prompt + generated tokens, padding left
+    out); each row as alone; and the penalty changes the answers."""
+    ours, tok = M.load_model(llama_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    prompts = [prompt_ids(tok, t) for t in ("Hi", "Write a short poem about the sea, please.", "What is 1+1?")]
+    got = M.generate(ours, tok, prompts, max_new_tokens=16, repetition_penalty=penalty)
+    P = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, repetition_penalty=penalty,
+                       eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)[:, P:].tolist()
+    assert got == [row[:next((i for i, t in enumerate(row) if t in tok.eos_ids), len(row))] for row in out]
+    assert got == [M.generate(ours, tok, [p], max_new_tokens=16, repetition_penalty=penalty)[0] for p in prompts]
+    assert got != M.generate(ours, tok, prompts, max_new_tokens=16)
 
 
 def test_kv_cache_is_sized_by_the_request(llama_dir):
