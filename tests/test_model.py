@@ -302,3 +302,23 @@ def test_packed_training_rows_match_transformers_per_sequence(variant):
     finally:
         ours.eval()
         ours.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+
+
+def test_packed_training_forward_keeps_one_mask_and_not_the_silu_output(llama_dir):
+    """What a packed training forward keeps for backward: the attention mask once for all layers (SDPA used to turn
+    the bool mask into a float one in every layer, each kept: 30 of them on SmolLM2), and not silu(gate), which
+    backward recomputes (a third of the MLP's activations)."""
+    model, _ = M.load_model(llama_dir)
+    input_ids, labels, positions, segments = D.collate_sequences([([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14])],
+                                                                 0, pack_to=16)
+    R, T = input_ids.shape
+    kept = []
+
+    def pack(t):
+        kept.append((type(t.grad_fn).__name__, tuple(t.shape), t.untyped_storage().data_ptr()))
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids, score_mask=labels != -100, positions=positions, segments=segments).sum().backward()
+    assert len({ptr for _, shape, ptr in kept if shape == (R, 1, T, T)}) == 1
+    assert model.config.num_hidden_layers > 1 and not [k for k in kept if k[0] == "SiluBackward0"]
