@@ -53,6 +53,9 @@ def run_ours(model_path, n, batch, steps, max_len, grad_checkpoint):
     from torch.utils.flop_counter import FlopCounterMode
     model, tok = M.load_model(model_path)
     pairs, _ = D.tokenize_pairs(make_pairs(n), tok, max_len)
+    n = len(pairs)  # pairs whose prompt does not fit max_len are dropped
+    if not n:
+        sys.exit(f"no pair fits --max-len {max_len}: raise it")
     t0 = time.perf_counter()
     with FlopCounterMode(display=False) as flops:  # counts each matmul's FLOPs from its shapes; negligible overhead
         ref = clo.reference_logps(model, pairs, batch, tok.pad_id, "cpu", progress=False, pack_to=max_len)
