@@ -205,7 +205,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and gate.requires_grad:  # recompute silu(gate) in backward: keeps 2 of 3 tensors
+            return self.down_proj(torch.utils.checkpoint.checkpoint(swiglu, gate, up, use_reentrant=False))
+        return self.down_proj(swiglu(gate, up))
+
+
+def swiglu(gate, up):
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -313,6 +320,8 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
         # the residual stream in the norms' dtype: fp32 under mixed precision, whose embedding is held in bf16
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # (B, T, d_model)
+        if mask is not None:  # SDPA would turn a bool mask into this additive one in every layer, each kept for backward
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_fill_(~mask, float("-inf"))
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:

@@ -9,9 +9,12 @@ downloads (random weights in the real shapes).
    d 896, 14 heads / 2 KV heads, MLP 4864, vocabulary 151,936, tied), LoRA r=16 on q,k,v,o, CLO's loss on packed
    pairs, AdamW; clo in bf16 mixed precision (--dtype bfloat16: fp32 weights and AdamW state, bf16 autocast) and in
    fp32 (TF32 off), and transformers + PEFT in bf16 autocast on padded rows (TRL's DPOTrainer runs the same padded
-   chosen/rejected forward; TRL itself is not driven here: it needs a dataset and tokenizer pipeline). Tokens/s, MFU
-   (6 N per trained token against the measured bf16 matmul rate), peak memory, and the loss after the steps in bf16
-   and fp32 (their agreement is the mixed-precision tolerance on this hardware).
+   chosen/rejected forward; TRL itself is not driven here: it needs a dataset and tokenizer pipeline). --tune picks
+   the trained weights on both sides: lora (PEFT's LoRA; its base held in bf16, adapters fp32, as TRL + PEFT load it)
+   or attn (the full q,k,v,o weights in fp32, everything else frozen). Tokens/s, MFU (6 N per trained token against
+   the measured bf16 matmul rate), peak CUDA memory (torch.cuda.max_memory_allocated over weights, reference pass and
+   steps; NaN on CPU), and the loss after the steps in bf16 and fp32 (their agreement is the mixed-precision
+   tolerance on this hardware).
 3. Decoding: greedy, 128 new tokens, batch 1 and 8, bf16 weights and KV cache; clo's generate against transformers'
    generate (same weights, bf16), and batch 1 against the memory-bandwidth limit (weight bytes per token / bandwidth).
 4. Translation: an NLLB-200-distilled-600M-shaped M2M100 (random), 16 sentences, beam 4, 24 new tokens; clo bf16
@@ -98,15 +101,24 @@ def random_pairs(n, seq, vocab, seed=0):
     return [D.TokenizedPair(rand(P), rand(seq - P), rand(seq - P - 8), i % 2 == 1, i) for i in range(n)]
 
 
-def train_clo(cfg, device, pairs, steps, dtype):
-    """clo's training step as clo.train runs it: reference pass, then LoRA steps; (tokens/s, peak GiB, last loss)."""
-    model = random_llama(cfg, device)  # fp32 master weights for both precisions (clo.training_precision)
+def reset_peak(device):
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+
+
+def train_clo(cfg, device, pairs, steps, dtype, tune="lora"):
+    """clo's training step as clo.train runs it: reference pass, then steps; (tokens/s, peak GiB, last loss)."""
+    reset_peak(device)  # the peak includes the weights
+    model = random_llama(cfg, device, M.DTYPES[clo.training_precision(dtype)])
     tokens = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
     pack_to = 2 * max(len(p.prompt) + len(p.chosen) for p in pairs)
     ref = clo.reference_logps(model, pairs, len(pairs), 0, device, progress=False, pack_to=pack_to, dtype=dtype)
-    M.apply_lora(model, clo.ATTENTION_PROJECTIONS, 16, 32.0)
+    clo.set_trainable(model, tune, clo.ATTENTION_PROJECTIONS, 16, 32.0, 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
@@ -132,23 +144,26 @@ def train_clo(cfg, device, pairs, steps, dtype):
     losses = [step() for _ in range(steps)]
     sync()
     sec = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": tokens / sec, "peak_gib": peak, "loss_first": first, "loss_last": losses[-1],
+    return {"tokens_per_s": tokens / sec, "peak_gib": peak_gib(device), "loss_first": first, "loss_last": losses[-1],
             "params": matmul_params(model)}
 
 
-def train_peft(cfg, device, pairs, steps):
-    """transformers + PEFT LoRA, bf16 autocast, chosen and rejected as padded rows (TRL's concatenated forward)."""
+def train_peft(cfg, device, pairs, steps, tune="lora"):
+    """transformers (+ PEFT LoRA), bf16 autocast, chosen and rejected as padded rows (TRL's concatenated forward)."""
     import transformers
     from peft import LoraConfig, get_peft_model
-    ours = random_llama(cfg, device)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(device)
+    ours = random_llama(cfg, "cpu")
+    reset_peak(device)
+    # lora: the base in bf16 as TRL + PEFT users load it (adapters stay fp32); attn: fp32, only q,k,v,o trained
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
     hf.load_state_dict(ours.state_dict(), strict=False)
+    hf = hf.to(device, torch.bfloat16 if tune == "lora" else torch.float32)
     del ours
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=list(clo.ATTENTION_PROJECTIONS)))
+    if tune == "lora":
+        hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=list(clo.ATTENTION_PROJECTIONS)))
+    else:
+        for name, p in hf.named_parameters():
+            p.requires_grad_(any(f".{t}." in name for t in clo.ATTENTION_PROJECTIONS))
     seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     T = max(map(len, seqs))
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -183,8 +198,7 @@ def train_peft(cfg, device, pairs, steps):
 
     step()
     sec, _ = timed(step, device, steps)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": tokens / sec, "peak_gib": peak}
+    return {"tokens_per_s": tokens / sec, "peak_gib": peak_gib(device)}
 
 
 def decoding(cfg, device, new_tokens, bandwidth_gbs):
@@ -259,6 +273,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny shapes (on CPU unless --device): checks the script")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--tune", choices=("lora", "attn"), default="lora", help="trained weights, the same on both sides")
     a = p.parse_args()
     s = SHAPES["smoke" if a.smoke else "real"]
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() and not a.smoke else "cpu"))
@@ -274,15 +289,17 @@ def main():
     print(f"bf16 matmul {rates['bf16_matmul_tflops']:.1f} TFLOP/s; memory bandwidth {rates['bandwidth_gbs']:.0f} GB/s")
 
     pairs = random_pairs(s["pairs"], s["seq"], s["llama"]["vocab_size"])
-    train = {"clo bf16 (mixed)": train_clo(s["llama"], device, pairs, s["steps"], "bfloat16"),
-             "clo fp32": train_clo(s["llama"], device, pairs, s["steps"], "float32")}
+    train = {"clo bf16 (mixed)": train_clo(s["llama"], device, pairs, s["steps"], "bfloat16", a.tune),
+             "clo fp32": train_clo(s["llama"], device, pairs, s["steps"], "float32", a.tune)}
     try:
-        train["transformers+PEFT bf16"] = train_peft(s["llama"], device, pairs, s["steps"])
+        train[f"transformers{'+PEFT' if a.tune == 'lora' else ''} bf16"] = train_peft(s["llama"], device, pairs,
+                                                                                     s["steps"], a.tune)
     except ImportError as e:
         print(f"transformers/peft not installed ({e}): training comparison skipped")
     out["train"] = train
-    print(f"\n## Training: {s['pairs']} pairs/step, {s['seq']}-token sequences, LoRA r=16 q,k,v,o, {s['steps']} steps")
-    print("| run | tokens/s | MFU (6N, vs bf16 matmul) | peak GiB | loss step 1 -> last |")
+    mode = "LoRA r=16 on q,k,v,o" if a.tune == "lora" else "full q,k,v,o weights (attn)"
+    print(f"\n## Training: {s['pairs']} pairs/step, {s['seq']}-token sequences, {mode}, {s['steps']} steps")
+    print("| run | tokens/s | MFU (6N, vs bf16 matmul) | peak CUDA GiB (max_memory_allocated) | loss step 1 -> last |")
     print("|---|---|---|---|---|")
     peak_flops = rates["bf16_matmul_tflops"] * 1e12
     n_params = train["clo fp32"]["params"]

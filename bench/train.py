@@ -1,14 +1,17 @@
 """Training speed and peak memory of clo's CLO step against TRL's DPOTrainer + PEFT LoRA on the same pairs.
 
     pip install -r requirements-bench.txt
-    python bench/train.py MODEL [--pairs 4] [--steps 2] [--max-len 512]
+    python bench/train.py MODEL [--pairs 12] [--batch 4] [--steps 3] [--max-len 512]
 
 Both sides: the same preference pairs (real German/Korean data from samples/mtbench_parallel_en_de_ko.jsonl, built into
-CLO pairs), LoRA r=16 alpha=32 on q,k,v,o, batch = all pairs in one step, fp32 on CPU, loss = (1 - lam) * sigmoid DPO
+CLO pairs), LoRA r=16 alpha=32 on q,k,v,o, --batch pairs per step, fp32 on CPU, loss = (1 - lam) * sigmoid DPO
 + lam * NLL (TRL: loss_type ["sigmoid", "sft"], whose NLL covers every chosen response; clo's covers target-language
 ones: the same amount of compute). TRL runs in fp32 (bf16=False) like clo; activation checkpointing is the same on
 both sides (--grad-checkpoint; TRL's own default is on). Each side runs in its own process so that peak RSS is its own. Reference
-log-probs are part of the timed work on both sides. Also measures this machine's fp32 matmul rate in the same run.
+log-probs are part of the timed work on both sides. Also measures this machine's fp32 matmul rate in the same run, and
+clo's achieved rate: the matmul FLOPs it performed (counted by torch's FlopCounterMode, so LoRA's frozen weights get no
+weight-gradient FLOPs and the output projection counts only the scored positions; attention kernels are not counted)
+over its wall time.
 """
 import argparse
 import json
@@ -45,36 +48,35 @@ def matmul_gflops(seconds=3.0):
     return best
 
 
-def run_ours(model_path, n, steps, max_len, grad_checkpoint, pack=True):
+def run_ours(model_path, n, batch, steps, max_len, grad_checkpoint):
     import clo
+    from torch.utils.flop_counter import FlopCounterMode
     model, tok = M.load_model(model_path)
     pairs, _ = D.tokenize_pairs(make_pairs(n), tok, max_len)
-    tokens = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
+    n = len(pairs)  # pairs whose prompt does not fit max_len are dropped
+    if not n:
+        sys.exit(f"no pair fits --max-len {max_len}: raise it")
     t0 = time.perf_counter()
-    pack_to = max_len if pack else None
-    ref = clo.reference_logps(model, pairs, n, tok.pad_id, "cpu", progress=False, pack_to=pack_to)
-    M.apply_lora(model, clo.ATTENTION_PROJECTIONS, 16, 32.0)
-    model.gradient_checkpointing = grad_checkpoint
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    for _ in range(steps):
-        B = len(pairs)
-        logp, count = clo.sequence_logps(model, D.collate(pairs, tok.pad_id, pack_to), 2 * B)
-        parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], count[:B].float(),
-                             torch.tensor([float(p.in_target_lang) for p in pairs]), BETA, LAM)
-        opt.zero_grad()
-        parts.loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - t0
-    # parameters that take part in matmuls: a tied embedding is counted once, as the output projection
-    n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
-    if not model.config.tie_word_embeddings:
-        n_params -= model.model.embed_tokens.weight.numel()
-    return seconds, tokens, n_params
+    with FlopCounterMode(display=False) as flops:  # counts each matmul's FLOPs from its shapes; negligible overhead
+        ref = clo.reference_logps(model, pairs, batch, tok.pad_id, "cpu", progress=False, pack_to=max_len)
+        M.apply_lora(model, clo.ATTENTION_PROJECTIONS, 16, 32.0)
+        model.gradient_checkpointing = grad_checkpoint
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        for step in range(steps):
+            idx = [(step * batch + i) % n for i in range(batch)]
+            B = len(idx)
+            logp, _ = clo.sequence_logps(model, D.collate([pairs[i] for i in idx], tok.pad_id, max_len), 2 * B)
+            parts = clo.clo_loss(logp[:B], logp[B:], ref[idx, 0], ref[idx, 1],
+                                 torch.tensor([float(len(pairs[i].chosen)) for i in idx]),
+                                 torch.tensor([float(pairs[i].in_target_lang) for i in idx]), BETA, LAM)
+            opt.zero_grad()
+            parts.loss.backward()
+            opt.step()
+    return time.perf_counter() - t0, flops.get_total_flops()
 
 
-def run_trl(model_path, n, steps, max_len, grad_checkpoint, trl_defaults=False):
+def run_trl(model_path, n, batch, steps, max_len, grad_checkpoint, trl_defaults=False):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +87,7 @@ def run_trl(model_path, n, steps, max_len, grad_checkpoint, trl_defaults=False):
              "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in make_pairs(n)]
     out = tempfile.mkdtemp()
-    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=n, max_steps=steps, learning_rate=1e-4, beta=BETA,
+    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4, beta=BETA,
                     loss_type=["sigmoid", "sft"], loss_weights=[1 - LAM, LAM], max_length=max_len,
                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                     precompute_ref_log_probs=False,
@@ -96,34 +98,34 @@ def run_trl(model_path, n, steps, max_len, grad_checkpoint, trl_defaults=False):
                                                 task_type="CAUSAL_LM"))
     t0 = time.perf_counter()
     trainer.train()
-    return time.perf_counter() - t0, None, None
+    return time.perf_counter() - t0, None
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model")
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=12, help="distinct pairs (the reference pass scores them all)")
+    p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on both sides (TRL's "
                    "default; without it both keep every activation)")
     p.add_argument("--trl-defaults", action="store_true", help="leave TRL's own defaults (bf16 autocast, "
                    "activation checkpointing) instead of matching clo's settings")
-    p.add_argument("--which", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--which", choices=("ours", "trl"), default=None, help="run one side alone in this process and "
+                   "print its JSON (for timing each side as a whole process)")
     a = p.parse_args()
     if a.which:
-        if a.which == "ours":
-            seconds, tokens, n_params = run_ours(a.model, a.pairs, a.steps, a.max_len, a.grad_checkpoint)
-        else:
-            seconds, tokens, n_params = run_trl(a.model, a.pairs, a.steps, a.max_len, a.grad_checkpoint,
-                                                a.trl_defaults)
+        run = run_ours if a.which == "ours" else run_trl
+        seconds, flops = run(a.model, a.pairs, a.batch, a.steps, a.max_len, a.grad_checkpoint,
+                             *([a.trl_defaults] if a.which == "trl" else []))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"seconds": seconds, "tokens": tokens, "params": n_params, "peak_mb": peak_mb}))
+        print(json.dumps({"seconds": seconds, "flops": flops, "peak_mb": peak_mb}))
         return
     results = {}
     for which in ("ours", "trl"):
-        r = subprocess.run([sys.executable, __file__, a.model, "--pairs", str(a.pairs), "--steps", str(a.steps),
-                            "--max-len", str(a.max_len), "--which", which]
+        r = subprocess.run([sys.executable, __file__, a.model, "--pairs", str(a.pairs), "--batch", str(a.batch),
+                            "--steps", str(a.steps), "--max-len", str(a.max_len), "--which", which]
                            + (["--grad-checkpoint"] if a.grad_checkpoint else [])
                            + (["--trl-defaults"] if a.trl_defaults else []), capture_output=True, text=True)
         if r.returncode != 0:
@@ -131,21 +133,20 @@ def main():
         results[which] = json.loads(r.stdout.strip().splitlines()[-1])
     rate = matmul_gflops()
     ours, trl = results["ours"], results["trl"]
-    pairs = a.pairs * a.steps
-    # model FLOPs: 2 N per token for the one reference pass, 6 N per token per training step (forward + backward)
-    flops = ours["params"] * ours["tokens"] * (2 + 6 * a.steps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {a.pairs} pairs/step x {a.steps} "
-          f"steps, {ours['tokens']} tokens/step, max length {a.max_len}, activation checkpointing "
+    pairs = a.batch * a.steps
+    achieved = ours["flops"] / ours["seconds"] / 1e9
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {a.pairs} pairs, {a.batch} pairs/step "
+          f"x {a.steps} steps, max length {a.max_len}, activation checkpointing "
           f"{'on' if a.grad_checkpoint else 'off'} for clo; TRL "
           f"{'with its defaults (bf16 autocast, checkpointing on)' if a.trl_defaults else 'matched (fp32)'}")
     print("| | clo | TRL DPOTrainer + PEFT | ratio |")
     print("|---|---|---|---|")
     print(f"| pairs/s | {pairs / ours['seconds']:.3f} | {pairs / trl['seconds']:.3f} | "
-          f"{trl['seconds'] / ours['seconds']:.1f}x |")
+          f"{trl['seconds'] / ours['seconds']:.2f}x |")
     print(f"| wall time (s) | {ours['seconds']:.1f} | {trl['seconds']:.1f} | |")
     print(f"| peak RSS (MB) | {ours['peak_mb']:.0f} | {trl['peak_mb']:.0f} | {ours['peak_mb'] / trl['peak_mb']:.2f} |")
-    print(f"\nmachine fp32 matmul: {rate:.1f} GFLOP/s; clo model FLOPs: "
-          f"{flops / ours['seconds'] / 1e9:.1f} GFLOP/s = {100 * flops / ours['seconds'] / 1e9 / rate:.0f}% of it")
+    print(f"\nmachine fp32 matmul: {rate:.1f} GFLOP/s; clo performed {ours['flops'] / 1e12:.2f} TFLOP of matmuls "
+          f"(reference pass + {a.steps} steps) at {achieved:.1f} GFLOP/s = {100 * achieved / rate:.0f}% of it")
 
 
 if __name__ == "__main__":

@@ -351,3 +351,60 @@ def test_more_loader_errors(tmp_path):
         M.load_model(extra)
     with pytest.raises(ValueError, match="is not a translator"):
         D.load_translator(tiny.make_llama(str(tmp_path / "not-mt")))
+
+
+def test_packed_training_rows_match_transformers_per_sequence(variant):
+    """The training path (train mode, packed rows, additive mask built once, silu recomputed in backward, weights in
+    the layout load_model chose) against transformers on each sequence alone: logits at the scored positions and the
+    gradients of the summed response log-probs agree to fp32 tolerance."""
+    name, _, ours, _, ref = variant
+    g = torch.Generator().manual_seed(0)
+    lengths = [(9, 7), (20, 13), (3, 4), (12, 30), (5, 2)]  # (prompt, response); 43 tokens: past the Mistral window
+    seqs = [(torch.randint(5, ours.config.vocab_size, (p,), generator=g).tolist(),
+             torch.randint(5, ours.config.vocab_size, (r,), generator=g).tolist()) for p, r in lengths]
+    input_ids, labels, positions, segments = D.collate_sequences(seqs, 0, pack_to=48)
+    assert input_ids.shape[0] < len(seqs)  # several sequences share a row
+    scored = labels != -100
+    ours.train()
+    try:
+        logits = ours(input_ids, score_mask=scored, positions=positions, segments=segments)
+        seq = segments[scored]
+        theirs = []
+        for s, (prompt, response) in enumerate(seqs):
+            full = ref(torch.tensor([prompt + response])).logits[0]
+            theirs.append(full[len(prompt) - 1:len(prompt) + len(response) - 1])
+        for s in range(len(seqs)):  # collate orders scored positions by row; compare sequence by sequence
+            diff = (logits[seq == s] - theirs[s]).abs().max().item()
+            assert diff < 1e-4, f"{name}: sequence {s}: max |logit difference| {diff}"
+        ours_logp = -torch.nn.functional.cross_entropy(logits, labels[scored], reduction="sum")
+        their_logp = sum(-torch.nn.functional.cross_entropy(t, torch.tensor(r), reduction="sum")
+                         for t, (_, r) in zip(theirs, seqs))
+        ours_logp.backward()
+        their_logp.backward()
+        for path in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                     "model.layers.1.mlp.up_proj.weight"):
+            a, b = ours.get_parameter(path).grad, ref.get_parameter(path).grad
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), f"{name}: {path} gradient"
+    finally:
+        ours.eval()
+        ours.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+
+
+def test_packed_training_forward_keeps_one_mask_and_not_the_silu_output(llama_dir):
+    """What a packed training forward keeps for backward: the attention mask once for all layers (SDPA used to turn
+    the bool mask into a float one in every layer, each kept: 30 of them on SmolLM2), and not silu(gate), which
+    backward recomputes (a third of the MLP's activations)."""
+    model, _ = M.load_model(llama_dir)
+    input_ids, labels, positions, segments = D.collate_sequences([([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14])],
+                                                                 0, pack_to=16)
+    R, T = input_ids.shape
+    kept = []
+
+    def pack(t):
+        kept.append((type(t.grad_fn).__name__, tuple(t.shape), t.untyped_storage().data_ptr()))
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids, score_mask=labels != -100, positions=positions, segments=segments).sum().backward()
+    assert len({ptr for _, shape, ptr in kept if shape == (R, 1, T, T)}) == 1
+    assert model.config.num_hidden_layers > 1 and not [k for k in kept if k[0] == "SiluBackward0"]
