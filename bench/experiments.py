@@ -305,15 +305,29 @@ def plan(a):
                 if method in ("sft", "sft+dpo") and sft not in [r[0] for r in runs]:
                     runs.append((sft, "sft", size, seed,
                                  ["--model", a.model, "--method", "sft"] + common
-                                 + (["--merge"] if "sft+dpo" in a.methods else []) + a.train_args))
+                                 + (["--merge"] if "sft+dpo" in a.methods else []) + train_args(a, "sft")))
                 if method == "sft+dpo":
                     runs.append((f"sftdpo-n{size}-s{seed}", "sft+dpo", size, seed,
                                  ["--model", os.path.join(a.out, "runs", sft, "merged"), "--method", "dpo"]
-                                 + common + a.train_args))
+                                 + common + train_args(a, "dpo")))
                 elif method in ("clo", "dpo"):
                     runs.append((f"{method}-n{size}-s{seed}", method, size, seed,
-                                 ["--model", a.model, "--method", method] + common + a.train_args))
+                                 ["--model", a.model, "--method", method] + common + train_args(a, method)))
     return runs
+
+
+def train_args(a, method: str) -> list[str]:
+    """The clo.py options after `--` for one run: --lam only where the method leaves lambda free (clo.METHODS; sft
+    and dpo fix it and refuse --lam)."""
+    if clo.METHODS[method][0] is None:
+        return a.train_args
+    out, skip = [], False
+    for arg in a.train_args:
+        if skip or arg == "--lam" or arg.startswith("--lam="):
+            skip = arg == "--lam"
+            continue
+        out.append(arg)
+    return out
 
 
 def share_translations(out, a):

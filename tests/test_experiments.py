@@ -210,6 +210,21 @@ def test_sft_dpo_plan_trains_sft_once(tmp_path):
         assert run[4][run[4].index("--translator") + 1] == "T"
 
 
+def test_lam_reaches_only_the_methods_that_leave_it_free(tmp_path):
+    """clo.py refuses --lam with sft and dpo (METHODS fixes their lambda): `-- --lam 0.3` goes to the CLO runs only,
+    and each run's command is one clo.py accepts."""
+    a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--sizes", "8", "--seeds", "0",
+                      "--methods", "sft,sft+dpo,clo", "--out", str(tmp_path), "--mc", "--translator", "T",
+                      "--", "--lam", "0.3", "--lr=1e-4"])
+    argv = {name: cmd for name, _, _, _, cmd in X.plan(a)}
+    assert argv["clo-n8-s0"][-3:] == ["--lam", "0.3", "--lr=1e-4"]
+    for name in ("sft-n8-s0", "sftdpo-n8-s0"):
+        assert "--lam" not in argv[name] and argv[name][-1] == "--lr=1e-4"
+    for name, cmd in argv.items():  # what clo.py's own rule says of each command, before any file is read
+        lam_given = "--lam" in cmd
+        assert lam_given == (X.clo.METHODS[cmd[cmd.index("--method") + 1]][0] is None), name
+
+
 def test_translations_shared_across_the_grid(tmp_path):
     a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--out", str(tmp_path), "--mc"])
     runs = tmp_path / "runs"
