@@ -716,6 +716,62 @@ def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
     return name, f"--dtype {requested}"
 
 
+def is_local_path(path: str) -> bool:
+    """The one rule for "a local path, not a hub id": it exists, starts with ".", "/" or "~", has more than one "/",
+    or its parent folder is here (models/smol when models/ exists). Anything else is a hub id (owner/name)."""
+    local = os.path.expanduser(path)
+    return (os.path.exists(local) or path.startswith((".", "/", "~")) or local.count("/") > 1
+            or ("/" in local and os.path.isdir(os.path.dirname(local))))
+
+
+TRANSLATOR_TYPES = ("m2m_100", "nllb", "nllb-moe")
+
+
+def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True) -> dict:
+    """The one "what is this folder" rule, run by clo's and eval's argument checks and by the loaders before any
+    weights load: a folder with config.json and safetensors weights; with chat=True, of a chat model (no translator)
+    whose tokenizer and chat template work (Tokenizer). Returns config.json's dict. Raises ValueError, one line that
+    starts "FLAG PATH:" (a flag ending in "=" is joined: "--models c=runs/x:"), for no such folder, a LoRA adapter
+    folder, a clo run folder without a model, no config.json or a translator; else safetensors_files', Tokenizer's."""
+    at, local = flag + path if flag.endswith("=") else f"{flag} {path}", os.path.expanduser(path)
+    get = "`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir models/smollm2`, say"
+    if not os.path.isdir(local):
+        raise ValueError(f"{at}: no such folder. Give a local checkpoint folder (config.json, *.safetensors, "
+                         f"tokenizer.json; {get}) or a hub id.")
+    config = os.path.join(local, "config.json")
+    if not os.path.exists(config):
+        if os.path.exists(os.path.join(local, "adapter_config.json")):
+            raise ValueError(f"{at}: holds a LoRA adapter, not a model; pass the model it was trained on "
+                             "(base_model_name_or_path in its adapter_config.json), or the merged/ folder of a run "
+                             "trained with --merge.")
+        if os.path.exists(os.path.join(local, "args.json")):
+            raise ValueError(f"{at}: a clo run folder without a model in it; pass its merged/ folder (a run trained "
+                             "with --merge), or the model it was trained on.")
+        raise ValueError(f"{at}: no config.json there; give a Hugging Face checkpoint folder (config.json, "
+                         f"*.safetensors, tokenizer.json; {get}).")
+    raw = read_json(config)
+    if chat and raw.get("model_type") in TRANSLATOR_TYPES:
+        hint = f"; pass it as --translator {path}, and the chat model to adapt as --model" if flag == "--model" else ""
+        raise ValueError(f"{at}: an M2M100/NLLB translator, not a chat model{hint}.")
+    safetensors_files(local)  # refuses a folder without safetensors weights, or with pickles only
+    if chat:
+        Tokenizer(local, raw)  # no tokenizer.json, no chat template, or one that fails
+    return raw
+
+
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device; one line for a name torch does not know, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
+                         "build of torch on a machine with a GPU.")
+    return device
+
+
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
     """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, and the weights
     safetensors_files() will read: the index and the shards it names, or model.safetensors, or (neither present)
@@ -740,15 +796,12 @@ def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
 
 
 def resolve_checkpoint(path_or_id: str) -> str:
-    """A local folder as is; anything else is taken as a hub id: lists the repository and fetches exactly
+    """A local path (is_local_path) as is; anything else is a hub id: lists the repository and fetches exactly
     hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder (pickle-only main: the weights from
     safetensors_pr()). Listing failed (offline, HF_HUB_OFFLINE=1): the cached snapshot if it holds those files."""
     path = os.path.expanduser(str(path_or_id))
-    if os.path.isdir(path):
+    if is_local_path(path_or_id):  # check_checkpoint_folder says what is wrong with it, if anything
         return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"{path_or_id}: not a checkpoint folder. Give a folder holding config.json and "
-                                "*.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
     import huggingface_hub as hub
     try:
         listing = hub.list_repo_files(path)
@@ -891,24 +944,19 @@ def column_major_wide_weights(model: nn.Module):
             w.data = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).t()
 
 
-def open_checkpoint(path_or_id: str, dtype) -> tuple[str, torch.dtype, str, dict]:
-    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict). dtype may be a
-    DTYPES name. Errors: no config.json in the folder (FileNotFoundError); see resolve_checkpoint, read_json."""
+def open_checkpoint(path_or_id: str, dtype, flag: str, chat: bool) -> tuple[str, torch.dtype, str, dict]:
+    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict), the folder checked
+    by check_checkpoint_folder(folder, flag, chat). dtype may be a DTYPES name. Errors: see resolve_checkpoint."""
     folder = resolve_checkpoint(path_or_id)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    return folder, dtype, cfg_path, read_json(cfg_path)
+    raw = check_checkpoint_folder(folder, flag, chat)
+    return folder, DTYPES[dtype] if isinstance(dtype, str) else dtype, os.path.join(folder, "config.json"), raw
 
 
 def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None):
     """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
     `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights)."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
-    if raw.get("model_type") == "m2m_100":
-        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with data.load_translator().")
-    tok = Tokenizer(folder, raw)  # first: a chat template that fails does so before the weights load
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype, "--model", chat=True)
+    tok = Tokenizer(folder, raw)  # checked by open_checkpoint, before the weights load
     cfg = LlamaConfig.from_hf(raw, cfg_path)
     model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True, float32=float32)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
@@ -1003,9 +1051,12 @@ class Tokenizer:
             pad = gen.get("pad_token_id", model_config.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
         self.chat_template, self.template_file = self._find_template(folder, tcfg, tcfg_path)
+        if not self.chat_template:  # transformers (v5) has no default template either: a base model, not a chat one
+            raise ValueError(f"{folder}: its tokenizer has no chat template (chat_template.jinja, chat_template.json "
+                             "or tokenizer_config.json 'chat_template'); clo needs a chat model, such as the -Instruct "
+                             "release of this one.")
         self.date, self.dated = today(), False
-        if self.chat_template:
-            self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
+        self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
 
     @staticmethod
     def _find_template(folder, tcfg, tcfg_path):
@@ -1041,9 +1092,6 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
-                             "chat_template.jinja); clo needs a chat model.")
         try:
             if not hasattr(self, "_template"):
                 self._template = _chat_environment(self).from_string(self.chat_template)
@@ -1428,7 +1476,7 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
 def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu") -> M2M100ForConditionalGeneration:
     """Loads an M2M100 / NLLB-200 network (same loader rules as load_model), in eval mode. Its tokenizer and the
     Translator around both: data.load_translator."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype, "--translator", chat=False)
     model = build_on_meta(M2M100ForConditionalGeneration, M2M100Config.from_hf(raw, cfg_path), dtype, device)
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
