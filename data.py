@@ -10,13 +10,17 @@ Every bad input raises one ValueError naming the file and line (or the value) an
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
+import errno
 import gzip
 import hashlib
 import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,60 +32,6 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples
 
 # ----------------------------------------------------------------------------------------------------------------------
 # English SFT data
-
-
-def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
-    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
-    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
-    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
-    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    # split at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON keeps raw inside
-    # strings (json.dumps with ensure_ascii=False writes them so), and a row holding one would be cut in two
-    lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
-    if lines[-1] == "":  # what follows the final newline
-        lines.pop()
-    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
-        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
-            "held is redone")
-        lines = lines[:-1]
-    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-
-
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
-def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
-    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> list of dicts, each with its line number
-    (in an array: its position) as `_line`. A malformed line, or one that is not a JSON object, is an error naming
-    file and line; a last line cut short by a kill in the run's own files (`own`) is dropped and said (read_lines)."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file.")
-    lines = read_lines(path, own, log)
-    if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
-        try:
-            rows = json.loads("\n".join(line for _, line in lines))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {lines[e.lineno - 1][0]}: not valid JSON ({e.msg}).") from e
-        numbered = list(enumerate(rows, 1))
-    else:
-        numbered = []
-        for number, line in lines:
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
-                                 "object.") from e
-    for number, row in numbered:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
-    return [dict(row, _line=number) for number, row in numbered]
 
 
 def sft_item(row: dict, path: str) -> dict:
@@ -164,7 +114,65 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Translation: language codes, sentence splitting, the Translator service around model.py's M2M100 network
+# Parallel files: --translations and the run's cache, one row per English item (en_instruction, en_response,
+# ko_instruction, ko_response, ko_flags, ...)
+
+
+def read_translations(path: str, own: bool = False, log=print, lines: dict | None = None) -> dict[tuple, dict]:
+    """A parallel JSONL file -> {(english instruction, english response): row}; a later line of an item adds to its
+    earlier ones (`lines`, if given, gets each item's first line number). A user's file is read whole; the run's own
+    cache (`own`) may end in a line cut short by a crash: dropped, said, and truncated away by the next append."""
+    table = {}
+    if not os.path.exists(path):
+        return table
+    for row in read_jsonl(path, own, log):
+        number = row.pop("_line")
+        missing = [k for k in ("en_instruction", "en_response") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
+                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
+        key = (row["en_instruction"], row["en_response"])
+        earlier = dict(table.get(key, {}))
+        for field in row:  # a later translation of a language replaces its flags too (absent: no longer flagged)
+            if field.endswith("_response") and field != "en_response":
+                earlier.pop(field[:-len("_response")] + "_flags", None)
+        table[key] = {**earlier, **row}
+        if lines is not None:
+            lines.setdefault(key, number)
+    return table
+
+
+def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
+                  items: list[dict] | None = None) -> list[dict]:
+    """--translations, read once and checked whole before any model loads: the rows of `items` (--data's SFT items,
+    in their order), else of the file's first num_samples English items; each row with en_* and <lang>_* strings for
+    every language in langs (which check_languages checks against the file's columns). Raises ValueError naming the
+    file and line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--translations {path}: no such file.")
+    lines = {}
+    table = read_translations(path, lines=lines)
+    if not table:
+        raise ValueError(f"--translations {path}: no rows; the file is empty.")
+    check_languages(langs, sorted({k[:-len("_response")] for row in table.values() for k in row
+                                   if k.endswith("_response") and k != "en_response"}), path)
+    keys = first_items(list(table), num_samples, path) if items is None else [
+        (it["instruction"], it["response"]) for it in items]
+    for key in keys:
+        if key not in table:
+            raise ValueError(f"{path}: has no row for the English item {key[0][:60]!r}; with --translations, --data "
+                             "must hold the same English items (or leave --data out to train on the translations "
+                             "file's own English side).")
+        lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response")
+                   if not isinstance(table[key].get(f"{l}_{f}"), str)]
+        if lacking:
+            raise ValueError(f"{path}: line {lines[key]}: lacks {', '.join(lacking)} (a string each); fill it in, or "
+                             "drop the row.")
+    return [table[key] for key in keys]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Language codes: ISO 639-1 (ko), FLORES-200 (kor_Hang, NLLB's tokens), M2M100's __ko__
 
 
 # ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like codes,
@@ -185,6 +193,37 @@ M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de 
 LANGUAGE_TOKEN = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__")
 
 
+
+def check_languages(langs: list[str], have: list[str] | None = None, path: str | None = None):
+    """--lang, before any work: ValueError on a language the run cannot train. With a parallel file (`have`: the
+    languages whose columns `path` has) any of those, as no MT model is used; otherwise a code the tables know
+    (FLORES_CODES, M2M100_CODES, a FLORES-200 or __xx__ token). The translator's own vocabulary is checked as soon as
+    it loads (language_token)."""
+    if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
+        raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
+    for lang in langs:
+        if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
+            raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
+        if langs.count(lang) > 1:
+            raise ValueError(f"--lang {','.join(langs)}: {lang} is given twice; each language's pairs would train "
+                             "twice per epoch.")
+    for lang in langs:
+        if have is not None and lang not in have:
+            raise ValueError(f"--lang {lang}: {path} has no {lang}_instruction/{lang}_response columns; its "
+                             f"languages: {', '.join(have) or 'none'}.")
+        if have is None and not (lang in FLORES_CODES or lang in M2M100_CODES["m2m100"]
+                                 or LANGUAGE_TOKEN.fullmatch(lang)):
+            raise ValueError(f"--lang {lang}: unknown language code.{close_codes(lang, FLORES_CODES)} Use ISO 639-1 "
+                             f"codes ({', '.join(sorted(FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+
+
+def close_codes(code: str, names) -> str:
+    """The one close-match hint for a language code: its two-letter stem (KO, korean, ko_KR -> ko), and difflib's."""
+    stem = [code.lower()[:2]] if code.lower()[:2] in names else []
+    close = list(dict.fromkeys(stem + difflib.get_close_matches(code, list(names), n=3, cutoff=0.5)))[:3]
+    return f" Did you mean {' or '.join(close)}?" if close else ""
+
+
 def language_token(vocab: dict, code: str, name: str = "this translator") -> tuple[str, int]:
     """An ISO 639-1 (ko) or FLORES-200 (kor_Hang) code -> the checkpoint's language token and id: NLLB's kor_Hang or
     M2M100's __ko__, never a text piece that spells the code. Raises ValueError naming code and translator (`name`)."""
@@ -192,12 +231,14 @@ def language_token(vocab: dict, code: str, name: str = "this translator") -> tup
     for token in (FLORES_CODES.get(code, code), f"__{iso}__"):
         if LANGUAGE_TOKEN.fullmatch(token) and token in vocab:
             return token, vocab[token]
-    known = sorted(t for t in vocab if LANGUAGE_TOKEN.fullmatch(t))
-    names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
-    close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
-    hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise ValueError(f"language {code!r} is not supported by {name}.{hint} Use an ISO 639-1 code "
+    names = {t for t in vocab if LANGUAGE_TOKEN.fullmatch(t)} | {i for i, fl in FLORES_CODES.items() if fl in vocab}
+    raise ValueError(f"language {code!r} is not supported by {name}.{close_codes(code, sorted(names))} Use an ISO "
+                     f"639-1 code "
                      f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Translation: sentence splitting, the Translator service around model.py's M2M100 network
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=\S)")
@@ -321,6 +362,7 @@ class Translator:
 
     def __init__(self, model: M.M2M100ForConditionalGeneration, tokenizer, name: str = "this translator"):
         self.model, self.tok, self.name = model, tokenizer, name
+        self.sentences = 0  # sentences translated so far: the unit of translate_items' rate
         self.vocab = tokenizer.get_vocab()
 
     def lang_id(self, code: str) -> int:
@@ -391,6 +433,7 @@ class Translator:
             plans.append(plan)
             sentences += sents
             owner += [t_index] * len(sents)
+        self.sentences += len(sentences)
         unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
         sources, outputs, cut, capped = self._translate_sentences(unique, src, tgt, num_beams, batch_size,
                                                                   max_input_tokens, progress)
@@ -430,7 +473,7 @@ def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Translation, cached: the same JSONL format as --translations (en_instruction, en_response, ko_instruction, ...)
+# The translation cache: translated once, chunk by chunk, resumable (the parallel files' format)
 
 
 def item_key(item: dict, lang: str) -> str:
@@ -439,73 +482,18 @@ def item_key(item: dict, lang: str) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
 
 
-def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str, str], dict]:
-    """A parallel JSONL file -> {(english instruction, english response): row}. A user's --translations file is read
-    whole; the run's own cache (`own`) may end in a line cut short by a crash: that line is dropped, said, and
-    truncated away by the next append, never half-used (see read_lines)."""
-    table = {}
-    if not os.path.exists(path):
-        return table
-    for row in read_jsonl(path, own, log):
-        number = row.pop("_line")
-        missing = [k for k in ("en_instruction", "en_response") if k not in row]
-        if missing:
-            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
-                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
-        key = (row["en_instruction"], row["en_response"])
-        earlier = dict(table.get(key, {}))
-        for field in row:  # a later translation of a language replaces its flags too (absent: no longer flagged)
-            if field.endswith("_response") and field != "en_response":
-                earlier.pop(field[:-len("_response")] + "_flags", None)
-        table[key] = {**earlier, **row}
-    return table
-
-
-def _append_lines(path: str, rows: list[dict]):
-    """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
-    given its newline when it is complete JSON (the kill fell just before the newline)."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                start = data.rfind(b"\n") + 1
-                if _is_json(data[start:].decode("utf-8", errors="replace")):
-                    f.write(b"\n")
-                else:
-                    f.truncate(start)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None,
-                    translations_file: str | None = None, chunk: int = 8, log=print, progress: bool = True,
-                    **translate_kwargs) -> list[dict]:
-    """Returns one row per item with en_* and <lang>_* fields for every language in langs.
-
-    Rows come from --translations when given (then no MT model is loaded), else from the run's cache, else from the
-    translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run loses at most
-    one chunk, a rerun translates only what is missing, and no item is ever written twice.
+def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None, chunk: int = 8,
+                    log=print, progress: bool = True, **translate_kwargs) -> list[dict]:
+    """Returns one row per item with en_* and <lang>_* fields for every language in langs: from the run's cache,
+    else from the translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run
+    loses at most one chunk, a rerun translates only what is missing, and no item is ever written twice.
     `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
-    progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit).
-    """
+    progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit)."""
     from tqdm import tqdm
-    if translations_file:
-        table = read_translations(translations_file)
-        rows = []
-        for item in items:
-            row = table.get((item["instruction"], item["response"]))
-            if row is None:
-                raise ValueError(f"{translations_file}: has no row for the English item {item['instruction'][:60]!r}; "
-                                 "with --translations, --data must hold the same English items (or leave --data "
-                                 "out to train on the translations file's own English side).")
-            lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response") if f"{l}_{f}" not in row]
-            if lacking:
-                raise ValueError(f"{translations_file}: the row for {item['instruction'][:60]!r} lacks {lacking}.")
-            rows.append(row)
-        return rows
+    if not isinstance(chunk, int):  # TRANSITIONAL (clo.py until it calls read_parallel): the old translations_file
+        if chunk:
+            return read_parallel(chunk, langs, items=items)
+        chunk = 8
     cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
         todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
@@ -516,14 +504,14 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 for code in langs if hasattr(translator, "lang_id") else ():
                     translator.lang_id(code)  # every language checked as soon as it loads, before any translation
         bar = tqdm(total=len(todo), desc=f"translate en->{lang}", unit="item", disable=not (progress and todo))
-        sentences = 0
+        before = getattr(translator, "sentences", 0)
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             texts = [t for it in part for t in (it["instruction"], it["response"])]
             out, flags = translator.translate_flagged(texts, "en", lang, progress=False, **translate_kwargs)
-            sentences += sum(len(split_for_translation(t)[1]) for t in texts)
             bar.update(len(part))
-            bar.set_postfix_str(f"{sentences / max(bar.format_dict['elapsed'], 1e-6):.1f} sentences/s")
+            rate = (getattr(translator, "sentences", 0) - before) / max(bar.format_dict["elapsed"], 1e-6)
+            bar.set_postfix_str(f"{rate:.1f} sentences/s")
             new = []
             for k, it in enumerate(part):
                 row = {"key": item_key(it, lang), "en_instruction": it["instruction"], "en_response": it["response"],
@@ -578,14 +566,6 @@ def translation_flags(rows: list[dict], langs: list[str]) -> dict[str, int]:
             for f in flags:
                 counts[f] = counts.get(f, 0) + 1
     return counts
-
-
-def write_jsonl(path: str, rows: list[dict]):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -738,3 +718,151 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
             segments[r, at:end] = s
             at = end
     return input_ids, labels, positions, segments
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files that survive a kill: read whole, appended whole lines (the cache, metrics.jsonl), or replaced atomically
+
+
+def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
+    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
+    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
+    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
+    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    # split at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON keeps raw inside
+    # strings (json.dumps with ensure_ascii=False writes them so), and a row holding one would be cut in two
+    lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
+    if lines[-1] == "":  # what follows the final newline
+        lines.pop()
+    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
+        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
+            "held is redone")
+        lines = lines[:-1]
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
+    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> list of dicts, each with its line number
+    (in an array: its position) as `_line`. A malformed line, or one that is not a JSON object, is an error naming
+    file and line; a last line cut short by a kill in the run's own files (`own`) is dropped and said (read_lines)."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file.")
+    lines = read_lines(path, own, log)
+    if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
+        try:
+            rows = json.loads("\n".join(line for _, line in lines))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {lines[e.lineno - 1][0]}: not valid JSON ({e.msg}).") from e
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for number, line in lines:
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
+                                 "object.") from e
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
+    return [dict(row, _line=number) for number, row in numbered]
+
+
+def _append_lines(path: str, rows: list[dict]):
+    """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
+    given its newline when it is complete JSON (the kill fell just before the newline)."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                start = data.rfind(b"\n") + 1
+                if _is_json(data[start:].decode("utf-8", errors="replace")):
+                    f.write(b"\n")
+                else:
+                    f.truncate(start)
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+
+
+def write_atomic(path: str, write):
+    """write(tmp) then rename tmp -> path: a kill leaves the old file or the new one, never half of one. A write that
+    fails (disk full) removes its tmp file and raises OSError naming `path` (safetensors raises its own error type)."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        found = re.search(r"os error (\d+)", str(e))  # safetensors: "I/O error: No space left on device (os error 28)"
+        code = e.errno if isinstance(e, OSError) else int(found.group(1)) if found else None
+        if code is None:
+            raise
+        error = OSError(f"{path}: could not write it: {os.strerror(code)}")
+        error.errno = code
+        raise error from e
+
+
+def write_text(path: str, text: str):
+    """UTF-8 text, written atomically (write_atomic)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+def save_json(path: str, obj):
+    """JSON, written atomically; UTF-8 text as itself (a Korean answer stays readable), read back by model.read_json."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def write_jsonl(path: str, rows: list[dict]):
+    """JSONL (pairs.jsonl, metrics.jsonl rewritten on resume), written atomically."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command-line helpers, shared by clo.py and eval.py
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after each option's help, except for on/off flags, required options and None
+    defaults (their help says it)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def exit_on_error(main_fn, *errors, kept=None):
+    """Runs a script's main(): bad input (and the given error types) prints one line `error: ...` and exits 2, with
+    no traceback; Ctrl-C prints one line and exits 130. `kept`: a function saying what a stopped run leaves (clo: the
+    last good checkpoint), added to the line of Ctrl-C and of a full disk."""
+    def note():
+        said = kept() if kept else ""
+        return f"; {said}" if said else ""
+    try:
+        main_fn()
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C){note()}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, OSError, *errors) as e:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {'disk full: ' if full else ''}{e}{note() if full else ''}", file=sys.stderr)
+        sys.exit(2)
