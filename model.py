@@ -10,7 +10,8 @@ sandboxed chat template, KV-cached generation, and LoRA adapters written by hand
 Parameter names follow the Hugging Face checkpoints exactly (model.layers.0.self_attn.q_proj.weight, ...), so a
 checkpoint loads with no renaming and what we save loads back into transformers and peft.
 
-Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator network.
+Read top to bottom: config -> layers -> model -> LoRA -> PEFT adapter folders -> loading (load_model, the folder
+rule, hub files, safetensors, dtype and device) -> tokenizer and template -> generation -> translator network.
 """
 from __future__ import annotations
 
@@ -30,20 +31,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Llama-family config
-
-
-def hf_config_fields(cls, cfg: dict, source: str, model_types, refusal: str, act_key: str, acts) -> dict:
-    """What both config readers share: checks a transformers config.json dict and returns its entries that are fields
-    of the dataclass `cls` (None values left out: the field's default applies). ValueError (one line naming `source`)
-    when model_type is not one of model_types (the message goes on with `refusal`), or when the activation
-    cfg[act_key] (default acts[0]) is not one of acts."""
-    if cfg.get("model_type") not in model_types:
-        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} {refusal}")
-    act = cfg.get(act_key, acts[0])
-    if act not in acts:
-        raise ValueError(f"{source}: {act_key} {act!r} is not supported ({', '.join(acts)}).")
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in cfg.items() if k in names and v is not None}
 
 SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
 
@@ -73,11 +60,15 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "LlamaConfig":
-        """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`)."""
-        kwargs = hf_config_fields(cls, cfg, source, SUPPORTED_DECODERS, "is not supported. Supported decoder types: "
-                                  f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).",
-                                  "hidden_act", ("silu",))
-        model_type = cfg["model_type"]
+        """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`).
+        ValueError (one line naming `source`) on a model_type, activation or rope scaling this file does not build."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_DECODERS:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported decoder types: "
+                             f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (silu).")
+        kwargs = {f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None}
         rope = dict(cfg.get("rope_parameters") or {})  # transformers v5 keeps theta and scaling together here
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
@@ -352,7 +343,7 @@ class LoRALinear(nn.Module):
                  dtype=None):
         super().__init__()
         self.base = base
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r if scaling is None else scaling
+        self.r, self.scaling = r, alpha / r if scaling is None else scaling
         w = base.weight
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype or w.dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype or w.dtype)
@@ -440,7 +431,8 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
-    """Within the block the model is the base model (adapters bypassed); e.g. for reference log-probs."""
+    """Within the block the model is the base model (adapters bypassed): the adapter-off way to reference
+    log-probs (torchtune's disable_adapter). clo computes pi_ref once, before training, instead."""
     mods = lora_modules(model).values()
     states = [m.enabled for m in mods]
     for m in mods:
@@ -513,121 +505,64 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
         raise ValueError(f"{source}: the adapter lacks {len(missing)} tensors its config targets, e.g. {missing[:2]}.")
 
 
-# Reading PEFT adapter folders (adapter_config.json + adapter_model.safetensors), ours or anyone's.
-# Each LoraConfig field that changes what the adapter computes is either honoured below or refused with one line;
-# fields that only describe training or provenance are ignored.
-ADAPTER_INFO_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-                       "revision", "inference_mode", "lora_dropout", "megatron_core", "runtime_config",
-                       "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
-ADAPTER_HONOURED_FIELDS = {"r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "rank_pattern",
-                           "alpha_pattern", "layers_to_transform", "layers_pattern", "init_lora_weights", "bias",
-                           "ensure_weight_tying"}
-ADAPTER_REFUSED = {  # field -> why; refused when its value is set (not None / False / empty)
-    "use_dora": "DoRA (weight-decomposed LoRA) is not implemented",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights, GPT-2) does not apply to Llama-family layers",
-    "modules_to_save": "modules_to_save (fully trained extra modules) is not implemented",
-    "lora_bias": "lora_bias (a bias on lora_B) is not implemented",
-    "layer_replication": "layer_replication changes the model's layers and is not implemented",
-    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not implemented",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not implemented",
-    "use_qalora": "QA-LoRA is not implemented",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not implemented",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not implemented",
-    "arrow_config": "Arrow routing (arrow_config) is not implemented",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not implemented",
-    "velora_config": "VeLoRA (velora_config) is not implemented",
-    "kasa_config": "KaSA (kasa_config) is not implemented",
-    "megatron_config": "Megatron parallel layers (megatron_config) are not implemented",
-}
+# ----------------------------------------------------------------------------------------------------------------------
+# PEFT adapter folders (adapter_config.json + adapter_model.safetensors), ours or anyone's: plain LoRA only
+
+ADAPTER_INFO_FIELDS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                       "inference_mode", "lora_dropout", "megatron_core", "runtime_config", "qalora_group_size",
+                       "loftq_config", "eva_config", "corda_config", "lora_ga_config"}  # training, provenance
+ADAPTER_FIELDS = {"peft_type": ("LORA",), "r": None, "lora_alpha": None, "use_rslora": None, "target_modules": None,
+                  "bias": ("none",), "init_lora_weights": (True, "gaussian", "eva")}  # field -> allowed (None: any)
 
 
 def adapter_config(folder: str) -> dict:
-    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict.
-
-    Honoured: r, lora_alpha, use_rslora (scale alpha / sqrt(r) instead of alpha / r), rank_pattern and alpha_pattern
-    (per-module r and alpha), target_modules (a list of names or a regex string, "all-linear"), exclude_modules,
-    layers_to_transform and layers_pattern. Refused with one line naming the field (ValueError): any field of
-    ADAPTER_REFUSED that is set, a bias other than "none", an init_lora_weights that rewrites the base weights
-    (pissa, olora, corda, loftq, ...: convert such adapters to plain LoRA with peft first), a peft_type other than
-    LORA, and any field this code does not know whose value is set."""
+    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict. clo applies plain LoRA:
+    r, lora_alpha, use_rslora (scaling alpha / sqrt(r) instead of alpha / r) and target_modules (module names or
+    name suffixes, a regex string, or "all-linear"); fields of training and provenance are ignored. Any other field
+    that is set (not None / False / empty) is refused with one line naming it (ValueError), since applying the rest
+    as plain LoRA would compute another model: e.g. use_dora, rank_pattern, alpha_pattern, layers_to_transform,
+    exclude_modules, modules_to_save, a bias other than "none", an init_lora_weights that rewrites the base weights."""
     path = os.path.join(folder, "adapter_config.json")
     cfg = read_json(path)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not supported; only LORA adapters are.")
     for key, value in cfg.items():
-        if key in ADAPTER_INFO_FIELDS or key in ADAPTER_HONOURED_FIELDS or value in (None, False, "", [], {}):
+        if key in ADAPTER_INFO_FIELDS or value is False or value in (None, "", [], {}) or (  # 0 is a layer index
+                key in ADAPTER_FIELDS and (ADAPTER_FIELDS[key] is None or value in ADAPTER_FIELDS[key])):
             continue
-        why = ADAPTER_REFUSED.get(key, "clo does not know this field, so it cannot apply it faithfully")
-        raise ValueError(f"{path}: {key} = {json.dumps(value)} is not supported: {why}.")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias = {json.dumps(cfg['bias'])} is not supported (trained base biases); only "
-                         "\"none\" is.")
-    init = cfg.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian", "eva"):
-        raise ValueError(f"{path}: init_lora_weights = {json.dumps(init)} is not supported: that initialisation "
-                         "rewrites the base weights; convert the adapter to plain LoRA with peft "
-                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first.")
+        raise ValueError(f"{path}: {key} = {json.dumps(value)} is not supported: clo applies plain LoRA adapters only "
+                         "(r, lora_alpha, use_rslora, target_modules, bias \"none\"); merge this one into its base "
+                         "model with peft (merge_and_unload) and pass the merged model instead.")
     if not cfg.get("target_modules"):
         raise ValueError(f"{path}: target_modules is missing or empty.")
     return cfg
 
 
-def _peft_targets(model: nn.Module, cfg: dict, path: str) -> list[str]:
-    """Module names the adapter wraps, by peft's matching rules (peft.tuners.tuners_utils.check_target_module_exists):
-    a string target_modules is a regex that must match the whole name; list entries match the name or its last
-    dotted parts; layers_to_transform keeps only the given layer indices (list form only, as in peft)."""
-    targets, exclude = cfg["target_modules"], cfg.get("exclude_modules")
-    layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+def adapter_targets(model: nn.Module, targets, path: str) -> list[str]:
+    """Module names a peft target_modules selects (peft.tuners.tuners_utils.check_target_module_exists): a string is
+    a regex that must match the whole name, "all-linear" every linear layer but the output projection; list entries
+    match the name or its last dotted parts. ValueError (one line, naming `path`) when one is not an nn.Linear."""
     out = []
     for name, module in model.named_modules():
-        if not name:
-            continue
-        if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str) else
-                        (name in exclude or any(name.endswith(f".{e}") for e in exclude))):
-            continue
-        if targets == "all-linear":  # peft: every linear layer except the output projection
+        if targets == "all-linear":
             hit = isinstance(module, nn.Linear) and name != "lm_head"
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, name) is not None
         else:
-            hit = name in targets or any(name.endswith(f".{t}") for t in targets)
-            if hit and name not in targets and layers is not None and layers != []:  # peft: a full name is exempt
-                if pattern:
-                    pats = [pattern] if isinstance(pattern, str) else pattern
-                    found = next((m for p in pats if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))),
-                                 None)
-                else:
-                    found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-                idx = int(found.group("idx")) if found else None
-                hit = idx is not None and (idx == layers if isinstance(layers, int) else idx in layers)
-        if not hit:
-            continue
-        if type(module) is not nn.Linear:
+            hit = any(name == t or name.endswith(f".{t}") for t in targets)
+        if hit and name and type(module) is not nn.Linear:
             raise ValueError(f"{path}: target_modules selects {name} ({type(module).__name__}); clo applies LoRA "
                              "to nn.Linear layers only.")
-        out.append(name)
+        out += [name] if hit and name else []
     if not out:
         raise ValueError(f"{path}: target_modules {targets!r} matches no linear layer of the base model.")
     return out
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """peft's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key K, in the
-    file's order, such that the module name matches the regex (.*\\.)?(K)$."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def load_adapter(model: nn.Module, folder: str) -> list[str]:
     """Applies the PEFT LoRA adapter in `folder` (adapter_config.json + adapter_model.safetensors) to `model` in
-    place, computing what peft computes on the same base model; returns the wrapped module names. Each wrapped layer
-    gets r = rank_pattern or r, alpha = alpha_pattern or lora_alpha, and scaling alpha / r (alpha / sqrt(r) with
-    use_rslora). Errors: see adapter_config(); a pickle-only adapter (adapter_model.bin) is refused."""
+    place, computing what peft computes on the same base model; returns the wrapped module names. Errors: see
+    adapter_config(); a pickle-only adapter (adapter_model.bin) is refused."""
     from safetensors.torch import load_file
     cfg = adapter_config(folder)
-    path = os.path.join(folder, "adapter_config.json")
     weights = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.exists(weights):
         other = "adapter_model.bin is a pickle, which clo never loads; " if os.path.exists(
@@ -636,18 +571,10 @@ def load_adapter(model: nn.Module, folder: str) -> list[str]:
                                 "save_pretrained(..., safe_serialization=True).")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = _peft_targets(model, cfg, path)
-    owners = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(n)
+    names = adapter_targets(model, cfg["target_modules"], os.path.join(folder, "adapter_config.json"))
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     for name in names:
-        if cfg.get("ensure_weight_tying") and len(owners[id(model.get_submodule(name).weight)]) > 1:
-            raise ValueError(f"{path}: ensure_weight_tying = true on the tied layer {name} is not supported (it "
-                             "adapts the embedding too); clo adapts the output projection alone.")
-        r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        wrap_linear(model, name, r, alpha, scaling=scaling)
+        wrap_linear(model, name, r, alpha, scaling=alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
     load_lora_state_dict(model, load_file(weights), weights)
     return names
 
@@ -664,56 +591,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py, eval.py and this file's CLI
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware, from /proc/cpuinfo's flags (or the given text).
-
-    x86: avx512_bf16 (AVX512-BF16: Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16 (AMX tiles: Sapphire Rapids
-    and later). AArch64: the "bf16" feature (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/V2). Anything else (no
-    /proc/cpuinfo, e.g. macOS) counts as no. Why not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it answers True on
-    any AVX512-F CPU, where oneDNN emulates bf16 by converting to fp32; on such a CPU (this repository's test machine,
-    a Xeon with avx512f and neither flag) a 2048 x 2048 bf16 matmul ran 5x slower than fp32 and batch-1 decoding read
-    bf16 weights at 8.8 GB/s against fp32's 15.6 (bench/dtype.py)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # x86 says flags, AArch64 says Features
-            flags.update(value.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None, layout: str = "train"):
+    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
+    `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights).
+    layout "decode", for callers that only generate or score: on CPU, the wide projections stored column-major
+    (column_major_wide_weights); "train": plain row-major tensors, as optimizers and FSDP expect.
+    Errors: check_checkpoint_folder (before the weights load), resolve_checkpoint, load_weights."""
+    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype, "--model", chat=True)
+    tok = Tokenizer(folder, raw)
+    model = build_on_meta(LlamaForCausalLM, LlamaConfig.from_hf(raw, cfg_path), dtype, device,
+                          column_major=layout == "decode", float32=float32)
+    load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
+    model.reset_rope()
+    model.source = folder
+    return model.eval(), tok
 
 
-def default_dtype(device, cpuinfo: str | None = None) -> tuple[str, str]:
-    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason).
-
-    bf16 where the hardware computes it natively, since it then halves the bytes every matmul and every decoding step
-    reads: CUDA GPUs with bf16 (Ampere and later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 elsewhere,
-    where bf16 is emulated and slower than fp32, and on other devices (mps)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bfloat16", "CUDA"
-        return "float32", "this GPU has no native bf16"
-    if kind == "cpu":
-        if cpu_has_native_bf16(cpuinfo):
-            return "bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16"
-        return "float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"
-    return "float32", f"bf16 is not chosen automatically on {kind}"
-
-
-def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
-    """--dtype as given ("auto"/None: default_dtype) -> (a DTYPES name, reason), e.g. ("float32", "--dtype float32").
-    Raises ValueError (one line) on a name DTYPES does not know."""
-    if requested in (None, "auto"):
-        return default_dtype(device)
-    if requested not in DTYPES:
-        raise ValueError(f"--dtype {requested}: unknown dtype; use auto, float32 or bfloat16 (or {', '.join(DTYPES)}).")
-    name = str(DTYPES[requested]).removeprefix("torch.")
-    return name, f"--dtype {requested}"
+def open_checkpoint(path_or_id: str, dtype, flag: str, chat: bool) -> tuple[str, torch.dtype, str, dict]:
+    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict), the folder checked
+    by check_checkpoint_folder(folder, flag, chat). dtype may be a DTYPES name. Errors: see resolve_checkpoint."""
+    folder = resolve_checkpoint(path_or_id)
+    raw = check_checkpoint_folder(folder, flag, chat)
+    return folder, DTYPES[dtype] if isinstance(dtype, str) else dtype, os.path.join(folder, "config.json"), raw
 
 
 def is_local_path(path: str) -> bool:
@@ -757,19 +656,6 @@ def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True)
     if chat:
         Tokenizer(local, raw)  # no tokenizer.json, no chat template, or one that fails
     return raw
-
-
-def check_device(name: str) -> torch.device:
-    """--device as a torch.device; one line for a name torch does not know, or CUDA where there is none."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
-                         "build of torch on a machine with a GPU.")
-    return device
 
 
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
@@ -934,35 +820,76 @@ def build_on_meta(cls, cfg, dtype, device, column_major: bool = False, float32=N
 
 def column_major_wide_weights(model: nn.Module):
     """Stores every projection with out_features >= in_features as the transpose of a contiguous (in, out) matrix:
-    same shape and values, another memory order. For decoding (one row of activations) the CPU matmul kernel then
-    streams the weights in order; on the 2-core test machine that made SmolLM2 batch-1 decoding 1.35x faster
-    (bench/generate.py). Not for the translator, whose batched beam search is compute-bound: there row-major was 5-10%
-    faster. Call it on empty weights, before loading: it allocates, it does not copy."""
+    same shape and values, another memory order, in which the CPU matmul kernel streams the weights of one row of
+    activations in order: for batch-1 decoding (load_model(layout="decode")), not for compute-bound batched work
+    such as training or the translator's beam search (README, *Measured*). Call it on empty weights, before loading."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
             w = module.weight
             w.data = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).t()
 
 
-def open_checkpoint(path_or_id: str, dtype, flag: str, chat: bool) -> tuple[str, torch.dtype, str, dict]:
-    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict), the folder checked
-    by check_checkpoint_folder(folder, flag, chat). dtype may be a DTYPES name. Errors: see resolve_checkpoint."""
-    folder = resolve_checkpoint(path_or_id)
-    raw = check_checkpoint_folder(folder, flag, chat)
-    return folder, DTYPES[dtype] if isinstance(dtype, str) else dtype, os.path.join(folder, "config.json"), raw
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware, from /proc/cpuinfo's flags (or the given text).
+
+    x86: avx512_bf16 (AVX512-BF16: Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16 (AMX tiles: Sapphire Rapids
+    and later). AArch64: the "bf16" feature (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/V2). Anything else (no
+    /proc/cpuinfo, e.g. macOS) counts as no. Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it answers True on
+    any AVX512-F CPU, where oneDNN emulates bf16, slower than fp32 (README, *Measured*)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # x86 says flags, AArch64 says Features
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None):
-    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
-    `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights)."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype, "--model", chat=True)
-    tok = Tokenizer(folder, raw)  # checked by open_checkpoint, before the weights load
-    cfg = LlamaConfig.from_hf(raw, cfg_path)
-    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True, float32=float32)
-    load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
-    model.reset_rope()
-    model.source = folder
-    return model.eval(), tok
+def default_dtype(device, cpuinfo: str | None = None) -> tuple[str, str]:
+    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason).
+
+    bf16 where the hardware computes it natively, since it then halves the bytes every matmul and every decoding step
+    reads: CUDA GPUs with bf16 (Ampere and later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 elsewhere,
+    where bf16 is emulated and slower than fp32, and on other devices (mps)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", "CUDA"
+        return "float32", "this GPU has no native bf16"
+    if kind == "cpu":
+        if cpu_has_native_bf16(cpuinfo):
+            return "bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16"
+        return "float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"
+    return "float32", f"bf16 is not chosen automatically on {kind}"
+
+
+def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
+    """--dtype as given ("auto"/None: default_dtype) -> (a DTYPES name, reason), e.g. ("float32", "--dtype float32").
+    Raises ValueError (one line) on a name DTYPES does not know."""
+    if requested in (None, "auto"):
+        return default_dtype(device)
+    if requested not in DTYPES:
+        raise ValueError(f"--dtype {requested}: unknown dtype; use auto, float32 or bfloat16 (or {', '.join(DTYPES)}).")
+    name = str(DTYPES[requested]).removeprefix("torch.")
+    return name, f"--dtype {requested}"
+
+
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device; one line for a name torch does not know, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
+                         "build of torch on a machine with a GPU.")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1209,9 +1136,12 @@ class M2M100Config:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "M2M100Config":
-        return cls(**hf_config_fields(cls, cfg, source, ("m2m_100",), "is not a translator; clo translates with "
-                                      "M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').",
-                                      "activation_function", tuple(ACTIVATIONS)))
+        if cfg.get("model_type") != "m2m_100":
+            raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not a translator; clo translates "
+                             "with M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').")
+        if (act := cfg.get("activation_function", "relu")) not in ACTIVATIONS:
+            raise ValueError(f"{source}: activation_function {act!r} is not supported ({', '.join(ACTIVATIONS)}).")
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None})
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
@@ -1481,3 +1411,4 @@ def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu") -> M2M100For
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
     return model.eval()
+

@@ -314,12 +314,14 @@ def test_a_folder_without_chat_template_is_refused_before_the_weights(llama_dir,
     used to fail after translation, at the first render)."""
     base = _copy(llama_dir, str(tmp_path / "base"))
     cfg = json.load(open(os.path.join(base, "tokenizer_config.json")))
-    json.dump({k: v for k, v in cfg.items() if k != "chat_template"}, open(os.path.join(base, "tokenizer_config.json"), "w"))
+    del cfg["chat_template"]
+    json.dump(cfg, open(os.path.join(base, "tokenizer_config.json"), "w"))
     with pytest.raises(ValueError, match="chat_template is not set"):
         transformers.AutoTokenizer.from_pretrained(base).apply_chat_template([{"role": "user", "content": "Hi"}])
     monkeypatch.setattr(M, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
     line = (f"{base}: its tokenizer has no chat template (chat_template.jinja, chat_template.json or "
-            "tokenizer_config.json 'chat_template'); clo needs a chat model, such as the -Instruct release of this one.")
+            "tokenizer_config.json 'chat_template'); clo needs a chat model, such as the -Instruct release of this "
+            "one.")
     for check in (lambda: M.load_model(base), lambda: M.check_checkpoint_folder(base)):
         with pytest.raises(ValueError) as e:
             check()
