@@ -375,7 +375,7 @@ class Translator:
 
     def pad_batch(self, sources: list[list[int]]):
         """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
-        return M.pad_batch(sources, self.model.config.pad_token_id, "left", self.model.lm_head.weight.device)
+        return M.pad_batch(sources, self.model.config.pad_token_id, device=self.model.lm_head.weight.device)
 
     def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4,
                  max_new_tokens: int = 200) -> list[list[int]]:
@@ -459,9 +459,11 @@ class Translator:
 def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
     """Loads an M2M100 / NLLB-200 checkpoint (model.load_m2m100: same loader rules as model.load_model) with its
     tokenizer: tokenizer.json (NLLB), else sentencepiece.bpe.model + vocab.json (M2M100 as released) -> Translator.
-    Raises FileNotFoundError (before the weights load) when the folder has neither."""
+    Raises ValueError for a folder that is not a checkpoint, FileNotFoundError when it has neither tokenizer; both
+    before the weights load."""
     from tokenizers import Tokenizer
     folder = M.resolve_checkpoint(path_or_id)
+    M.check_checkpoint_folder(folder, "--translator", chat=False)
     if os.path.exists(os.path.join(folder, "tokenizer.json")):
         tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     elif all(os.path.exists(os.path.join(folder, f)) for f in M.SENTENCEPIECE_FILES):
