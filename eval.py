@@ -13,6 +13,7 @@ A model is a checkpoint folder or hub id, a clo run folder (base model + adapter
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -47,9 +48,8 @@ def load_for_eval(path: str, dtype=torch.float32, device="cpu"):
         model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device)
         M.load_adapter(model, path)
         return M.merge_lora(model).eval(), tok
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "merged", "config.json")):
-        return M.load_model(os.path.join(path, "merged"), dtype, device)
-    return M.load_model(path, dtype, device)
+    merged = os.path.join(path, "merged")
+    return M.load_model(merged if os.path.exists(os.path.join(merged, "config.json")) else path, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,7 +179,6 @@ def read_multiple_choice(path: str, lang: str | None = None) -> list[dict]:
     guess = next((p for p in parts[1:-1] if re.fullmatch(r"[a-z]{2,3}", p)), "en")
     lang = lang or ("en" if "-translation" in path else guess)
     if path.endswith(".csv"):
-        import csv
         if not os.path.exists(path):
             raise ValueError(f"{path}: no such file.")
         with open(path, encoding="utf-8", newline="") as f:
@@ -256,7 +255,6 @@ def bench_file(bench: str, lang: str, bench_dir: str | None = None, first_target
         raise ValueError(f"{bench}: could not fetch {repo}/{file} from the hub ({type(e).__name__}); pass "
                          f"--bench-dir with {name} instead.") from e
     if path.endswith(".parquet"):  # cais/mmlu -> MMMLU's CSV columns, once, beside the cache
-        import csv
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -387,9 +385,7 @@ def parse_verdict(text: str) -> str:
 
 def http_judge(url: str, model_name: str, key_env: str = "OPENAI_API_KEY", timeout: float = 120.0):
     """An OpenAI-compatible /chat/completions endpoint, stdlib HTTP only; the key comes from $key_env."""
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
+    endpoint = url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
 
     def ask(prompt: str) -> str:
         body = json.dumps({"model": model_name, "temperature": 0, "max_tokens": 8,
@@ -559,9 +555,8 @@ def parse_args(argv=None):
 
 
 def check_model_path(flag: str, path: str):
-    """A local model eval can load, else ValueError naming it and what to do: a checkpoint folder (the loader's own
-    check, model.check_checkpoint_folder; `flag` as it takes it), or a finished clo run: its adapter_config.json on a
-    base model, or its merged/. Hub ids pass: main() fetches them all before loading any. Loads no weights."""
+    """A local model eval can load, else one ValueError: a checkpoint folder (model.check_checkpoint_folder, `flag` as
+    it takes it), or a finished clo run (its adapter on the base model it names, or merged/). Hub ids pass."""
     local = os.path.expanduser(path)
     if not M.is_local_path(path):
         return
@@ -620,8 +615,7 @@ def read_inputs(a, langs: list[str]) -> dict:
     language), --heldout rows, --mc rows, and each --bench's rows per language ({(bench, lang): rows})."""
     prompts = [r for r in read_prompts(a, langs) if r.get("lang") in langs]
     by_lang = {l: [r for r in prompts if r["lang"] == l][:a.num_prompts] for l in langs}
-    missing = [l for l in langs if not by_lang[l]]
-    if missing:
+    if missing := [l for l in langs if not by_lang[l]]:
         raise ValueError(f"{a.prompts}: no prompts for {missing}; give --prompts with rows for them.")
     bench_rows = {}
     for bench in [b for b in a.bench.split(",") if b]:
@@ -648,8 +642,7 @@ def evaluate_model(path: str, a, inputs: dict, langs: list[str], dist) -> tuple[
     for lang, f in fidelity(answers, [r["lang"] for r in prompts]).items():
         res[f"in_lang_{lang}"], res[f"confused_{lang}"] = f["in_language"], f["confused"]
     for lang in langs:
-        rows = [r for r in inputs["heldout"] if f"{lang}_response" in r]
-        if rows:
+        if rows := [r for r in inputs["heldout"] if f"{lang}_response" in r]:
             res[f"nll_{lang}"] = response_nll(model, tok, rows, lang, progress=a.progress)
     for lang, acc in multiple_choice_accuracy(model, tok, inputs["mc"], a.progress).items():
         res[f"mc_acc_{lang}"] = acc["acc"]
@@ -663,28 +656,27 @@ def main(argv=None):
     a = parse_args(argv)
     a.dtype, why = M.resolve_dtype(a.dtype, a.device)
     print(f"dtype: {a.dtype} ({why})", file=sys.stderr)
-    specs = a.specs
     langs = ["en"] + list(dict.fromkeys(l.strip() for l in a.langs.split(",") if l.strip() and l.strip() != "en"))
     os.makedirs(a.out, exist_ok=True)
     inputs = read_inputs(a, langs)
     prompts = inputs["prompts"]
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
-    for path in specs.values():  # every hub id fetched (or found in the cache) before any model loads
+    for path in a.specs.values():  # every hub id fetched (or found in the cache) before any model loads
         if not os.path.isdir(os.path.expanduser(path)):
             M.Tokenizer(M.resolve_checkpoint(path))  # and its chat template rendered
     results, answers, details, decoding = {}, {}, {}, {}
-    for name, path in specs.items():
+    for name, path in a.specs.items():
         results[name], answers[name], decoding[name], scores = evaluate_model(path, a, inputs, langs, dist)
         details.update({name: scores} if scores else {})
     if not dist.is_main:
         torch.distributed.destroy_process_group()
         return None
     judged = {}
-    if a.judge and len(specs) >= 2:
+    if a.judge and len(a.specs) >= 2:
         ask = (local_judge(a.local_judge, M.DTYPES[a.dtype], a.device) if a.local_judge else
                http_judge(a.judge, a.judge_model, a.judge_key_env))
-        base = list(specs)[0]
-        for other in list(specs)[1:]:
+        base, *others = a.specs
+        for other in others:
             for lang in langs:  # per language, as the paper's table reports it
                 mine = [i for i, r in enumerate(prompts) if r["lang"] == lang]
                 w = judged.setdefault(f"{other} vs {base}", {})[lang] = win_rate(
@@ -698,7 +690,7 @@ def main(argv=None):
                                                       "answers": answers, "prompts": prompts, "date": a.date,
                                                       "decoding": decoding})
     D.write_text(os.path.join(a.out, "results.md"), table + "\n")
-    plot(results, specs, a.out)
+    plot(results, a.specs, a.out)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return results
