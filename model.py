@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import glob
 import json
 import math
 import os
@@ -133,15 +132,11 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x):
-    """The rotate-half layout of HF checkpoints: pairs are (x_i, x_{i+d/2}), not adjacent elements."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    # x: (B, n_heads, T, head_dim); cos, sin: (B, 1, T, head_dim)
-    return x * cos + rotate_half(x) * sin
+    """x (B, n_heads, T, head_dim) rotated by cos, sin (B, 1, T, head_dim), in the rotate-half layout of HF
+    checkpoints: the pairs are (x_i, x_{i+d/2}), not adjacent elements."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache:
@@ -407,12 +402,8 @@ def check_lora_targets(model: nn.Module, targets):
 def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,
                alpha: float = 32.0, dropout: float = 0.0, dtype=None) -> list[str]:
     """Wraps every nn.Linear whose attribute name is in `targets` (A and B in dtype, default their base's); freezes
-    everything else. Returns wrapped names.
-
-    Errors: a target that names no layer of the model, or names one that is not an nn.Linear (embed_tokens is an
-    nn.Embedding: LoRA on embeddings is not implemented), is refused, so that no target is silently left untrained.
-    lm_head is allowed on models with tied embeddings: the adapter then changes the output projection only, and
-    merge_lora unties it (see there)."""
+    everything else. Returns wrapped names. Errors: check_lora_targets'. lm_head is allowed on models with tied
+    embeddings: the adapter then changes the output projection only, and merge_lora unties it (see there)."""
     check_lora_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -588,7 +579,7 @@ SENTENCEPIECE_FILES = ["sentencepiece.bpe.model", "vocab.json"]  # M2M100's toke
 HUB_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py, eval.py and this file's CLI
+DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py and eval.py
 
 
 def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None, layout: str = "train"):
@@ -596,23 +587,16 @@ def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None,
     `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights).
     layout "decode", for callers that only generate or score: on CPU, the wide projections stored column-major
     (column_major_wide_weights); "train": plain row-major tensors, as optimizers and FSDP expect.
-    Errors: check_checkpoint_folder (before the weights load), resolve_checkpoint, load_weights."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype, "--model", chat=True)
+    dtype may be a DTYPES name. Errors: check_checkpoint_folder (before the weights load), resolve_checkpoint."""
+    folder = resolve_checkpoint(path_or_id)
+    raw = check_checkpoint_folder(folder)
     tok = Tokenizer(folder, raw)
-    model = build_on_meta(LlamaForCausalLM, LlamaConfig.from_hf(raw, cfg_path), dtype, device,
-                          column_major=layout == "decode", float32=float32)
+    model = build_on_meta(LlamaForCausalLM, LlamaConfig.from_hf(raw, os.path.join(folder, "config.json")),
+                          DTYPES.get(dtype, dtype), device, column_major=layout == "decode", float32=float32)
     load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
     model.reset_rope()
     model.source = folder
     return model.eval(), tok
-
-
-def open_checkpoint(path_or_id: str, dtype, flag: str, chat: bool) -> tuple[str, torch.dtype, str, dict]:
-    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict), the folder checked
-    by check_checkpoint_folder(folder, flag, chat). dtype may be a DTYPES name. Errors: see resolve_checkpoint."""
-    folder = resolve_checkpoint(path_or_id)
-    raw = check_checkpoint_folder(folder, flag, chat)
-    return folder, DTYPES[dtype] if isinstance(dtype, str) else dtype, os.path.join(folder, "config.json"), raw
 
 
 def is_local_path(path: str) -> bool:
@@ -621,9 +605,6 @@ def is_local_path(path: str) -> bool:
     local = os.path.expanduser(path)
     return (os.path.exists(local) or path.startswith((".", "/", "~")) or local.count("/") > 1
             or ("/" in local and os.path.isdir(os.path.dirname(local))))
-
-
-TRANSLATOR_TYPES = ("m2m_100", "nllb", "nllb-moe")
 
 
 def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True) -> dict:
@@ -649,7 +630,7 @@ def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True)
         raise ValueError(f"{at}: no config.json there; give a Hugging Face checkpoint folder (config.json, "
                          f"*.safetensors, tokenizer.json; {get}).")
     raw = read_json(config)
-    if chat and raw.get("model_type") in TRANSLATOR_TYPES:
+    if chat and raw.get("model_type") in ("m2m_100", "nllb", "nllb-moe"):
         hint = f"; pass it as --translator {path}, and the chat model to adapt as --model" if flag == "--model" else ""
         raise ValueError(f"{at}: an M2M100/NLLB translator, not a chat model{hint}.")
     safetensors_files(local)  # refuses a folder without safetensors weights, or with pickles only
@@ -658,21 +639,25 @@ def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True)
     return raw
 
 
+def weight_files(names: list[str], read_index) -> list[str]:
+    """The safetensors files holding a checkpoint's weights, from its file names (a folder's or a hub repository's):
+    the shards the index names (read_index() -> its parsed JSON), or model.safetensors, or else the top-level
+    *.safetensors but adapter_* and consolidated* (Mistral's native copy, as large as all the shards); or []."""
+    if HUB_INDEX in names:
+        return sorted(set(read_index()["weight_map"].values()))
+    if "model.safetensors" in names:
+        return ["model.safetensors"]
+    return sorted(f for f in names if f.endswith(".safetensors") and "/" not in f
+                  and not f.startswith(("consolidated", "adapter_")))
+
+
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
-    """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, and the weights
-    safetensors_files() will read: the index and the shards it names, or model.safetensors, or (neither present)
-    the top-level *.safetensors; SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Nothing else: Mistral
-    repos also hold a native consolidated.safetensors as large as all the shards, and many hold pickles and original/
-    folders. read_index() -> the index's parsed JSON."""
+    """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, the index if any
+    and weight_files(); SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Nothing else: many repos also
+    hold pickles and original/ folders."""
     spm = SENTENCEPIECE_FILES if "tokenizer.json" not in listing else []
-    wanted = [f for f in HUB_FILES + spm if f in listing]
-    if HUB_INDEX in listing:
-        return wanted + [HUB_INDEX] + sorted(set(read_index()["weight_map"].values()))
-    if "model.safetensors" in listing:
-        return wanted + ["model.safetensors"]
-    weights = sorted(f for f in listing if f.endswith(".safetensors") and "/" not in f
-                     and not f.startswith(("consolidated", "adapter_")))
-    if not weights:  # refuse before downloading anything, naming what the repository has instead
+    wanted = [f for f in HUB_FILES + spm + [HUB_INDEX] if f in listing]
+    if not (weights := weight_files(listing, read_index)):  # refuse before downloading anything, naming what the repository has instead
         other = sorted(f for f in listing if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")))
         raise ValueError(f"the repository has no Hugging Face-layout safetensors weights (it has: "
                          f"{', '.join(other[:6]) or 'no weight files'}{', ...' if len(other) > 6 else ''}). clo "
@@ -750,25 +735,15 @@ def read_json(path: str) -> dict:
 
 
 def safetensors_files(folder: str) -> list[str]:
-    """The weight files of a checkpoint folder: the shards an index names, or model.safetensors, or else the
-    top-level *.safetensors but adapter_* and consolidated* (Mistral's native format); pickles only: refuse."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
-        if missing:
-            raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}.")
-        return [os.path.join(folder, s) for s in shards]
-    if os.path.exists(os.path.join(folder, "model.safetensors")):  # not a stray consolidated.safetensors next to it
-        return [os.path.join(folder, "model.safetensors")]
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    files = [f for f in files if not os.path.basename(f).startswith(("adapter_", "consolidated"))]
+    """The paths of a checkpoint folder's weight_files(); refused: a shard the index names is missing, pickles only."""
+    names, index = os.listdir(folder), os.path.join(folder, HUB_INDEX)
+    files = weight_files(names, lambda: read_json(index))
+    if missing := [f for f in files if not os.path.exists(os.path.join(folder, f))]:
+        raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}.")
     if files:
-        return files
-    pickles = [os.path.basename(f) for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt")
-               for f in glob.glob(os.path.join(folder, pat))]
-    if pickles:
-        raise ValueError(f"{folder}: has only pickle weights ({', '.join(sorted(pickles))}). clo never unpickles: "
+        return [os.path.join(folder, f) for f in files]
+    if pickles := sorted(f for f in names if f.endswith((".bin", ".pt", ".pth", ".ckpt"))):
+        raise ValueError(f"{folder}: has only pickle weights ({', '.join(pickles)}). clo never unpickles: "
                          "a pickle file can run arbitrary code when loaded. Convert it once, in an environment you "
                          "trust, to safetensors (e.g. `AutoModel.from_pretrained(folder).save_pretrained(out, "
                          "safe_serialization=True)` in transformers), or use a hub release that has .safetensors.")
@@ -896,11 +871,6 @@ def check_device(name: str) -> torch.device:
 # Tokenizer and chat template
 
 
-def _token_str(value):
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def today() -> str:
     """The date chat templates write (strftime_now), YYYY-MM-DD; clo.py and eval.py fix it once per run."""
     return datetime.date.today().isoformat()
@@ -956,27 +926,21 @@ class Tokenizer:
             raise FileNotFoundError(f"{folder}: no tokenizer.json. clo reads fast-tokenizer files only; save one with "
                                     "transformers' `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`.")
         self.tok = HFTokenizer.from_file(path)
-        tcfg_path = os.path.join(folder, "tokenizer_config.json")
-        tcfg = read_json(tcfg_path) if os.path.exists(tcfg_path) else {}
-        gen_path = os.path.join(folder, "generation_config.json")
-        gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+        tcfg_path, gen_path = (os.path.join(folder, f) for f in ("tokenizer_config.json", "generation_config.json"))
+        tcfg, gen = (read_json(p) if os.path.exists(p) else {} for p in (tcfg_path, gen_path))
         model_config = model_config or {}
-        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (
-            _token_str(tcfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad"))
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (  # a string or {"content": ...}
+            t.get("content") if isinstance(t := tcfg.get(f"{k}_token"), dict) else t
+            for k in ("bos", "eos", "unk", "pad"))
         # Generation stops on any of these: chat models often end turns with a token other than the tokenizer's eos
         # (Llama 3: <|eot_id|>), which generation_config.json lists.
-        eos_ids = []
-        for source in (gen.get("eos_token_id"), model_config.get("eos_token_id"),
-                       self.token_to_id(self.eos_token)):
-            for i in source if isinstance(source, list) else [source]:
-                if i is not None and i not in eos_ids:
-                    eos_ids.append(int(i))
-        self.eos_ids = eos_ids
+        sources = (gen.get("eos_token_id"), model_config.get("eos_token_id"), self.token_to_id(self.eos_token))
+        self.eos_ids = list(dict.fromkeys(int(i) for s in sources for i in (s if isinstance(s, list) else [s])
+                                          if i is not None))
         self.bos_id = self.token_to_id(self.bos_token)
         pad = self.token_to_id(self.pad_token)
-        if pad is None:
-            pad = gen.get("pad_token_id", model_config.get("pad_token_id"))
-        self.pad_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+        pad = gen.get("pad_token_id", model_config.get("pad_token_id")) if pad is None else pad
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.chat_template, self.template_file = self._find_template(folder, tcfg, tcfg_path)
         if not self.chat_template:  # transformers (v5) has no default template either: a base model, not a chat one
             raise ValueError(f"{folder}: its tokenizer has no chat template (chat_template.jinja, chat_template.json "
@@ -1038,16 +1002,15 @@ class Tokenizer:
 # Generation: prefill the prompt into a static KV cache, then decode one token at a time
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", device="cpu"):
+def pad_batch(sequences: list[list[int]], pad_id: int, device="cpu"):
     """Id lists -> (input_ids (B, longest) with pad_id in the padding, attention_mask (B, longest): 1 real, 0 pad),
-    both long, on `device`. side "left" (generation: every row's last token in the last column) or "right"."""
+    both long, on `device`, left-padded: every row's last token in the last column, where generation continues."""
     S = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), S), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), S, dtype=torch.long)
     for i, s in enumerate(sequences):
-        at = slice(S - len(s), S) if side == "left" else slice(0, len(s))
-        ids[i, at] = torch.tensor(s, dtype=torch.long)
-        mask[i, at] = 1
+        ids[i, S - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, S - len(s):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -1089,7 +1052,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token.")
-    ids, prompt_mask = pad_batch(prompts, tokenizer.pad_id, "left", device)
+    ids, prompt_mask = pad_batch(prompts, tokenizer.pad_id, device)
     valid = torch.cat((prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)), 1)
     mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path (generated slots are real)
     cache = model.new_kv_cache(B, P + max_new_tokens)
@@ -1184,12 +1147,12 @@ class M2M100Attention(nn.Module):
 
 
 class M2M100EncoderLayer(nn.Module):
-    def __init__(self, cfg: M2M100Config):
+    def __init__(self, cfg: M2M100Config, n_heads: int | None = None, ffn_dim: int | None = None):
         super().__init__()
-        self.self_attn = M2M100Attention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn = M2M100Attention(cfg.d_model, n_heads or cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, ffn_dim or cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim or cfg.encoder_ffn_dim, cfg.d_model)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
         self.act = ACTIVATIONS[cfg.activation_function]
 
@@ -1199,19 +1162,13 @@ class M2M100EncoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class M2M100DecoderLayer(nn.Module):
+class M2M100DecoderLayer(M2M100EncoderLayer):
     """Decoder layer: causal self-attention (KV cached), cross-attention to the encoder, feed-forward."""
 
     def __init__(self, cfg: M2M100Config):
-        super().__init__()
-        self.self_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        super().__init__(cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
         self.encoder_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.decoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x, self_kv, cross_kv, cross_mask, start):
         h = self.self_attn_layer_norm(x)
@@ -1222,30 +1179,14 @@ class M2M100DecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class M2M100Encoder(nn.Module):
-    """The encoder's layers and final norm. Its embed_tokens is the shared matrix (see tie_weights); embedding and
-    positions are applied in M2M100ForConditionalGeneration.encode."""
-
-    def __init__(self, cfg: M2M100Config, n_layers: int | None = None, layer_cls=M2M100EncoderLayer):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers or cfg.encoder_layers))
-        self.layer_norm = nn.LayerNorm(cfg.d_model)
-
-
-class M2M100Decoder(M2M100Encoder):
-    """The decoder's layers and final norm: the encoder's layout with decoder layers."""
-
-    def __init__(self, cfg: M2M100Config):
-        super().__init__(cfg, cfg.decoder_layers, M2M100DecoderLayer)
-
-
-class M2M100Model(nn.Module):
-    def __init__(self, cfg: M2M100Config):
-        super().__init__()
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.encoder = M2M100Encoder(cfg)
-        self.decoder = M2M100Decoder(cfg)
+def m2m100_stack(cfg: M2M100Config, n_layers: int, layer_cls) -> nn.Module:
+    """The encoder's or decoder's layers and final norm, under transformers' names. Its embed_tokens is the shared
+    matrix (see tie_weights); embedding and positions are applied in M2M100ForConditionalGeneration.encode/decode."""
+    stack = nn.Module()
+    stack.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+    stack.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers))
+    stack.layer_norm = nn.LayerNorm(cfg.d_model)
+    return stack
 
 
 class M2M100ForConditionalGeneration(nn.Module):
@@ -1254,7 +1195,10 @@ class M2M100ForConditionalGeneration(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
         self.config = cfg
-        self.model = M2M100Model(cfg)
+        self.model = nn.Module()  # model.shared, model.encoder, model.decoder: the checkpoint's names
+        self.model.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.model.encoder = m2m100_stack(cfg, cfg.encoder_layers, M2M100EncoderLayer)
+        self.model.decoder = m2m100_stack(cfg, cfg.decoder_layers, M2M100DecoderLayer)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
@@ -1406,8 +1350,10 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
 def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu") -> M2M100ForConditionalGeneration:
     """Loads an M2M100 / NLLB-200 network (same loader rules as load_model), in eval mode. Its tokenizer and the
     Translator around both: data.load_translator."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype, "--translator", chat=False)
-    model = build_on_meta(M2M100ForConditionalGeneration, M2M100Config.from_hf(raw, cfg_path), dtype, device)
+    folder = resolve_checkpoint(path_or_id)
+    cfg = M2M100Config.from_hf(check_checkpoint_folder(folder, "--translator", chat=False),
+                               os.path.join(folder, "config.json"))
+    model = build_on_meta(M2M100ForConditionalGeneration, cfg, DTYPES.get(dtype, dtype), device)
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
     return model.eval()
