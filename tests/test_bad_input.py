@@ -128,8 +128,8 @@ CASES = [
                                       f"{__import__('model').today()}."),
     (EVAL + ["--batch-size", "0"], "error: --batch-size 0: must be at least 1."),
     (EVAL + ["--max-new-tokens", "0"], "error: --max-new-tokens 0: must be at least 1."),
-    (EVAL + ["b={llama}", "c=runs/x"], "error: --models c: runs/x: no such folder. Give a checkpoint folder, a clo run "
-                                       "folder or a hub id."),
+    (EVAL + ["b={llama}", "c=runs/x"], "error: --models c=runs/x: no such folder. Give a local checkpoint folder "
+                                       f"(config.json, *.safetensors, tokenizer.json; {GET}) or a hub id."),
     (EVAL + ["b={d}/unfinished"], "error: --models b: {d}/unfinished is a clo run that has not finished (no "
                                   "adapter_config.json or merged/ yet): let it finish, or continue it with `python "
                                   "clo.py ... --out {d}/unfinished --resume`."),
@@ -179,8 +179,8 @@ def test_a_hub_model_whose_template_fails_stops_before_translation(inputs, tmp_p
     for module, name in ((D, "load_translator"), (D, "translate_items"), (clo, "reference_logps"), (M, "load_weights")):
         monkeypatch.setattr(module, name, never)
     with pytest.raises(SystemExit) as e:
-        clo.exit_on_error(lambda: clo.main(["--model", "someone/misspelt", "--lang", "de", "--no-progress", "--out",
-                                            str(tmp_path / "run")]))
+        D.exit_on_error(lambda: clo.main(["--model", "someone/misspelt", "--lang", "de", "--no-progress", "--out",
+                                          str(tmp_path / "run")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {folder}/tokenizer_config.json: its chat template fails (line 2"
                                                 ) and err.count("\n") == 1, err

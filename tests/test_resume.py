@@ -46,7 +46,7 @@ def run(capsys, *argv):
     """clo.py's command line, in this process: (exit code, stdout, stderr)."""
     code = 0
     try:
-        clo.exit_on_error(lambda: clo.main(list(argv)), FloatingPointError, kept=clo.kept)
+        clo.exit_on_error(lambda: clo.main(list(argv)), FloatingPointError, kept=clo.stopped_run_note)
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
@@ -99,14 +99,14 @@ def test_default_cadence_checkpoints_a_short_run_killed_after_its_middle_step(se
     (["--batch-size", "3"], "--batch-size 1, now 3"),
     (["--grad-accum", "2"], "--grad-accum 1, now 2"),
     (["--lr", "2e-3"], "--lr 0.001, now 0.002"),
-    (["--method", "sft"], "--method clo, now sft"),
+    (["--method", "sft"], "--method clo, now sft; --lam 0.5, now 1.0"),  # sft fixes lam
     (["--beta", "0.2"], "--beta 0.1, now 0.2"),
     (["--lam", "0.3"], "--lam 0.5, now 0.3"),
     (["--tune", "attn"], "--tune lora, now attn"),
     (["--lora-r", "8"], "--lora-r 16, now 8"),
     (["--epochs", "2"], "--epochs 3, now 2"),
     (["--seed", "1"], "--seed 0, now 1"),
-    (["--method", "sft-target"], "--method clo, now sft-target"),
+    (["--method", "sft-target"], "--method clo, now sft-target; --lam 0.5, now 1.0"),
     (["--pairing", "pairs"], "--pairing items, now pairs"),
 ])
 def test_resume_with_another_setting_is_refused_naming_it(setup, capsys, change, said):
