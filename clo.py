@@ -64,12 +64,9 @@ def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     kinds of pair (x_en: y_en > y_l and x_l: y_l > y_en). The NLL term is the chosen log-probs of the pairs in
     nll_mask (B,) 1.0/0.0 (CLO: the target-language pairs), per token: chosen_lengths (B,) are their token counts.
     The paper's baselines and ablations are this equation with other settings: METHODS, below.
-
-    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts. The training loop passes
-    the whole optimizer step's counts (all micro-batches, all ranks): each micro-batch's loss is then its share of
-    the step's loss, and the shares (and their gradients) sum to the loss of the step's pairs taken at once.
-    Returns LossParts of scalars; reward_acc and margin are shares too.
-    """
+    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts; the loop passes the
+    whole optimizer step's (all micro-batches and ranks), so the micro-batches' losses (and gradients) sum to the
+    step's. Returns LossParts of scalars; reward_acc and margin are shares too."""
     margin = beta * ((policy_chosen_logps - reference_chosen_logps)
                      - (policy_rejected_logps - reference_rejected_logps))                          # (B,)
     n_pairs = len(margin) if n_pairs is None else n_pairs
@@ -147,16 +144,6 @@ def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dis
     return dist.sum(out).cpu()
 
 
-def autocast(device, dtype="float32"):
-    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
-    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
-    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
-    kind = torch.device(device).type
-    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
-        return torch.autocast(kind, dtype=torch.bfloat16)
-    return torch.autocast(kind, enabled=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # What is trained (Sec. 4): the attention projections, or LoRA on them
 
@@ -175,14 +162,6 @@ def set_trainable(model, tune: str, targets, r: int, alpha: float, dropout: floa
     for name, p in model.named_parameters():
         p.requires_grad_(is_trained(tune, name))
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def float32_weights(tune: str, dtype: str):
-    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
-    (mixed precision, as PEFT trains) the trained ones (Adam's updates are far below bf16's 8-bit mantissa: a bf16 1.0
-    cannot take a step under 0.004) and the 1-D ones (norms, biases: KBs; fp32 norms keep the residual stream in fp32,
-    see LlamaForCausalLM.hidden_states); the frozen rest in bf16, as autocast casts them at every matmul anyway."""
-    return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,10 +190,9 @@ def rank_share(global_batch, dist) -> list[int]:
 
 
 def train(args, model, pairs, tok, ref, run: Run) -> dict:
-    """nanoGPT's loop: learning rate, micro-batches (forward, loss, backward), clip, step, log, checkpoint. One
-    optimizer step = --grad-accum micro-batches of --batch-size x world items (or pairs: --pairing), whatever the
-    number of ranks. Checkpoints and --resume: Checkpoints, below the banner; after --stop-after's step the return
-    value (the last metrics line) has "stopped": True."""
+    """nanoGPT's loop: learning rate, micro-batches (forward, loss, backward), clip, step, log, checkpoint. A step =
+    --grad-accum micro-batches of --batch-size x world items (or pairs: --pairing), whatever the number of ranks.
+    Returns the last metrics line; after --stop-after's step (a checkpoint: Checkpoints) with "stopped": True."""
     dist, device = run.dist, run.device
     plan = global_batches(pairs, args, dist, 0)
     say_left_out(pairs, plan, args, run)
@@ -233,8 +211,7 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
             epoch = done // len(plan)
             batches = global_batches(pairs, args, dist, epoch)
         micro = batches[done % len(plan):][:args.grad_accum]
-        # Sec. 3's means run over the pairs (and NLL tokens) of the whole optimizer step, however it is split into
-        # micro-batches and ranks: the denominators are the step's counts, known to every rank from the batch plan.
+        # Sec. 3's means run over the whole step's pairs and NLL tokens, however split into micro-batches and ranks
         in_step = [pairs[i] for global_batch in micro for group in global_batch for i in group]
         n_nll_tokens = float(sum(len(p.chosen) for p in in_step if in_nll_term(p, args.method)))
         optimizer.zero_grad(set_to_none=True)
@@ -283,9 +260,7 @@ def main(argv=None):
     tokenized = tokenize(args, pairs, tok, run)
     ref = reference_table(args, model, tokenized, tok, run)  # log pi_ref(y|x) of every response, once
     wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
-            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
-                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
+    say_training(args, model, wrapped, tokenized, run)
     last = train(args, model, tokenized, tok, ref, run)
     if not last.get("stopped"):                              # --stop-after: a checkpoint, no outputs yet
         save_outputs(args, model, last, run)                 # adapter, merged checkpoint, summary.json
@@ -317,23 +292,11 @@ def load_policy(args, run: Run, device=None):
 def translated_rows(args, items, run: Run) -> list[dict]:
     """One row per item with en_* and <lang>_* fields, translated by rank 0 into the run's cache (resumable), which
     the other ranks then read."""
-    def get_translator():
-        if not run.dist.is_main:
-            raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
-        try:
-            return D.load_translator(args.translator, args.dtype, run.device)
-        except Exception as e:
-            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
-                             "with pre-translated data to train without an MT model.") from e
-
-    cache = os.path.join(run.out, "translations.jsonl")
-    if run.dist.is_main:
-        rows = D.translate_items(items, args.langs, cache, get_translator, num_beams=args.num_beams, log=run.log,
-                                 progress=args.progress)
+    cache, load = os.path.join(run.out, "translations.jsonl"), translator_loader(args, run)
+    rows = D.translate_items(items, args.langs, cache, load, num_beams=args.num_beams, log=run.log,
+                             progress=args.progress) if run.dist.is_main else None
     run.dist.barrier()
-    if not run.dist.is_main:
-        rows = D.translate_items(items, args.langs, cache, get_translator, log=run.log)
-    return rows
+    return rows or D.translate_items(items, args.langs, cache, load, log=run.log)
 
 
 def cross_lingual_pairs(args, rows, run: Run) -> list[dict]:
@@ -356,15 +319,12 @@ def tokenize(args, pairs, tok, run: Run) -> list[D.TokenizedPair]:
 def reference_table(args, model, tokenized, tok, run: Run) -> torch.Tensor:
     """log pi_ref of every pair's chosen and rejected response (P, 2); with --resume, the saved table when it was
     computed for these pairs, model and numerics."""
-    path = os.path.join(run.out, "reference_logps.safetensors")
-    ref = load_reference(path, run.settings, run.log) if args.resume else None
+    ref = load_reference(run) if args.resume else None
     if ref is None:
         per_unit = 2 * len(args.langs) if args.pairing == "items" else 1  # pairs per --batch-size unit
         ref = reference_logps(model, tokenized, 2 * args.batch_size * per_unit, tok.pad_id, run.device,
                               args.progress, run.dist, args.pack_to, args.dtype)
-        if run.dist.is_main:
-            save_tensors(path, {"logps": ref.contiguous()},
-                         {"settings": json.dumps({k: run.settings[k] for k in REFERENCE_SETTINGS})})
+        save_reference(ref, run)
     return ref
 
 
@@ -378,13 +338,6 @@ def save_outputs(args, model, last, run: Run):
         if args.merge or args.tune != "lora":
             save_merged(os.path.join(run.out, "merged"), model, model.source)
         mark_finished(args, run, last)                       # summary.json; then the checkpoint goes
-
-
-def finish(run: Run, last: dict) -> dict:
-    run.dist.barrier()
-    if run.dist.world > 1:
-        torch.distributed.destroy_process_group()
-    return last
 
 
 # ======================================================================================================================
@@ -482,6 +435,35 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def finish(run: Run, last: dict) -> dict:
+    run.dist.barrier()
+    if run.dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return last
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision: --dtype bfloat16 is mixed precision (bf16 frozen weights and matmuls, fp32 trained tensors and AdamW)
+
+
+def autocast(device, dtype="float32"):
+    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
+    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
+    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
+    kind = torch.device(device).type
+    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(kind, enabled=False)
+
+
+def float32_weights(tune: str, dtype: str):
+    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
+    (mixed precision, as PEFT trains) the trained ones (Adam's updates are far below bf16's 8-bit mantissa: a bf16 1.0
+    cannot take a step under 0.004) and the 1-D ones (norms, biases: KBs; fp32 norms keep the residual stream in fp32,
+    see LlamaForCausalLM.hidden_states); the frozen rest in bf16, as autocast casts them at every matmul anyway."""
+    return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The run folder: every file written atomically, every piece of saved state tagged with the settings it belongs to
 
@@ -538,13 +520,16 @@ def run_settings(args, model_folder: str, world: int, date: str | None = None) -
     return s
 
 
-def digest(obj) -> str:
-    """sha256 of obj as JSON: the English items, or every token id and target flag of the tokenized pairs."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+def items_digest(items) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def pairs_digest(pairs) -> str:
-    return digest([[p.index, p.in_target_lang, p.prompt, p.chosen, p.rejected] for p in pairs])
+    """sha256 of every token id and target flag of the tokenized pairs, in order (rows of the reference table)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.index, p.in_target_lang, p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()[:16]
 
 
 def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
@@ -598,7 +583,7 @@ def check_run_folder(args, items) -> Run:
     folder = M.resolve_checkpoint(args.model)
     recorded = os.path.join(args.out, "args.json")  # the date the chat template writes: the run's, on --resume too
     date = M.read_json(recorded).get("date", M.today()) if args.resume and os.path.exists(recorded) else M.today()
-    run = Run(args.out, dist, log, {**run_settings(args, folder, dist.world, date), "items": digest(items)}, device,
+    run = Run(args.out, dist, log, {**run_settings(args, folder, dist.world, date), "items": items_digest(items)}, device,
               folder, date)
     checked = [k for k in TRAINING_SETTINGS if k not in ("items", "pairs")]
     if args.resume and os.path.exists(os.path.join(args.out, "summary.json")):
@@ -627,14 +612,14 @@ def claim_run_folder(args, run: Run):
     if run.dist.is_main:
         os.makedirs(out, exist_ok=True)
         found = find_checkpoint(out, run.log, fix=args.resume)  # --resume: a kill's leftovers into place
-        if found and not args.resume:
-            run.log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to continue "
-                    "that run instead, stop this one and add --resume")
-        for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old") * (not args.resume):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        for name in ("summary.json", "metrics.jsonl") * (not args.resume):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out, name))
+        if not args.resume:
+            if found:
+                run.log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to "
+                        "continue that run instead, stop this one and add --resume")
+            remove_checkpoints(out)
+            for name in ("summary.json", "metrics.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
         if not args.resume or run.checkpoint is None or not os.path.exists(args_path):
             D.save_json(args_path, saved)
     run.dist.barrier()
@@ -653,9 +638,29 @@ def record_pairs(run: Run, tokenized, tok):
         refuse_if_changed(run.out, old, run.settings, ["pairs"])
 
 
-def load_reference(path: str, settings: dict, log=print):
+def translator_loader(args, run: Run):
+    """The translator, loaded when the cache lacks a translation (rank 0 only: the others read its cache)."""
+    def get_translator():
+        if not run.dist.is_main:
+            raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
+        try:
+            return D.load_translator(args.translator, args.dtype, run.device)
+        except Exception as e:
+            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
+                             "with pre-translated data to train without an MT model.") from e
+    return get_translator
+
+
+def save_reference(ref, run: Run):
+    if run.dist.is_main:
+        save_tensors(os.path.join(run.out, "reference_logps.safetensors"), {"logps": ref.contiguous()},
+                     {"settings": json.dumps({k: run.settings[k] for k in REFERENCE_SETTINGS})})
+
+
+def load_reference(run: Run):
     """--resume: the reference table a run computed before, when it is whole and was computed for these pairs, model
     and numerics; else None (recomputed, and said: other pairs only when no setting explains them)."""
+    path, settings, log = os.path.join(run.out, "reference_logps.safetensors"), run.settings, run.log
     if not os.path.exists(path):
         return None
     from safetensors import safe_open
@@ -671,6 +676,11 @@ def load_reference(path: str, settings: dict, log=print):
         log(f"{path}: computed with {'; '.join(diffs)}: recomputing it")
         return None
     return logps
+
+
+def remove_checkpoints(out: str):
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def stopped_run_note() -> str:
@@ -689,8 +699,7 @@ def mark_finished(args, run: Run, last: dict):
     summary = {"run": run.out, "steps": last.get("step"), "final": last, "pairs": run.report,
                "ranks": run.dist.world, "settings": run.settings}
     D.save_json(os.path.join(run.out, "summary.json"), summary)
-    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
-        shutil.rmtree(os.path.join(run.out, name), ignore_errors=True)
+    remove_checkpoints(run.out)
     RUN["checkpoint"] = None
     run.log(final_message(args, run.out, last))
 
@@ -746,7 +755,8 @@ class Checkpoints:
             RUN["checkpoint"] = (self.folder, step)
         if stop:
             self.run.log(f"stopped after step {step} of {self.total} (--stop-after {args.stop_after}): checkpoint in "
-                         f"{self.folder}; continue with --resume")
+                         f"{self.folder}; continue with: python clo.py ... --out {shlex.quote(self.run.out)} --resume "
+                         "(the same options)")
             dist.barrier()
         return stop
 
@@ -785,6 +795,12 @@ def stop_if_not_finite(parts, step: int, checkpoint: str):
             f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
             f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {checkpoint} (if one was "
             "written). Try a lower --lr, or --dtype float32.")
+
+
+def say_training(args, model, wrapped, tokenized, run: Run):
+    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
+            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
+                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
 
 
 def say_left_out(pairs, plan, args, run: Run):
@@ -1026,7 +1042,7 @@ def save_merged(folder, model, source):
 # Command line
 
 
-def parse_args(argv=None):
+def command_line() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.",
                                 formatter_class=D.HelpWithDefaults)
     p.add_argument("--model", required=True, help="chat model to adapt: a local checkpoint folder "
@@ -1097,7 +1113,12 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
                    "(rank 0 translates while the others wait)")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """The options, with clo's defaults filled in (README: options and defaults) and checked (check_args)."""
+    a = command_line().parse_args(argv)
     a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
     lam, lora = METHODS[a.method][0], [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
                                        if getattr(a, k) is not None]
@@ -1179,12 +1200,9 @@ def check_args(a):
 
 def final_message(args, out: str, last: dict) -> str:
     """The lines a finished run ends with (rank 0): the final numbers, where each output is, and what to run next,
-    as TRL's and torchtune's trainers end. `last`: train()'s last step dict; with last["stopped"] (--stop-after) the
-    checkpoint and the --resume command instead."""
+    as TRL's and torchtune's trainers end (a stopped run's line: Checkpoints.after_step). `last`: train()'s last
+    metrics line."""
     q = shlex.quote
-    if last.get("stopped"):
-        return (f"stopped after step {last.get('step')} (--stop-after): checkpoint in {os.path.join(out, 'checkpoint')}"
-                f"; continue with: python clo.py ... --out {q(out)} --resume (the same options)")
     merged = os.path.join(out, "merged")
     lines = [f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
              f"margin {last.get('margin')}  nll {last.get('nll')}"]

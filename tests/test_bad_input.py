@@ -219,14 +219,6 @@ def test_final_message_names_outputs_that_exist_and_commands_that_work(llama_dir
     assert not torch.allclose(a_logits, base, atol=1e-6)  # the adapter is there: one step moved the model
 
 
-def test_final_message_of_a_stopped_run_says_how_to_resume(llama_dir, tmp_path):
-    import clo
-    args = clo.parse_args(["--model", llama_dir, "--lang", "de", "--translations", PARALLEL])
-    text = clo.final_message(args, "runs/x", {"step": 3, "stopped": True})
-    assert text == ("stopped after step 3 (--stop-after): checkpoint in runs/x/checkpoint; continue with: python "
-                    "clo.py ... --out runs/x --resume (the same options)")
-
-
 def test_help_gives_every_option_a_description_and_default():
     """--help of both scripts: every option has a help text; every option with a value shows its default."""
     import argparse

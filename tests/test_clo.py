@@ -122,7 +122,8 @@ def test_pair_loss_is_log2_at_step_0(llama_dir):
     M.apply_lora(model, r=4, alpha=8)
     B = len(pairs)
     logp, n = clo.sequence_logps(model, D.collate(pairs, tok.pad_id, pack_to=64), 2 * B)
-    parts = clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], n[:B].float(),
+    (chosen, rejected), (chosen_lengths, _) = logp.chunk(2), n.chunk(2)  # collate: chosen first
+    parts = clo.clo_loss(chosen, rejected, ref[:, clo.CHOSEN], ref[:, clo.REJECTED], chosen_lengths.float(),
                          torch.tensor([float(p.in_target_lang) for p in pairs]), beta=0.1, lam=0.0)
     assert abs(parts.loss.item() - math.log(2)) < 1e-6
 
