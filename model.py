@@ -76,14 +76,11 @@ class LlamaConfig:
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (llama3, linear).")
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
-        sliding = None
-        if model_type == "mistral":
-            sliding = cfg.get("sliding_window")
         if model_type == "qwen2" and cfg.get("use_sliding_window"):
             raise ValueError(f"{source}: Qwen2 with use_sliding_window=true is not supported (Qwen2.5 releases "
                              "ship it off).")
-        kwargs.update(rope_scaling=scaling, sliding_window=sliding,
-                      rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        kwargs.update(rope_scaling=scaling, sliding_window=cfg.get("sliding_window") if model_type == "mistral"
+                      else None, rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                       qkv_bias=model_type == "qwen2", head_dim=cfg.get("head_dim") or 0)
         kwargs.setdefault("num_key_value_heads", kwargs.get("num_attention_heads", cls.num_attention_heads))
         return cls(**kwargs)
@@ -328,7 +325,7 @@ class LoRALinear(nn.Module):
 
     A starts random (Kaiming-uniform, as peft does) and B at zero, so a fresh adapter changes nothing: the model at
     step 0 is exactly the base model, which is what makes pi_ref = pi at the start of CLO training.
-    merge() folds the update into W (W += scaling B A) for inference at the base model's speed.
+    merged_linear() folds the update into W (W + scaling B A) for inference at the base model's speed.
     Parameter names (lora_A.weight, lora_B.weight) are peft's, so the saved adapter loads in peft and vLLM.
     `scaling` overrides alpha / r for adapters trained elsewhere (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)).
     `dtype`: A's and B's (default W's; clo trains fp32 adapters on a bf16 W, see clo.float32_weights).
@@ -376,10 +373,8 @@ class LoRALinear(nn.Module):
 def wrap_linear(model: nn.Module, name: str, r: int, alpha: float, dropout: float = 0.0,
                 scaling: float | None = None, dtype=None) -> LoRALinear:
     """Replaces the nn.Linear at `name` (e.g. model.layers.0.self_attn.q_proj) by a LoRALinear around it."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    layer = LoRALinear(getattr(parent, child), r, alpha, dropout, scaling, dtype)
-    setattr(parent, child, layer)
+    layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, scaling, dtype)
+    model.set_submodule(name, layer)
     return layer
 
 
@@ -442,16 +437,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     weight W + scaling B A, the embedding keeps W, and model.config.tie_word_embeddings becomes False, so that the
     merged model (and the checkpoint save_merged writes from it) computes the adapter's logits. Folding the update
     into the shared matrix instead would also shift every input embedding."""
-    owners = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
     untied = False
     for name, m in lora_modules(model).items():
-        shared = len(owners[id(m.base.weight)]) > 1
+        shared = sum(p is m.base.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1
         untied |= shared
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.merged_linear(untie=shared))
+        model.set_submodule(name, m.merged_linear(untie=shared))
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False
     return model
@@ -459,11 +449,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights under peft's names: base_model.model.<module>.lora_A.weight (no adapter name in the key)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
-    return out
+    return {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+            for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"):
@@ -657,7 +644,7 @@ def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
     hold pickles and original/ folders."""
     spm = SENTENCEPIECE_FILES if "tokenizer.json" not in listing else []
     wanted = [f for f in HUB_FILES + spm + [HUB_INDEX] if f in listing]
-    if not (weights := weight_files(listing, read_index)):  # refuse before downloading anything, naming what the repository has instead
+    if not (weights := weight_files(listing, read_index)):  # refused before any download, naming what there is
         other = sorted(f for f in listing if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")))
         raise ValueError(f"the repository has no Hugging Face-layout safetensors weights (it has: "
                          f"{', '.join(other[:6]) or 'no weight files'}{', ...' if len(other) > 6 else ''}). clo "
@@ -817,29 +804,22 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
                 cpuinfo = f.read()
         except OSError:
             return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # x86 says flags, AArch64 says Features
-            flags.update(value.split())
+    flags = {flag for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())
+             if key.strip().lower() in ("flags", "features") for flag in value.split()}  # x86, AArch64
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def default_dtype(device, cpuinfo: str | None = None) -> tuple[str, str]:
-    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason).
-
-    bf16 where the hardware computes it natively, since it then halves the bytes every matmul and every decoding step
-    reads: CUDA GPUs with bf16 (Ampere and later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 elsewhere,
-    where bf16 is emulated and slower than fp32, and on other devices (mps)."""
+    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason). bf16 where the hardware
+    computes it natively (then every matmul and decoding step reads half the bytes): CUDA GPUs with bf16 (Ampere and
+    later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 where bf16 is emulated, and on other devices."""
     kind = torch.device(device).type
     if kind == "cuda":
-        if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bfloat16", "CUDA"
-        return "float32", "this GPU has no native bf16"
+        native = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bfloat16", "CUDA") if native else ("float32", "this GPU has no native bf16")
     if kind == "cpu":
-        if cpu_has_native_bf16(cpuinfo):
-            return "bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16"
-        return "float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"
+        return (("bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16") if cpu_has_native_bf16(
+            cpuinfo) else ("float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"))
     return "float32", f"bf16 is not chosen automatically on {kind}"
 
 
@@ -850,8 +830,7 @@ def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
         return default_dtype(device)
     if requested not in DTYPES:
         raise ValueError(f"--dtype {requested}: unknown dtype; use auto, float32 or bfloat16 (or {', '.join(DTYPES)}).")
-    name = str(DTYPES[requested]).removeprefix("torch.")
-    return name, f"--dtype {requested}"
+    return str(DTYPES[requested]).removeprefix("torch."), f"--dtype {requested}"
 
 
 def check_device(name: str) -> torch.device:
