@@ -124,11 +124,10 @@ def sequence_logps(model, batch, n_sequences: int):
 @torch.no_grad()
 def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist | None = None, pack_to=None,
                     dtype="float32"):
-    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
-    no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
-    table is then summed across ranks. dtype is --dtype: the table is computed in the precision of the policy's
-    forward pass (bf16: under the same autocast), so that policy = reference at step 0 and the pair loss starts at
-    log 2. Returns (P, 2): [chosen, rejected], float32."""
+    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update: no
+    second copy of the model is ever held. Each rank scores its shard (pairs i with i % world == rank); the table is
+    summed across ranks. In --dtype's precision (bf16: under the policy's autocast), so that policy = reference at
+    step 0 and the pair loss starts at log 2. Returns (P, 2): [chosen, rejected], float32."""
     from tqdm import tqdm
     dist = dist or Dist()
     model.eval()
@@ -178,8 +177,7 @@ def lr_at(step, total, warmup, peak):
 
 def global_batches(pairs, args, dist, epoch: int) -> list[list[list[int]]]:
     """Length-grouped batches of batch_size x world groups (--pairing items: an item's pairs; pairs: one pair each),
-    as pair indices; rank r trains on every world-th group of each (rank_share). A last batch with fewer groups than
-    ranks is dropped (every rank must take part in every step)."""
+    as pair indices, for rank_share; a last batch with fewer groups than ranks is dropped (all ranks take every step)."""
     batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch, args.pairing == "items")
     return [b for b in batches if len(b) >= dist.world]
 
@@ -238,9 +236,9 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
         step, done = step + 1, done + len(micro)
         last = log_step(step, done, dist.sum(shares), in_step, lr, grad_norm)
         if checkpoints.after_step(step, done):              # saves when due; True after --stop-after's step
-            return {**last, "stopped": True}
+            break
     log_step.bar.close()
-    return last
+    return {**last, "stopped": True} if step < total else last
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,19 +265,8 @@ def main(argv=None):
     return finish(run, last)
 
 
-def read_data(args) -> tuple[list[dict], list[dict] | None]:
-    """The English items (x_en, y_en): --data, else the English side of --translations, else the Alpaca seed tasks
-    shipped in samples/; with --translations also its rows for them (x_l, y_l): each file read once, whole."""
-    items = D.load_sft(args.data, args.num_samples) if args.data or not args.translations else None
-    rows = D.read_parallel(args.translations, args.langs, args.num_samples, items) if args.translations else None
-    if items is None:
-        items = [{"instruction": r["en_instruction"], "response": r["en_response"]} for r in rows]
-    return items, rows
-
-
 def load_policy(args, run: Run, device=None):
-    """The model to train, on `device` (default: this rank's), its frozen weights in --dtype and trained ones in fp32
-    (float32_weights); first the memory it will take is said, and a bad --lora-targets refused (say_memory)."""
+    """The model to train, on `device` (default: this rank's; first its memory is said: say_memory), in --dtype."""
     if device is None:
         say_memory(args, run)
     model, tok = M.load_model(run.model_folder, args.dtype, device or run.device, float32_weights(args.tune, args.dtype))
@@ -520,10 +507,6 @@ def run_settings(args, model_folder: str, world: int, date: str | None = None) -
     return s
 
 
-def items_digest(items) -> str:
-    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def pairs_digest(pairs) -> str:
     """sha256 of every token id and target flag of the tokenized pairs, in order (rows of the reference table)."""
     h = hashlib.sha256()
@@ -583,7 +566,8 @@ def check_run_folder(args, items) -> Run:
     folder = M.resolve_checkpoint(args.model)
     recorded = os.path.join(args.out, "args.json")  # the date the chat template writes: the run's, on --resume too
     date = M.read_json(recorded).get("date", M.today()) if args.resume and os.path.exists(recorded) else M.today()
-    run = Run(args.out, dist, log, {**run_settings(args, folder, dist.world, date), "items": items_digest(items)}, device,
+    items_digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    run = Run(args.out, dist, log, {**run_settings(args, folder, dist.world, date), "items": items_digest}, device,
               folder, date)
     checked = [k for k in TRAINING_SETTINGS if k not in ("items", "pairs")]
     if args.resume and os.path.exists(os.path.join(args.out, "summary.json")):
@@ -862,11 +846,6 @@ def training_bytes(cfg: M.LlamaConfig, tune: str, dtype: str, targets=ATTENTION_
             "optimizer": sum(2 * size(p) + 4 for p in trained)}
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: safetensors + JSON in a temporary folder, renamed into place
 
@@ -878,7 +857,8 @@ def save_checkpoint(folder, model, optimizer, step, batches_done, dist=None, set
     leaves)."""
     dist = dist or Dist()
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    tensors = {f"param/{n}": full_tensor(t).cpu().contiguous().clone() for n, t in trainable_state(model).items()}
+    tensors = {f"param/{n}": full_tensor(p.detach()).cpu().contiguous().clone() for n, p in model.named_parameters()
+               if p.requires_grad}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for k, v in optimizer.state.get(p, {}).items():
@@ -1108,8 +1088,7 @@ def command_line() -> argparse.ArgumentParser:
                    "continue later with --resume (0: run to the end)")
     p.add_argument("--merge", action="store_true", help="--tune lora: also write a full merged checkpoint to "
                    "RUN_DIR/merged (attn and full always write it)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still "
-                   "print)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still print)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
                    "(rank 0 translates while the others wait)")
@@ -1196,6 +1175,16 @@ def check_args(a):
         raise ValueError(f"--out {a.out}: {above} is a file, so the folder cannot be made there; give another path.")
     if not os.access(above, os.W_OK):
         raise ValueError(f"--out {a.out}: {above} is not writable; give a folder you can write to.")
+
+
+def read_data(args) -> tuple[list[dict], list[dict] | None]:
+    """The English items (x_en, y_en): --data, else the English side of --translations, else the Alpaca seed tasks
+    shipped in samples/; with --translations also its rows for them (x_l, y_l): each file read once, whole."""
+    items = D.load_sft(args.data, args.num_samples) if args.data or not args.translations else None
+    rows = D.read_parallel(args.translations, args.langs, args.num_samples, items) if args.translations else None
+    if items is None:
+        items = [{"instruction": r["en_instruction"], "response": r["en_response"]} for r in rows]
+    return items, rows
 
 
 def final_message(args, out: str, last: dict) -> str:
