@@ -233,8 +233,7 @@ def language_token(vocab: dict, code: str, name: str = "this translator") -> tup
             return token, vocab[token]
     names = {t for t in vocab if LANGUAGE_TOKEN.fullmatch(t)} | {i for i, fl in FLORES_CODES.items() if fl in vocab}
     raise ValueError(f"language {code!r} is not supported by {name}.{close_codes(code, sorted(names))} Use an ISO "
-                     f"639-1 code "
-                     f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
+                     f"639-1 code ({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -249,12 +248,10 @@ INLINE_CODE = re.compile(r"`[^`\n]+`")
 
 def split_for_translation(text: str):
     """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
-
     Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
     kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
-    translation). Returns (plan, sentences): plan is a list of lines, each either a verbatim string or
-    (prefix, [(sentence_index, code_spans, separator), ...]).
-    """
+    translation). Returns (plan, sentences): plan is a list of lines, each a verbatim string or
+    (prefix, [(sentence_index, code_spans), ...]) (join_translation puts them back)."""
     plan, sentences, in_fence = [], [], False
     for line in text.split("\n"):
         if FENCE.match(line):
@@ -541,9 +538,10 @@ def items_from_translations(path: str) -> list[dict]:
 
 def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) -> list[dict]:
     """Two pairs per item and language, each with its item's number (`item`, the row's). `in_target_lang` marks the
-    pair whose chosen answer is in the target language: only those responses enter CLO's NLL term. An item whose translation into a language was flagged (`<lang>_flags`:
-    a sentence cut at the MT model's input limit, or an output still degenerate after the retry) gives no pairs for
-    that language unless keep_flagged: a half-translated answer would teach the wrong thing."""
+    pair whose chosen answer is in the target language: only those responses enter CLO's NLL term. An item whose
+    translation into a language was flagged (`<lang>_flags`: a sentence cut at the MT model's input limit, or an
+    output still degenerate after the retry) gives no pairs for that language unless keep_flagged: a half-translated
+    answer would teach the wrong thing."""
     pairs = []
     for item, row in enumerate(rows):
         x_en, y_en = row["en_instruction"], row["en_response"]
