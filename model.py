@@ -3,7 +3,6 @@
 1. A Llama-family decoder-only chat model (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM), the model CLO adapts.
 2. The M2M100 / NLLB-200 encoder-decoder network and its decoding (greedy, beam search); the text side of translation
    (language codes, sentence splitting, batching, retries) is data.py's Translator.
-
 Plus what both need: safetensors loading from a folder or a Hugging Face hub id (never pickle), the tokenizer and a
 sandboxed chat template, KV-cached generation, and LoRA adapters written by hand.
 
@@ -15,7 +14,6 @@ rule, hub files, safetensors, dtype and device) -> tokenizer and template -> gen
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -211,14 +209,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaBody(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 def visible_keys(query_seq, key_seq, start: int, window: int | None):
     """The attention rule, for every layout: (B, 1, T, S) bool, True where the query at slot start + t may attend to
     the key at slot s. query_seq (B, T) and key_seq (B, S) give the sequence each slot belongs to (-1: padding);
@@ -244,7 +234,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaBody(cfg)
+        self.model = nn.Module()  # model.embed_tokens, model.layers, model.norm: the checkpoint's names
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~30% more compute
@@ -259,8 +252,7 @@ class LlamaForCausalLM(nn.Module):
         self.inv_freq = rope_inverse_frequencies(self.config).to(self.model.embed_tokens.weight.device)
 
     def new_kv_cache(self, batch: int, length: int) -> list[KVCache]:
-        w = self.model.embed_tokens.weight
-        c = self.config
+        w, c = self.model.embed_tokens.weight, self.config
         return [KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
                 for _ in range(c.num_hidden_layers)]
 
@@ -285,10 +277,8 @@ class LlamaForCausalLM(nn.Module):
         Packed rows (training, no cache): positions (B, T) and segments (B, T) give each token's position in its own
         sequence and that sequence's id (-1 for padding); a token attends only to earlier tokens of its sequence.
         """
-        B, T = input_ids.shape
-        device = input_ids.device
-        end = start + T
-        window = self.config.sliding_window
+        (B, T), device = input_ids.shape, input_ids.device
+        end, window = start + T, self.config.sliding_window
         if segments is not None:  # packed rows: sequences as given
             mask = visible_keys(segments, segments, 0, window)
         else:  # one sequence per row (0), padding keys -1; every query, padding too, counts as the row's sequence
@@ -303,7 +293,7 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
         # the residual stream in the norms' dtype: fp32 under mixed precision, whose embedding is held in bf16
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # (B, T, d_model)
-        if mask is not None:  # SDPA would turn a bool mask into this additive one in every layer, each kept for backward
+        if mask is not None:  # SDPA would make a bool mask additive in every layer, each copy kept for backward
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_fill_(~mask, float("-inf"))
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -342,17 +332,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True
 
     @property
     def weight(self):
         return self.base.weight
 
     def forward(self, x):
-        y = self.base(x)
-        if self.enabled:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-        return y
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def delta(self) -> torch.Tensor:
         """scaling B A (out, in), in fp32: what merging adds to the base weight."""
@@ -400,8 +386,7 @@ def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"
     everything else. Returns wrapped names. Errors: check_lora_targets'. lm_head is allowed on models with tied
     embeddings: the adapter then changes the output projection only, and merge_lora unties it (see there)."""
     check_lora_targets(model, targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     wrapped = [name for name, module in model.named_modules()
                if name.rpartition(".")[2] in targets and type(module) is nn.Linear]
     for name in wrapped:
@@ -413,21 +398,6 @@ def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    """Within the block the model is the base model (adapters bypassed): the adapter-off way to reference
-    log-probs (torchtune's disable_adapter). clo computes pi_ref once, before training, instead."""
-    mods = lora_modules(model).values()
-    states = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m, s in zip(mods, states):
-            m.enabled = s
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -453,36 +423,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
 
 
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"):
-    """Copies peft-named adapter tensors into the model's LoRA layers; every layer must get both A and B."""
-    mods = lora_modules(model)
-    seen = set()
-    for key, t in state.items():
-        base = re.fullmatch(r"base_model\.model\.(.+)\.base_layer\.weight", key)
-        if base and base.group(1) in mods:
-            # peft saves the base weight of an adapted lm_head / embedding too (save_embedding_layers="auto"), in
-            # case the vocabulary was resized; the same values as the base model's mean nothing to apply
-            w = mods[base.group(1)].base.weight
-            if t.shape != w.shape or not torch.allclose(t.to(w.dtype), w, rtol=0, atol=1e-6):
-                raise ValueError(f"{source}: tensor {key!r} replaces the base model's {base.group(1)} weight (a "
-                                 "resized or retrained vocabulary?); clo does not load changed base weights.")
-            continue
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.[\w-]+)?\.weight", key)
-        if m is None or m.group(1) not in mods:
-            raise ValueError(f"{source}: tensor {key!r} matches no LoRA layer of this model; was the adapter "
-                             "trained with other --lora-targets or on another model?")
-        target = getattr(mods[m.group(1)], m.group(2)).weight
-        if t.shape != target.shape:
-            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
-                             f"{tuple(target.shape)}; does adapter_config.json give this layer's rank?")
-        with torch.no_grad():
-            target.copy_(t)
-        seen.add((m.group(1), m.group(2)))
-    missing = [f"{n}.{ab}" for n in mods for ab in ("lora_A", "lora_B") if (n, ab) not in seen]
-    if missing:
-        raise ValueError(f"{source}: the adapter lacks {len(missing)} tensors its config targets, e.g. {missing[:2]}.")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # PEFT adapter folders (adapter_config.json + adapter_model.safetensors), ours or anyone's: plain LoRA only
 
@@ -494,12 +434,10 @@ ADAPTER_FIELDS = {"peft_type": ("LORA",), "r": None, "lora_alpha": None, "use_rs
 
 
 def adapter_config(folder: str) -> dict:
-    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict. clo applies plain LoRA:
-    r, lora_alpha, use_rslora (scaling alpha / sqrt(r) instead of alpha / r) and target_modules (module names or
-    name suffixes, a regex string, or "all-linear"); fields of training and provenance are ignored. Any other field
-    that is set (not None / False / empty) is refused with one line naming it (ValueError), since applying the rest
-    as plain LoRA would compute another model: e.g. use_dora, rank_pattern, alpha_pattern, layers_to_transform,
-    exclude_modules, modules_to_save, a bias other than "none", an init_lora_weights that rewrites the base weights."""
+    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict. Plain LoRA is applied:
+    r, lora_alpha, use_rslora (scaling alpha / sqrt(r)), target_modules (names or name suffixes, a regex, "all-linear");
+    fields of training and provenance are ignored. Any other field that is set (use_dora, rank_pattern,
+    layers_to_transform, exclude_modules, an init that rewrites the base weights, ...): ValueError, one line."""
     path = os.path.join(folder, "adapter_config.json")
     cfg = read_json(path)
     for key, value in cfg.items():
@@ -535,6 +473,36 @@ def adapter_targets(model: nn.Module, targets, path: str) -> list[str]:
     return out
 
 
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"):
+    """Copies peft-named adapter tensors into the model's LoRA layers; every layer must get both A and B."""
+    mods = lora_modules(model)
+    seen = set()
+    for key, t in state.items():
+        base = re.fullmatch(r"base_model\.model\.(.+)\.base_layer\.weight", key)
+        if base and base.group(1) in mods:
+            # peft saves the base weight of an adapted lm_head / embedding too (save_embedding_layers="auto"), in
+            # case the vocabulary was resized; the same values as the base model's mean nothing to apply
+            w = mods[base.group(1)].base.weight
+            if t.shape != w.shape or not torch.allclose(t.to(w.dtype), w, rtol=0, atol=1e-6):
+                raise ValueError(f"{source}: tensor {key!r} replaces the base model's {base.group(1)} weight (a "
+                                 "resized or retrained vocabulary?); clo does not load changed base weights.")
+            continue
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.[\w-]+)?\.weight", key)
+        if m is None or m.group(1) not in mods:
+            raise ValueError(f"{source}: tensor {key!r} matches no LoRA layer of this model; was the adapter "
+                             "trained with other --lora-targets or on another model?")
+        target = getattr(mods[m.group(1)], m.group(2)).weight
+        if t.shape != target.shape:
+            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(target.shape)}; does adapter_config.json give this layer's rank?")
+        with torch.no_grad():
+            target.copy_(t)
+        seen.add((m.group(1), m.group(2)))
+    missing = [f"{n}.{ab}" for n in mods for ab in ("lora_A", "lora_B") if (n, ab) not in seen]
+    if missing:
+        raise ValueError(f"{source}: the adapter lacks {len(missing)} tensors its config targets, e.g. {missing[:2]}.")
+
+
 def load_adapter(model: nn.Module, folder: str) -> list[str]:
     """Applies the PEFT LoRA adapter in `folder` (adapter_config.json + adapter_model.safetensors) to `model` in
     place, computing what peft computes on the same base model; returns the wrapped module names. Errors: see
@@ -547,8 +515,7 @@ def load_adapter(model: nn.Module, folder: str) -> list[str]:
             os.path.join(folder, "adapter_model.bin")) else ""
         raise FileNotFoundError(f"{folder}: no adapter_model.safetensors; {other}save the adapter with peft's "
                                 "save_pretrained(..., safe_serialization=True).")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     names = adapter_targets(model, cfg["target_modules"], os.path.join(folder, "adapter_config.json"))
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     for name in names:
@@ -571,10 +538,9 @@ DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py and eval.py
 
 def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None, layout: str = "train"):
     """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
-    `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights).
-    layout "decode", for callers that only generate or score: on CPU, the wide projections stored column-major
-    (column_major_wide_weights); "train": plain row-major tensors, as optimizers and FSDP expect.
-    dtype may be a DTYPES name. Errors: check_checkpoint_folder (before the weights load), resolve_checkpoint."""
+    `dtype` (or a DTYPES name), but those float32(name, parameter) picks in fp32 (clo.float32_weights). layout
+    "decode", for callers that only generate or score: on CPU, wide projections column-major (see
+    column_major_wide_weights); "train": row-major, as FSDP expects. Errors: check_checkpoint_folder, before loading."""
     folder = resolve_checkpoint(path_or_id)
     raw = check_checkpoint_folder(folder)
     tok = Tokenizer(folder, raw)
@@ -595,11 +561,10 @@ def is_local_path(path: str) -> bool:
 
 
 def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True) -> dict:
-    """The one "what is this folder" rule, run by clo's and eval's argument checks and by the loaders before any
-    weights load: a folder with config.json and safetensors weights; with chat=True, of a chat model (no translator)
-    whose tokenizer and chat template work (Tokenizer). Returns config.json's dict. Raises ValueError, one line that
-    starts "FLAG PATH:" (a flag ending in "=" is joined: "--models c=runs/x:"), for no such folder, a LoRA adapter
-    folder, a clo run folder without a model, no config.json or a translator; else safetensors_files', Tokenizer's."""
+    """The one "what is this folder" rule, of clo's and eval's argument checks and of the loaders, before any weights
+    load: a folder with config.json and safetensors weights; chat=True: of a chat model (no translator) whose
+    tokenizer and chat template work (Tokenizer). Returns config.json's dict. ValueError, one line "FLAG PATH: ..." (a
+    flag ending in "=" is joined: "--models c=runs/x: ..."): no such folder, an adapter or clo run folder, no config."""
     at, local = flag + path if flag.endswith("=") else f"{flag} {path}", os.path.expanduser(path)
     get = "`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir models/smollm2`, say"
     if not os.path.isdir(local):
@@ -640,8 +605,7 @@ def weight_files(names: list[str], read_index) -> list[str]:
 
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
     """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, the index if any
-    and weight_files(); SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Nothing else: many repos also
-    hold pickles and original/ folders."""
+    and weight_files(); SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Not pickles nor original/."""
     spm = SENTENCEPIECE_FILES if "tokenizer.json" not in listing else []
     wanted = [f for f in HUB_FILES + spm + [HUB_INDEX] if f in listing]
     if not (weights := weight_files(listing, read_index)):  # refused before any download, naming what there is
@@ -794,10 +758,9 @@ def column_major_wide_weights(model: nn.Module):
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware, from /proc/cpuinfo's flags (or the given text).
 
-    x86: avx512_bf16 (AVX512-BF16: Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16 (AMX tiles: Sapphire Rapids
-    and later). AArch64: the "bf16" feature (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/V2). Anything else (no
-    /proc/cpuinfo, e.g. macOS) counts as no. Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it answers True on
-    any AVX512-F CPU, where oneDNN emulates bf16, slower than fp32 (README, *Measured*)."""
+    x86: avx512_bf16 (Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16; AArch64: bf16 (Armv8.6: Graviton3,
+    Neoverse V1/V2); no /proc/cpuinfo (macOS): no. Not torch.ops.mkldnn._is_mkldnn_bf16_supported(), which says True
+    on any AVX512-F CPU, where oneDNN emulates bf16, slower than fp32 (README, *Measured*)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -1215,14 +1178,13 @@ class M2M100ForConditionalGeneration(nn.Module):
         return [layer.encoder_attn.project_kv(enc) for layer in self.model.decoder.layers]
 
     def new_cache(self, batch, length):
-        w = self.model.shared.weight
-        c = self.config
+        w, c = self.model.shared.weight, self.config
         hd = c.d_model // c.decoder_attention_heads
         return [KVCache(batch, c.decoder_attention_heads, length, hd, w.dtype, w.device)
                 for _ in range(c.decoder_layers)]
 
     def decode(self, tokens, start, cache, cross, cross_mask, last_only=True):
-        """tokens (B, T) at decoder positions [start, start+T) -> logits (B, vocab) of the last one, or (B, T, vocab)."""
+        """tokens (B, T) at decoder positions [start, start+T) -> logits (B, vocab) of the last, or (B, T, vocab)."""
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device) + self.config.pad_token_id + 1
         x = self.model.shared(tokens) * self.embed_scale + self.position_table(start + tokens.shape[1])[pos]
         for layer, kv, ckv in zip(self.model.decoder.layers, cache, cross):
@@ -1240,8 +1202,7 @@ class M2M100ForConditionalGeneration(nn.Module):
 @torch.inference_mode()
 def seq2seq_greedy(model, input_ids, attention_mask, forced_id: int, max_new_tokens: int) -> list[list[int]]:
     """Greedy decoding from [decoder_start, forced_id]; returns the tokens after forced_id, without eos."""
-    cfg = model.config
-    B = input_ids.shape[0]
+    cfg, B = model.config, input_ids.shape[0]
     cross = model.cross_kv(model.encode(input_ids, attention_mask))
     cross_mask = attention_mask.bool()[:, None, None, :]
     cache = model.new_cache(B, max_new_tokens + 2)
@@ -1259,9 +1220,9 @@ def seq2seq_greedy(model, input_ids, attention_mask, forced_id: int, max_new_tok
     return _strip(torch.stack(out, 1).tolist() if out else [[]] * B, cfg)
 
 
-def _strip(rows, cfg):
-    return [[t for t in row[:row.index(cfg.eos_token_id)] if t != cfg.pad_token_id] if cfg.eos_token_id in row
-            else [t for t in row if t != cfg.pad_token_id] for row in rows]
+def _strip(rows, cfg):  # each row up to its first eos, without padding
+    eos, pad = cfg.eos_token_id, cfg.pad_token_id
+    return [[t for t in (row[:row.index(eos)] if eos in row else row) if t != pad] for row in rows]
 
 
 @torch.inference_mode()
@@ -1275,8 +1236,7 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
     sum_logprob / generated_length; the best num_beams candidates that did not end go on running. A source is done
     when its best running beam, scored at the current length, cannot beat its worst kept hypothesis.
     """
-    cfg = model.config
-    device = input_ids.device
+    cfg, device = model.config, input_ids.device
     B, K = input_ids.shape[0], num_beams
     NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
     enc = model.encode(input_ids, attention_mask).repeat_interleave(K, 0)     # (B*K, S, d_model)
