@@ -7,7 +7,7 @@ micro-batch -> the CLO loss on the attention projections Q/K/V/O (the paper's se
 -> a full checkpoint in merged/ (LoRA: a PEFT adapter, and merged/ with --merge).
 
 The paper, in code (section numbers of arXiv 2505.14297):
-    Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      main -> translated_rows -> data.translate_items
+    Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      translated_rows -> data.translate_items
     Sec. 3, the two preference pairs per item                       cross_lingual_pairs -> data.build_pairs
     Sec. 3, sequence log-probs log pi(y|x), summed over tokens       sequence_logps
     Sec. 3, pi_ref: the initial model, computed once                 reference_logps
@@ -16,7 +16,8 @@ The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 4, trained parameters: attention Q/K/V/O (or LoRA on them)  set_trainable
     Sec. 4-5, baselines and ablations: the equation, other settings  METHODS (lam and the NLL mask)
     Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
-Below the banner "Plumbing": torchrun, the run folder (atomic writes, --resume checks), checkpoints, export, the CLI.
+    The recipe, checked first and saved last                         main
+Below the banner "Plumbing": torchrun, precision, the run folder (--resume checks), checkpoints, export, the CLI.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def run(capsys, *argv):
     """clo.py's command line, in this process: (exit code, stdout, stderr)."""
     code = 0
     try:
-        clo.exit_on_error(lambda: clo.main(list(argv)), FloatingPointError, kept=clo.stopped_run_note)
+        D.exit_on_error(lambda: clo.main(list(argv)), FloatingPointError, kept=clo.stopped_run_note)
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
