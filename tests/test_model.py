@@ -452,3 +452,16 @@ def test_packed_training_forward_keeps_one_mask_and_not_the_silu_output(llama_di
         model(input_ids, score_mask=labels != -100, positions=positions, segments=segments).sum().backward()
     assert len({ptr for _, shape, ptr in kept if shape == (R, 1, T, T)}) == 1
     assert model.config.num_hidden_layers > 1 and not [k for k in kept if k[0] == "SiluBackward0"]
+
+
+def test_decode_layout_is_the_callers_choice(llama_dir):
+    """load_model(layout="decode") stores the wide projections column-major on CPU (batch-1 decoding streams them);
+    the default, which training loads, is plain row-major, as FSDP and optimizers expect. Same logits either way."""
+    (train, tok), (decode, _) = M.load_model(llama_dir), M.load_model(llama_dir, layout="decode")
+    assert all(p.is_contiguous() for p in train.parameters())
+    up, down = decode.model.layers[0].mlp.up_proj.weight, decode.model.layers[0].mlp.down_proj.weight
+    assert up.shape == (128, 64) and up.stride() == (1, 128) and down.is_contiguous()  # out >= in: transposed
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hi"}])])
+    with torch.no_grad():
+        assert torch.allclose(train(ids), decode(ids), atol=1e-5)
+    assert M.generate(train, tok, [ids[0].tolist()], 8) == M.generate(decode, tok, [ids[0].tolist()], 8)
