@@ -622,7 +622,7 @@ def resolve_checkpoint(path_or_id: str) -> str:
     hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder (pickle-only main: the weights from
     safetensors_pr()). Listing failed (offline, HF_HUB_OFFLINE=1): the cached snapshot if it holds those files."""
     path = os.path.expanduser(str(path_or_id))
-    if is_local_path(path_or_id):  # check_checkpoint_folder says what is wrong with it, if anything
+    if is_local_path(str(path_or_id)):  # check_checkpoint_folder says what is wrong with it, if anything
         return path
     import huggingface_hub as hub
     try:
