@@ -218,9 +218,9 @@ def check_languages(langs: list[str], have: list[str] | None = None, path: str |
 
 
 def close_codes(code: str, names) -> str:
-    """The one close-match hint for a language code: its two-letter stem (KO, korean, ko_KR -> ko), and difflib's."""
-    stem = [code.lower()[:2]] if code.lower()[:2] in names else []
-    close = list(dict.fromkeys(stem + difflib.get_close_matches(code, list(names), n=3, cutoff=0.5)))[:3]
+    """The one close-match hint for a language code: its two-letter stem (KO, korean, ko_KR -> ko), else difflib's."""
+    stem = code.lower()[:2]
+    close = [stem] if stem in names else difflib.get_close_matches(code, list(names), n=3, cutoff=0.5)
     return f" Did you mean {' or '.join(close)}?" if close else ""
 
 
@@ -489,10 +489,6 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
     `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
     progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit)."""
     from tqdm import tqdm
-    if not isinstance(chunk, int):  # TRANSITIONAL (clo.py until it calls read_parallel): the old translations_file
-        if chunk:
-            return read_parallel(chunk, langs, items=items)
-        chunk = 8
     cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
         todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
@@ -524,12 +520,6 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
             _append_lines(cache_path, new)
         bar.close()
     return [cached[(it["instruction"], it["response"])] for it in items]
-
-
-def items_from_translations(path: str) -> list[dict]:
-    """The English side of a translations file, as SFT items (for --translations without --data)."""
-    return [{"instruction": r["en_instruction"], "response": r["en_response"]}
-            for r in read_translations(path).values()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

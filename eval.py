@@ -45,11 +45,11 @@ def load_for_eval(path: str, dtype=torch.float32, device="cpu"):
         if not cfg.get("base_model_name_or_path"):
             raise ValueError(f"{path}/adapter_config.json: base_model_name_or_path is not set; it names the model "
                              "the adapter belongs to.")
-        model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device)
+        model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device, layout="decode")
         M.load_adapter(model, path)
         return M.merge_lora(model).eval(), tok
-    merged = os.path.join(path, "merged")
-    return M.load_model(merged if os.path.exists(os.path.join(merged, "config.json")) else path, dtype, device)
+    folder = os.path.join(path, "merged") if os.path.exists(os.path.join(path, "merged", "config.json")) else path
+    return M.load_model(folder, dtype, device, layout="decode")  # decoding only: the CPU layout that decodes faster
 
 
 # ----------------------------------------------------------------------------------------------------------------------
