@@ -56,13 +56,11 @@ def sft_item(row: dict, path: str) -> dict:
     return {"instruction": instruction, "response": row["output"]}
 
 
-def load_oasst1(cache_dir: str | None = None) -> list[dict]:
-    """--data oasst1: OpenAssistant oasst1's ready trees (one gzip JSONL file from the hub, no `datasets` needed),
-    selected by oasst1_pairs. The number of items was not measured here (no hub access)."""
+def load_oasst1() -> list[dict]:
+    """--data oasst1: the release's ready trees (one gzip JSONL file from the hub), selected by oasst1_pairs."""
     from huggingface_hub import hf_hub_download
     try:
-        path = hf_hub_download("OpenAssistant/oasst1", "2023-04-12_oasst_ready.trees.jsonl.gz", repo_type="dataset",
-                               cache_dir=cache_dir)
+        path = hf_hub_download("OpenAssistant/oasst1", "2023-04-12_oasst_ready.trees.jsonl.gz", repo_type="dataset")
     except Exception as e:
         raise ValueError(f"oasst1: could not fetch OpenAssistant/oasst1 from the hub ({type(e).__name__}: {e}); "
                          "pass --data with a local file instead.") from e
@@ -72,13 +70,10 @@ def load_oasst1(cache_dir: str | None = None) -> list[dict]:
 def oasst1_pairs(trees_path: str) -> list[dict]:
     """oasst1 message trees (JSONL, gzip too; one tree a line, {"prompt": message}, each message with role, lang,
     text, rank, deleted, review_result, labels {name: {value}}, emojis {name: count}, replies) -> SFT items, best first.
-
-    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": one item per
-    tree whose root prompt is English (role "prompter", lang "en"): that prompt and its assistant reply of rank 0
-    (the one human rankers preferred among its siblings). Single-turn: the first exchange only, later turns unused. A
-    root without a rank-0 reply (the release ranks siblings only) gives no item, nor does a deleted message or one that
-    failed review. "Top": the paper names no criterion; ours is the reply's human quality label (mean rating, 0-1; 0
-    when absent), then its +1 votes, highest first, ties in the file's order."""
+    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": per tree with an
+    English root prompt, that prompt and its rank-0 assistant reply (the first exchange only); none for a deleted
+    message or one that failed review. "Top" (the paper names no criterion): the reply's human quality label (0-1; 0
+    when absent), then its +1 votes, highest first."""
     def kept(m):
         return not m.get("deleted") and m.get("review_result") is not False and m.get("text")
     scored = []
@@ -105,8 +100,7 @@ def first_items(items: list, num_samples: int | None, source: str) -> list:
 
 
 def load_sft(source: str | None = None, num_samples: int | None = None) -> list[dict]:
-    """--data: an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', or None for the shipped English sample; the
-    first num_samples items (first_items)."""
+    """--data (an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', None: the shipped sample) -> first_items."""
     if source == "oasst1":
         return first_items(load_oasst1(), num_samples, "oasst1 (English root prompts with a rank-0 reply)")
     path = source or DEFAULT_DATA
@@ -120,8 +114,7 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 
 def read_translations(path: str, own: bool = False, log=print, lines: dict | None = None) -> dict[tuple, dict]:
     """A parallel JSONL file -> {(english instruction, english response): row}; a later line of an item adds to its
-    earlier ones (`lines`, if given, gets each item's first line number). A user's file is read whole; the run's own
-    cache (`own`) may end in a line cut short by a crash: dropped, said, and truncated away by the next append."""
+    earlier ones (`lines`, if given, gets each item's first line number). `own`: the run's cache (see read_lines)."""
     table = {}
     if not os.path.exists(path):
         return table
@@ -144,10 +137,9 @@ def read_translations(path: str, own: bool = False, log=print, lines: dict | Non
 
 def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
                   items: list[dict] | None = None) -> list[dict]:
-    """--translations, read once and checked whole before any model loads: the rows of `items` (--data's SFT items,
-    in their order), else of the file's first num_samples English items; each row with en_* and <lang>_* strings for
-    every language in langs (which check_languages checks against the file's columns). Raises ValueError naming the
-    file and line."""
+    """--translations, read once and checked whole before any model loads -> the rows of `items` (--data's SFT items),
+    else of the file's first num_samples items, each with en_* and <lang>_* strings for every language in langs.
+    Raises ValueError naming the file and line."""
     if not os.path.isfile(path):
         raise ValueError(f"--translations {path}: no such file.")
     lines = {}
@@ -193,12 +185,10 @@ M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de 
 LANGUAGE_TOKEN = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__")
 
 
-
 def check_languages(langs: list[str], have: list[str] | None = None, path: str | None = None):
     """--lang, before any work: ValueError on a language the run cannot train. With a parallel file (`have`: the
-    languages whose columns `path` has) any of those, as no MT model is used; otherwise a code the tables know
-    (FLORES_CODES, M2M100_CODES, a FLORES-200 or __xx__ token). The translator's own vocabulary is checked as soon as
-    it loads (language_token)."""
+    languages whose columns `path` has) any of those; otherwise a code the tables know or a FLORES-200/__xx__ token
+    (the translator's vocabulary is checked as it loads: language_token)."""
     if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
         raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
     for lang in langs:
@@ -247,23 +237,18 @@ INLINE_CODE = re.compile(r"`[^`\n]+`")
 
 
 def split_for_translation(text: str):
-    """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
-    Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
-    kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
-    translation). Returns (plan, sentences): plan is a list of lines, each a verbatim string or
-    (prefix, [(sentence_index, code_spans), ...]) (join_translation puts them back)."""
+    """A text -> (plan, sentences): the sentences a sentence-level MT model should see, and the plan that
+    join_translation puts back together: a list of lines, each a verbatim string (fenced code, lines without words) or
+    (prefix, [(sentence_index, code_spans), ...]) where the prefix is the line's markdown (list marker, heading, quote,
+    indentation) and inline code spans became placeholders <0>, <1>, ... that MT models copy through."""
     plan, sentences, in_fence = [], [], False
     for line in text.split("\n"):
-        if FENCE.match(line):
+        fence = FENCE.match(line)
+        if fence:
             in_fence = not in_fence
-            plan.append(line)
-            continue
-        if in_fence or not line.strip():
-            plan.append(line)
-            continue
         prefix = LINE_PREFIX.match(line).group(1)
         body = line[len(prefix):]
-        if not re.search(r"[^\W\d_]", body):  # nothing to translate: numbers, symbols, code-only lines
+        if fence or in_fence or not re.search(r"[^\W\d_]", body):  # code, or nothing to translate (blank, numbers)
             plan.append(line)
             continue
         parts = []
@@ -284,8 +269,7 @@ def split_long(sentence: str, max_chars: int = 400) -> list[str]:
         return [sentence]
     pieces, current = [], ""
     for chunk in re.split(r"(?<=[,;:])\s+", sentence):
-        words = chunk.split(" ") if len(chunk) > max_chars else [chunk]
-        for word in words:
+        for word in chunk.split(" ") if len(chunk) > max_chars else [chunk]:
             joiner = " " if current else ""
             if current and len(current) + len(joiner) + len(word) > max_chars:
                 pieces.append(current)
@@ -318,9 +302,8 @@ def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
     """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
     if len(output_ids) > 3 * len(source_ids) + 10:
         return True
-    n = len(output_ids)
     for size in range(1, 9):
-        for start in range(0, n - 4 * size + 1):
+        for start in range(0, len(output_ids) - 4 * size + 1):
             unit = output_ids[start:start + size]
             if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
                 return True
@@ -328,10 +311,9 @@ def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
 
 
 class SentencePieceTokenizer:
-    """M2M100's tokenizer as released (sentencepiece.bpe.model + vocab.json, no tokenizer.json) with the methods of
-    tokenizers.Tokenizer the Translator uses. As fairseq and transformers' M2M100Tokenizer: pieces -> ids through
-    vocab.json (a piece it lacks -> <unk>, transformers#11336), then language tokens __xx__ numbered after it in the
-    order of M2M100_CODES[tokenizer_config's language_codes]. Text that spells a special token (</s>) stays text."""
+    """M2M100's tokenizer as released (sentencepiece.bpe.model + vocab.json) with the tokenizers.Tokenizer methods the
+    Translator uses. As fairseq's: pieces -> ids through vocab.json (a piece it lacks -> <unk>, transformers#11336),
+    then tokens __xx__ numbered after it in M2M100_CODES' order. Text that spells a special token (</s>) stays text."""
 
     def __init__(self, folder: str):
         import sentencepiece
@@ -354,8 +336,7 @@ class SentencePieceTokenizer:
 
 
 class Translator:
-    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids.
-    `name` (the checkpoint) is named in errors."""
+    """An M2M100/NLLB model and its tokenizer: translate() for texts, generate() for raw ids; errors say `name`."""
 
     def __init__(self, model: M.M2M100ForConditionalGeneration, tokenizer, name: str = "this translator"):
         self.model, self.tok, self.name = model, tokenizer, name
@@ -383,9 +364,8 @@ class Translator:
         return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens)
 
     def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress, room=2):
-        """Length-sorted batches; each batch may produce up to room x its longest source + 10 tokens. Returns the
-        sources' ids, the outputs' ids, the indices of the sentences cut to max_input_tokens, and of the outputs that
-        reached that cap without the end token."""
+        """Length-sorted batches of up to room x the longest source + 10 new tokens -> the sources' and outputs' ids,
+        and the indices of sources cut to max_input_tokens and of outputs that reached the cap without the end token."""
         from tqdm import tqdm
         sources, cut, capped = [], set(), set()
         for i, s in enumerate(sentences):
@@ -417,17 +397,15 @@ class Translator:
     def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                           batch_size: int = 16, max_input_tokens: int = 256,
                           progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts: markdown lines, lists and code survive; outputs degenerate or ending at the cap
-        without the end token are retried once with the other decoding (beam <-> greedy) and room up to the degenerate
-        bound (3 x the source + 10). Returns the translations and, per text, its problems: "cut" (a sentence over
-        max_input_tokens was cut, or its translation still ends at the cap), "degenerate" (still, after the retry)."""
+        """Translates real texts (markdown, lists and code survive); an output degenerate or at the cap is retried once
+        with the other decoding (beam <-> greedy) and room up to 3 x the source + 10. Returns the translations and, per
+        text, its problems: "cut" (a sentence over max_input_tokens was cut, or its translation still ends at the cap),
+        "degenerate" (still, after the retry)."""
         self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
         plans, sentences, owner = [], [], []
         for t_index, text in enumerate(texts):
             plan, sents = split_for_translation(text)
-            plan = [(e[0], [(i + len(sentences), spans) for i, spans in e[1]]) if isinstance(e, tuple) else e
-                    for e in plan]
-            plans.append(plan)
+            plans.append((plan, len(sentences)))  # its sentence indices count from there
             sentences += sents
             owner += [t_index] * len(sents)
         self.sentences += len(sentences)
@@ -450,14 +428,13 @@ class Translator:
         for t, sent in zip(owner, sentences):
             flags[t] += [name for name, bad_set in problems.items() if sent in bad_set and name not in flags[t]]
         translated = [by_text[sent] for sent in sentences]
-        return [join_translation(plan, translated) for plan in plans], flags
+        return [join_translation(plan, translated[start:]) for plan, start in plans], flags
 
 
 def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
-    """Loads an M2M100 / NLLB-200 checkpoint (model.load_m2m100: same loader rules as model.load_model) with its
-    tokenizer: tokenizer.json (NLLB), else sentencepiece.bpe.model + vocab.json (M2M100 as released) -> Translator.
-    Raises ValueError for a folder that is not a checkpoint, FileNotFoundError when it has neither tokenizer; both
-    before the weights load."""
+    """An M2M100 / NLLB-200 checkpoint (model.load_m2m100) with its tokenizer.json (NLLB), else sentencepiece.bpe.model
+    + vocab.json (M2M100) -> Translator. Before the weights load, raises ValueError for a folder that is not a
+    checkpoint, FileNotFoundError when it has neither tokenizer."""
     from tokenizers import Tokenizer
     folder = M.resolve_checkpoint(path_or_id)
     M.check_checkpoint_folder(folder, "--translator", chat=False)
