@@ -167,8 +167,8 @@ def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
 # Language codes: ISO 639-1 (ko), FLORES-200 (kor_Hang, NLLB's tokens), M2M100's __ko__
 
 
-# ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like codes,
-# numbered after vocab.json in this order (fairseq's M2M100 language list; its WMT21 models use their own 8).
+# ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like
+# codes, numbered after vocab.json in this order (fairseq's M2M100 language list; its WMT21 models use their own 8).
 FLORES_CODES = {
     "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
     "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
@@ -460,11 +460,10 @@ def item_key(item: dict, lang: str) -> str:
 
 def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None, chunk: int = 8,
                     log=print, progress: bool = True, **translate_kwargs) -> list[dict]:
-    """Returns one row per item with en_* and <lang>_* fields for every language in langs: from the run's cache,
-    else from the translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run
-    loses at most one chunk, a rerun translates only what is missing, and no item is ever written twice.
-    `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
-    progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit)."""
+    """One row per item with en_* and <lang>_* fields for every language in langs: from the run's cache, else from
+    the translator (or a zero-argument function loading one, called only if needed), each chunk appended to the cache
+    when done: a killed run loses at most one chunk and a rerun translates only what is missing. progress: a bar per
+    language, items/s and sentences/s."""
     from tqdm import tqdm
     cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
@@ -504,11 +503,9 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
 
 
 def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) -> list[dict]:
-    """Two pairs per item and language, each with its item's number (`item`, the row's). `in_target_lang` marks the
-    pair whose chosen answer is in the target language: only those responses enter CLO's NLL term. An item whose
-    translation into a language was flagged (`<lang>_flags`: a sentence cut at the MT model's input limit, or an
-    output still degenerate after the retry) gives no pairs for that language unless keep_flagged: a half-translated
-    answer would teach the wrong thing."""
+    """Two pairs per item and language, each with its row's number (`item`). `in_target_lang` marks the pair whose
+    chosen answer is in the target language: only those responses enter CLO's NLL term. A translation flagged
+    (`<lang>_flags`, see translate_flagged) gives no pairs unless keep_flagged: a half-translated answer misleads."""
     pairs = []
     for item, row in enumerate(rows):
         x_en, y_en = row["en_instruction"], row["en_response"]
@@ -550,17 +547,12 @@ class TokenizedPair:
 
 
 def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]], bool]:
-    """The tokens of each whole conversation (user turn `prompt`, assistant turn `response`), split into the shared
-    prompt and each response, exactly as the model sees them when the conversation is tokenized at once.
-
-    Encoding the prompt and the response as two strings is wrong for sentencepiece-style tokenizers (Llama 2,
-    Mistral: a normalizer that prepends "▁"): the response would start with a spurious lone "▁". So each rendered
-    conversation is encoded whole, and the response is what follows the prompt's tokens, up to and including the
-    last end-of-turn token (text a template writes after it, such as ChatML's newline, is dropped).
-    Where the prompt's own tokens are not a prefix of the conversation's (a token straddles the boundary), TRL's
-    DPOTrainer warns and still cuts at len(prompt tokens); we cut at the longest common prefix instead, so the
-    sequence is still exactly the conversation's tokens and the straddling token, which carries response text, is
-    scored as response. Returns (prompt ids, [response ids], whether the boundary moved)."""
+    """Each whole conversation (user turn `prompt`, assistant turn `response`) encoded at once, as the model sees it,
+    split into the shared prompt and each response up to and including its last end-of-turn token (what a template
+    writes after it, such as ChatML's newline, is dropped). Encoding prompt and response apart is wrong for
+    sentencepiece-style tokenizers (Llama 2: a normalizer prepends "▁" to the response). Where a token straddles the
+    boundary, TRL's DPOTrainer cuts at len(prompt tokens); we cut at the longest common prefix, so the straddling
+    token, which carries response text, is scored as response. Returns (prompt ids, [response ids], boundary moved)."""
     user = [{"role": "user", "content": prompt}]
     prompt_text = tok.render_chat(user, add_generation_prompt=True)
     prompt_ids = tok.encode(prompt_text)
@@ -574,15 +566,10 @@ def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[in
                              f"{full_text[at:at + 30]!r}); clo needs a template whose generation prompt is a prefix "
                              "of the whole conversation (the model's tokenizer_config.json or chat_template.jinja).")
         fulls.append(tok.encode(full_text))
-    shared = len(prompt_ids)
-    for ids in fulls:
-        k = 0
-        while k < min(shared, len(ids)) and ids[k] == prompt_ids[k]:
-            k += 1
-        shared = k
+    shared = len(os.path.commonprefix([prompt_ids, *fulls]))  # commonprefix compares any sequences, not only paths
     if shared == 0:
-        raise ValueError(f"the chat template's prompt and the whole conversation share no tokens (prompt {prompt[:40]!r}); "
-                         "check the tokenizer and chat template.")
+        raise ValueError("the chat template's prompt and the whole conversation share no tokens (prompt "
+                         f"{prompt[:40]!r}); check the tokenizer and chat template.")
     out = []
     for ids in fulls:
         response = ids[shared:]
@@ -592,14 +579,11 @@ def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[in
 
 
 def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[TokenizedPair], dict]:
-    """Tokens of each pair (see conversation_tokens), and the truncation policy (--max-len, in tokens of prompt +
-    response):
-    - a pair with an empty prompt or response is dropped;
-    - a pair whose prompt alone takes more than half of max_len is dropped: cutting a prompt changes the task;
-    - otherwise chosen and rejected responses are each cut to max_len - len(prompt) tokens (as TRL's DPO does);
-      a cut response loses its end-of-turn token, which is what a length-limited answer is.
-    Returns the kept pairs and counts of what was dropped or cut ("boundary_moved": pairs where a token straddled
-    the prompt/response boundary)."""
+    """Tokens of each pair (conversation_tokens), and the truncation policy (--max-len, tokens of prompt + response):
+    a pair with an empty prompt or response is dropped; so is one whose prompt alone takes more than half of max_len
+    (cutting a prompt changes the task); otherwise each response is cut to max_len - len(prompt) tokens, as TRL's DPO
+    does (losing its end-of-turn token, as a length-limited answer does). Returns the kept pairs and counts of what
+    was dropped or cut ("boundary_moved": pairs where a token straddled the prompt/response boundary)."""
     kept, report = [], {"pairs": len(pairs), "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0,
                         "boundary_moved": 0}
     for index, p in enumerate(pairs):
@@ -625,9 +609,8 @@ def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[To
 def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int,
                            by_item: bool = True) -> list[list[list[int]]]:
     """Batches of batch_size groups of pair indices, groups of similar length in a batch (little padding). A group is
-    one item's pairs (by_item: both pairs of every language, so each update sees x_en: y_en > y_l beside
-    x_l: y_l > y_en) or one pair. The batch order is shuffled per epoch with a seed so that a rerun, or a resumed
-    run, sees exactly the same batches."""
+    one item's pairs (by_item: each update sees x_en: y_en > y_l beside x_l: y_l > y_en) or one pair. The batch order
+    is shuffled per epoch with a seed: a rerun, or a resumed run, sees exactly the same batches."""
     groups = {}
     for i, p in enumerate(pairs):
         groups.setdefault(p.item if by_item and p.item is not None else -1 - i, []).append(i)
@@ -640,20 +623,16 @@ def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: in
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None):
-    """B pairs -> one batch of their 2B sequences, chosen_1..chosen_B then rejected_1..rejected_B, so that both halves
-    go through one forward pass. See collate_sequences for what is returned."""
+    """B pairs -> collate_sequences of their 2B sequences, chosen_1..chosen_B then rejected_1..rejected_B."""
     return collate_sequences([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs],
                              pad_id, pack_to)
 
 
 def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int, pack_to: int | None = None):
-    """N (prompt ids, response ids) sequences -> one batch. Returns
-        input_ids (R, T); labels (R, T): the next token where it is a response token, else -100;
-        positions (R, T): each token's position in its own sequence; segments (R, T): which of the N sequences
-        each token belongs to (-1: padding).
-    pack_to None: one sequence per row (R = N), right-padded. pack_to L: sequences packed into as few rows of at most
-    max(L, longest) tokens as first-fit-decreasing finds; attention stays within a sequence (see
-    model.hidden_states), so the result is the same as unpacked, computed without the padding."""
+    """N (prompt ids, response ids) sequences -> input_ids (R, T); labels (R, T): the next token where it is a response
+    token, else -100; positions (R, T) in its own sequence; segments (R, T): which of the N sequences (-1: padding).
+    pack_to None: one sequence per row (R = N), right-padded. pack_to L: first-fit-decreasing into rows of at most
+    max(L, longest) tokens; attention stays within a sequence (model.hidden_states), so the result is as unpacked."""
     seqs = [prompt + response for prompt, response in sequences]
     resp = [len(response) for _, response in sequences]
     if pack_to is None:
@@ -693,13 +672,11 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
 
 def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
     """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
-    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
-    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
-    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
+    kept when it is valid JSON; when not, in the run's own append-only files (`own`: the translation cache,
+    metrics.jsonl) it is what a kill mid-append leaves: dropped and said; in a user's file its parser reports it."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
-    # split at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON keeps raw inside
-    # strings (json.dumps with ensure_ascii=False writes them so), and a row holding one would be cut in two
+    # at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085, which JSON strings may hold raw
     lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
     if lines[-1] == "":  # what follows the final newline
         lines.pop()
@@ -762,8 +739,6 @@ def _append_lines(path: str, rows: list[dict]):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
 
 
 def write_atomic(path: str, write):
