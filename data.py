@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
 import sys
@@ -50,9 +51,7 @@ def sft_item(row: dict, path: str) -> dict:
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}. Expected Alpaca format (instruction, input, output) "
                          "or chat format (messages: [{role: user, ...}, {role: assistant, ...}]).")
-    instruction = row["instruction"]
-    if row.get("input"):
-        instruction = f"{instruction}\n\n{row['input']}"
+    instruction = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
     return {"instruction": instruction, "response": row["output"]}
 
 
@@ -70,10 +69,9 @@ def load_oasst1() -> list[dict]:
 def oasst1_pairs(trees_path: str) -> list[dict]:
     """oasst1 message trees (JSONL, gzip too; one tree a line, {"prompt": message}, each message with role, lang,
     text, rank, deleted, review_result, labels {name: {value}}, emojis {name: count}, replies) -> SFT items, best first.
-    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": per tree with an
-    English root prompt, that prompt and its rank-0 assistant reply (the first exchange only); none for a deleted
-    message or one that failed review. "Top" (the paper names no criterion): the reply's human quality label (0-1; 0
-    when absent), then its +1 votes, highest first."""
+    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": an English root
+    prompt and its rank-0 assistant reply (not deleted, not failing review), ranked by the reply's human quality label
+    (0-1; 0 when absent), then its +1 votes (the paper names no criterion)."""
     def kept(m):
         return not m.get("deleted") and m.get("review_result") is not False and m.get("text")
     scored = []
@@ -108,8 +106,7 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parallel files: --translations and the run's cache, one row per English item (en_instruction, en_response,
-# ko_instruction, ko_response, ko_flags, ...)
+# Parallel files (--translations, the run's cache): a row per English item, en_*, ko_instruction, ko_response, ko_flags
 
 
 def read_translations(path: str, own: bool = False, log=print, lines: dict | None = None) -> dict[tuple, dict]:
@@ -137,9 +134,8 @@ def read_translations(path: str, own: bool = False, log=print, lines: dict | Non
 
 def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
                   items: list[dict] | None = None) -> list[dict]:
-    """--translations, read once and checked whole before any model loads -> the rows of `items` (--data's SFT items),
-    else of the file's first num_samples items, each with en_* and <lang>_* strings for every language in langs.
-    Raises ValueError naming the file and line."""
+    """--translations, read once and checked whole before any model loads -> the rows of `items` (--data's), else of
+    the file's first num_samples items, with en_* and <lang>_* strings for each of langs; ValueError names the line."""
     if not os.path.isfile(path):
         raise ValueError(f"--translations {path}: no such file.")
     lines = {}
@@ -238,9 +234,8 @@ INLINE_CODE = re.compile(r"`[^`\n]+`")
 
 def split_for_translation(text: str):
     """A text -> (plan, sentences): the sentences a sentence-level MT model should see, and the plan that
-    join_translation puts back together: a list of lines, each a verbatim string (fenced code, lines without words) or
-    (prefix, [(sentence_index, code_spans), ...]) where the prefix is the line's markdown (list marker, heading, quote,
-    indentation) and inline code spans became placeholders <0>, <1>, ... that MT models copy through."""
+    join_translation puts back together: per line a verbatim string (fenced code, no words) or (markdown prefix,
+    [(sentence_index, code_spans), ...]), inline code spans replaced by placeholders <0>, <1>, ... that MT copies."""
     plan, sentences, in_fence = [], [], False
     for line in text.split("\n"):
         fence = FENCE.match(line)
@@ -460,10 +455,9 @@ def item_key(item: dict, lang: str) -> str:
 
 def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None, chunk: int = 8,
                     log=print, progress: bool = True, **translate_kwargs) -> list[dict]:
-    """One row per item with en_* and <lang>_* fields for every language in langs: from the run's cache, else from
-    the translator (or a zero-argument function loading one, called only if needed), each chunk appended to the cache
-    when done: a killed run loses at most one chunk and a rerun translates only what is missing. progress: a bar per
-    language, items/s and sentences/s."""
+    """One row per item with en_* and <lang>_* fields for each of langs: from the run's cache, else from `translator`
+    (or a zero-argument function loading one, called only if needed), each chunk appended to the cache when done: a
+    killed run loses at most one chunk and a rerun translates only what is missing."""
     from tqdm import tqdm
     cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
@@ -648,10 +642,8 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
             rows[fit].append(s)
             room[fit] -= len(seqs[s])
     T = max(sum(len(seqs[s]) for s in row) for row in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    positions = torch.zeros((len(rows), T), dtype=torch.long)
-    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    input_ids, labels, positions, segments = (torch.full((len(rows), T), fill, dtype=torch.long)
+                                              for fill in (pad_id, -100, 0, -1))
     for r, row in enumerate(rows):
         at = 0
         for s in row:
@@ -696,9 +688,8 @@ def _is_json(line: str) -> bool:
 
 
 def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
-    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> list of dicts, each with its line number
-    (in an array: its position) as `_line`. A malformed line, or one that is not a JSON object, is an error naming
-    file and line; a last line cut short by a kill in the run's own files (`own`) is dropped and said (read_lines)."""
+    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> dicts, each with its line number (in an
+    array: its position) as `_line`. ValueError names the line that is not valid JSON, or not an object."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file.")
     lines = read_lines(path, own, log)
@@ -762,10 +753,7 @@ def write_atomic(path: str, write):
 
 def write_text(path: str, text: str):
     """UTF-8 text, written atomically (write_atomic)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_json(path: str, obj):
