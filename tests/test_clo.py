@@ -244,7 +244,8 @@ def test_killed_and_resumed_run_gives_the_same_weights(tmp_path, parallel_file, 
     run_clo(*common, "--out", str(tmp_path / "straight"))
     killed = run_clo(*common, "--out", str(tmp_path / "resumed"), "--stop-after", "3", check=False)
     assert killed.returncode == 0 and os.path.exists(tmp_path / "resumed" / "checkpoint" / "progress.json")
-    assert "stopped after step 3 of 6 (--stop-after 3)" in killed.stdout and "continue with --resume" in killed.stdout
+    assert "stopped after step 3 of 6 (--stop-after 3)" in killed.stdout
+    assert f"continue with: python clo.py ... --out {tmp_path / 'resumed'} --resume (the same options)" in killed.stdout
     assert not os.path.exists(tmp_path / "resumed" / "adapter_model.safetensors")
     r = run_clo(*common, "--out", str(tmp_path / "resumed"), "--resume")
     assert "resumed from" in r.stdout and "at step 3" in r.stdout

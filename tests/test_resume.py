@@ -439,7 +439,7 @@ def test_a_template_that_writes_the_date_resumes_the_next_day(tmp_path, capsys, 
     par = tmp_path / "parallel.jsonl"
     par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
     common = ["--model", llama, "--translations", str(par), "--lang", "ko", "--batch-size", "2", "--grad-accum", "1",
-              "--lr", "1e-3", "--max-steps", "3", "--no-progress"]
+              "--lr", "1e-3", "--max-steps", "3", "--no-progress", "--tune", "lora"]  # compared: the adapters
     set_clock(monkeypatch, "2025-01-31")
     clo.main([*common, "--out", str(tmp_path / "straight")])
     for name in ("older", "stopped"):
