@@ -7,7 +7,7 @@ micro-batch -> the CLO loss on the attention projections Q/K/V/O (the paper's se
 -> a full checkpoint in merged/ (LoRA: a PEFT adapter, and merged/ with --merge).
 
 The paper, in code (section numbers of arXiv 2505.14297):
-    Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      main -> translated_rows -> data.translate_items
+    Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      translated_rows -> data.translate_items
     Sec. 3, the two preference pairs per item                       cross_lingual_pairs -> data.build_pairs
     Sec. 3, sequence log-probs log pi(y|x), summed over tokens       sequence_logps
     Sec. 3, pi_ref: the initial model, computed once                 reference_logps
@@ -16,21 +16,19 @@ The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 4, trained parameters: attention Q/K/V/O (or LoRA on them)  set_trainable
     Sec. 4-5, baselines and ablations: the equation, other settings  METHODS (lam and the NLL mask)
     Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
-Below the banner "Plumbing": torchrun, the run folder (atomic writes, --resume checks), checkpoints, export, the CLI.
+    The recipe, checked first and saved last                         main
+Below the banner "Plumbing": torchrun, precision, the run folder (--resume checks), checkpoints, export, the CLI.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -67,12 +65,9 @@ def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     kinds of pair (x_en: y_en > y_l and x_l: y_l > y_en). The NLL term is the chosen log-probs of the pairs in
     nll_mask (B,) 1.0/0.0 (CLO: the target-language pairs), per token: chosen_lengths (B,) are their token counts.
     The paper's baselines and ablations are this equation with other settings: METHODS, below.
-
-    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts. The training loop passes
-    the whole optimizer step's counts (all micro-batches, all ranks): each micro-batch's loss is then its share of
-    the step's loss, and the shares (and their gradients) sum to the loss of the step's pairs taken at once.
-    Returns LossParts of scalars; reward_acc and margin are shares too.
-    """
+    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts; the loop passes the
+    whole optimizer step's (all micro-batches and ranks), so the micro-batches' losses (and gradients) sum to the
+    step's. Returns LossParts of scalars; reward_acc and margin are shares too."""
     margin = beta * ((policy_chosen_logps - reference_chosen_logps)
                      - (policy_rejected_logps - reference_rejected_logps))                          # (B,)
     n_pairs = len(margin) if n_pairs is None else n_pairs
@@ -130,54 +125,23 @@ def sequence_logps(model, batch, n_sequences: int):
 @torch.no_grad()
 def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist | None = None, pack_to=None,
                     dtype="float32"):
-    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update:
-    no second copy of the model is ever held. Each rank scores its own shard (pairs i with i % world == rank); the
-    table is then summed across ranks. dtype is --dtype: the table is computed in the precision of the policy's
-    forward pass (bf16: under the same autocast), so that policy = reference at step 0 and the pair loss starts at
-    log 2. Returns (P, 2): [chosen, rejected], float32."""
+    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update: no
+    second copy of the model is ever held. Each rank scores its shard (pairs i with i % world == rank); the table is
+    summed across ranks. In --dtype's precision (bf16: under the policy's autocast), so that policy = reference at
+    step 0 and the pair loss starts at log 2. Returns (P, 2): [chosen, rejected], float32."""
     from tqdm import tqdm
     dist = dist or Dist()
     model.eval()
     out = torch.zeros(len(pairs), 2, device=device)
     mine = [i for i in range(len(pairs)) if i % dist.world == dist.rank]
     order = sorted(mine, key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
-    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.main)):
+    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.is_main)):
         idx = order[b:b + batch_size]
         batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
         with autocast(device, dtype):
-            sums, _ = sequence_logps(model, batch, 2 * len(idx))
-        out[idx, CHOSEN], out[idx, REJECTED] = sums[:len(idx)].float(), sums[len(idx):].float()
+            chosen, rejected = sequence_logps(model, batch, 2 * len(idx))[0].float().chunk(2)  # collate: chosen first
+        out[idx, CHOSEN], out[idx, REJECTED] = chosen, rejected
     return dist.sum(out).cpu()
-
-
-def autocast(device, dtype="float32"):
-    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
-    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
-    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
-    kind = torch.device(device).type
-    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
-        return torch.autocast(kind, dtype=torch.bfloat16)
-    return torch.autocast(kind, enabled=False)
-
-
-def training_precision(dtype: str) -> str:
-    """--dtype for training -> the dtype the frozen weights are held in (float32_weights says which are trained).
-
-    float32: exact fp32 throughout (the path the parity tests use). bfloat16: mixed precision as PEFT trains: frozen
-    weights in bf16 (autocast casts them so at every matmul anyway); trained tensors, their gradients and AdamW state in
-    fp32 (Adam's updates are far below bf16's 8-bit mantissa: a bf16 weight of 1.0 cannot take a step under 0.004);
-    matmuls in bf16 under torch.autocast (see autocast()). fp16 needs loss scaling, which clo does not do."""
-    if dtype == "float16":
-        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
-                         "--dtype bfloat16 (mixed precision) or float32.")
-    return dtype
-
-
-def float32_weights(tune: str, dtype: str):
-    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
-    the trained ones (LoRA's A and B: set_trainable) and the 1-D ones (norms, biases: KBs, and fp32 norms keep the
-    residual stream in fp32, see LlamaForCausalLM.hidden_states)."""
-    return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,30 +164,8 @@ def set_trainable(model, tune: str, targets, r: int, alpha: float, dropout: floa
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def training_bytes(cfg: M.LlamaConfig, tune: str, dtype: str, targets=ATTENTION_PROJECTIONS, r: int = 16,
-                   shards: int = 1) -> dict[str, int]:
-    """Bytes of a run's weights, gradients and AdamW state (two moments and a 4-byte step per trained tensor), per
-    rank, before any weight is loaded: counted on a weightless (meta-device) copy held and made trainable as the
-    run's model is (training_precision, float32_weights, set_trainable). shards: FSDP's ranks, each holding
-    ceil(rows / shards) rows of every tensor; 1 for one process and DDP. Activations, FSDP's gathered layer and the
-    allocator's slack come on top. Raises ValueError on LoRA targets that name no linear layer."""
-    with torch.device("meta"):
-        model = M.build_on_meta(M.LlamaForCausalLM, cfg, M.DTYPES[training_precision(dtype)], "meta",
-                                float32=float32_weights(tune, dtype))
-        set_trainable(model, tune, targets, r, 2.0 * r, 0.0)
-    def size(p):
-        return -(-p.shape[0] // shards) * (p.numel() // max(1, p.shape[0])) * p.element_size() if p.dim() else 4
-    trained = [p for p in model.parameters() if p.requires_grad]
-    return {"weights": sum(map(size, model.parameters())), "gradients": sum(map(size, trained)),
-            "optimizer": sum(2 * size(p) + 4 for p in trained)}
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# The loop: AdamW, warmup + cosine, accumulation over micro-batches and ranks, clipping
+# The loop (Sec. 4): AdamW, warmup + cosine, accumulation over micro-batches and ranks, clipping
 
 
 def lr_at(step, total, warmup, peak):
@@ -236,8 +178,7 @@ def lr_at(step, total, warmup, peak):
 
 def global_batches(pairs, args, dist, epoch: int) -> list[list[list[int]]]:
     """Length-grouped batches of batch_size x world groups (--pairing items: an item's pairs; pairs: one pair each),
-    as pair indices; rank r trains on every world-th group of each (rank_share). A last batch with fewer groups than
-    ranks is dropped (every rank must take part in every step)."""
+    as pair indices, for rank_share; a last batch with fewer groups than ranks is dropped (all ranks take every step)."""
     batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch, args.pairing == "items")
     return [b for b in batches if len(b) >= dist.world]
 
@@ -248,313 +189,143 @@ def rank_share(global_batch, dist) -> list[int]:
 
 
 def train(args, model, pairs, tok, ref, run: Run) -> dict:
-    """AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints and resume. One optimizer step =
-    grad_accum micro-batches of batch_size x world items (or pairs: --pairing), whatever the number of ranks. A
-    checkpoint (tagged with `settings`, see run_settings) every --save-every steps (default: a quarter of the run)
-    and every --save-minutes; with --stop-after N, one after step N, and the return value has "stopped": True."""
-    device, out, log, dist, settings = args.device, run.out, run.log, run.dist, run.settings
+    """nanoGPT's loop: learning rate, micro-batches (forward, loss, backward), clip, step, log, checkpoint. A step =
+    --grad-accum micro-batches of --batch-size x world items (or pairs: --pairing), whatever the number of ranks.
+    Returns the last metrics line; after --stop-after's step (a checkpoint: Checkpoints) with "stopped": True."""
+    dist, device = run.dist, run.device
     plan = global_batches(pairs, args, dist, 0)
-    batches_per_epoch = len(plan)
-    left_out = len(pairs) - sum(len(g) for b in plan for g in b)
-    if left_out:  # every rank must take part in every step
-        log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer {args.pairing} "
-            f"than the {dist.world} ranks (use a --batch-size that divides the {args.pairing}, or fewer ranks, to keep "
-            "them)")
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    total = args.max_steps or steps_per_epoch * args.epochs
+    say_left_out(pairs, plan, args, run)
+    total = args.max_steps or math.ceil(len(plan) / args.grad_accum) * args.epochs
     warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     engine = wrap_for_training(model, args, dist)  # before the optimizer: FSDP replaces the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    ckpt = os.path.join(out, "checkpoint")
-    step, done_batches = 0, 0
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    save_every = math.ceil(total / 4) if args.save_every is None else args.save_every
-    if args.resume and os.path.exists(os.path.join(ckpt, "progress.json")):  # main() found and checked it
-        progress = load_checkpoint(ckpt, model, optimizer, dist, log)
-        step, done_batches = progress["step"], progress["batches_done"]
-        log(f"resumed from {ckpt} at step {step} of {total}")
-        if dist.main and os.path.exists(metrics_path):  # metrics of steps after the checkpoint are redone
-            rows = D.read_jsonl(metrics_path, own=True, log=log)  # a torn last line is dropped and said
-            D.write_jsonl(metrics_path, [{k: v for k, v in r.items() if k != "_line"} for r in rows
-                                         if r.get("step", 0) <= step])
-    elif dist.main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    cadence = [f"every {save_every} steps"] * bool(save_every) + [f"every {args.save_minutes:g} minutes"] * bool(
-        args.save_minutes)
-    log(f"checkpoints: {' and '.join(cadence) or 'none'} ({total} steps in all), in {ckpt}")
-    saved_at = time.perf_counter()
-    dist.barrier()
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc=f"{args.method} training", disable=not (args.progress and dist.main))
+    checkpoints = Checkpoints(args, run, model, optimizer, total)
+    step, done = checkpoints.restore()                      # (0, 0) unless --resume found a checkpoint
+    log_step = StepLog(args, run, step, total, len(plan))   # metrics.jsonl and the progress bar
     model.train()
-    last = {}
-    t0 = time.perf_counter()
-    pairs_seen = 0
-    epoch, batches = None, []
+    epoch, batches, last = None, [], {}
     while step < total:
-        if done_batches // batches_per_epoch != epoch:  # a new epoch: its shuffled batch order
-            epoch = done_batches // batches_per_epoch
+        if done // len(plan) != epoch:                      # a new epoch: its shuffled batch order
+            epoch = done // len(plan)
             batches = global_batches(pairs, args, dist, epoch)
-        micro = batches[done_batches % batches_per_epoch:][:args.grad_accum]
-        # Sec. 3's means run over the pairs (and NLL tokens) of the whole optimizer step, however it is split into
-        # micro-batches and ranks: the denominators are the step's counts, known to every rank from the batch plan.
-        step_pairs = [pairs[i] for global_batch in micro for group in global_batch for i in group]
-        n_pairs, n_target = len(step_pairs), sum(p.in_target_lang for p in step_pairs)
-        n_nll_tokens = float(sum(len(p.chosen) for p in step_pairs if in_nll_term(p, args.method)))
+        micro = batches[done % len(plan):][:args.grad_accum]
+        # Sec. 3's means run over the whole step's pairs and NLL tokens, however split into micro-batches and ranks
+        in_step = [pairs[i] for global_batch in micro for group in global_batch for i in group]
+        n_nll_tokens = float(sum(len(p.chosen) for p in in_step if in_nll_term(p, args.method)))
         optimizer.zero_grad(set_to_none=True)
-        logged = torch.zeros(5, device=device)  # loss, nll, pair loss, reward acc, margin: this rank's shares
+        shares = torch.zeros(5, device=device)              # loss, nll, pair loss, reward acc, margin: this rank's
         for k, global_batch in enumerate(micro):
             idx = rank_share(global_batch, dist)
-            B = len(idx)
             batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
             chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
             nll_mask = torch.tensor([float(in_nll_term(pairs[i], args.method)) for i in idx], device=device)
-            sync = (k == len(micro) - 1) or dist.world == 1 or args.fsdp
-            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
-                logp, _ = sequence_logps(engine, batch, 2 * B)  # (2B,): chosen then rejected
-                r = ref[idx].to(device)                          # (B, 2)
-                parts = clo_loss(logp[:B], logp[B:], r[:, CHOSEN], r[:, REJECTED], chosen_lengths, nll_mask,
-                                 args.beta, args.lam, n_pairs=n_pairs, n_nll_tokens=n_nll_tokens)
-                # each micro-batch's loss is its share of the step's; DDP and FSDP average gradients over ranks,
-                # so scaling by world makes them the sum of the ranks' shares
-                (parts.loss * dist.world).backward()
-            if not torch.isfinite(parts.loss):
-                raise FloatingPointError(
-                    f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
-                    f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {ckpt} (if one was "
-                    "written). Try a lower --lr, or --dtype float32.")
-            logged += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
+            with accumulating(engine, args, dist, last=k == len(micro) - 1), autocast(device, args.dtype):
+                chosen, rejected = sequence_logps(engine, batch, 2 * len(idx))[0].chunk(2)  # collate: chosen first
+                r = ref[idx].to(device)                     # (B, 2)
+                parts = clo_loss(chosen, rejected, r[:, CHOSEN], r[:, REJECTED], chosen_lengths, nll_mask,
+                                 args.beta, args.lam, n_pairs=len(in_step), n_nll_tokens=n_nll_tokens)
+                (parts.loss * dist.world).backward()        # DDP/FSDP average over ranks: x world makes it their sum
+            stop_if_not_finite(parts, step, checkpoints.folder)
+            shares += torch.stack([parts.loss.detach(), parts.nll, parts.pair_loss, parts.reward_acc,
                                    parts.margin]).float()
-            pairs_seen += sum(map(len, global_batch))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = full_tensor(grad_norm).item()
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)).item()
         lr = lr_at(step, total, warmup, args.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
-        step += 1
-        done_batches += len(micro)
-        loss, nll, pair_loss, acc, margin = dist.sum(logged).tolist()
-        last = {"step": step, "epoch": round(done_batches / batches_per_epoch, 3), "loss": round(loss, 5),
-                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
-                "margin": round(margin, 5), "en_pairs": n_pairs - n_target, "target_pairs": n_target, "lr": lr,
-                "grad_norm": round(grad_norm, 4), "pairs_per_s": round(pairs_seen / (time.perf_counter() - t0), 3)}
-        if dist.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
-        bar.update(1)
-        due = bool(save_every) and step % save_every == 0
-        if args.save_minutes:
-            late = time.perf_counter() - saved_at >= 60 * args.save_minutes
-            if dist.world > 1:  # every rank takes part in a save (FSDP gathers): rank clocks differ, so agree
-                late = dist.sum(torch.tensor([float(late)], device=device)).item() > 0
-            due = due or late
-        stop = bool(args.stop_after) and args.stop_after <= step < total
-        if (due and step < total) or stop:  # the final step needs none: the outputs follow
-            save_checkpoint(ckpt, model, optimizer, step, done_batches, dist, settings)
-            saved_at = time.perf_counter()
-            RUN["checkpoint"] = (ckpt, step)
-        if stop:
-            bar.close()
-            log(f"stopped after step {step} of {total} (--stop-after {args.stop_after}): checkpoint in {ckpt}; "
-                "continue with --resume")
-            dist.barrier()
-            return {**last, "stopped": True}
-    bar.close()
-    return last
+        step, done = step + 1, done + len(micro)
+        last = log_step(step, done, dist.sum(shares), in_step, lr, grad_norm)
+        if checkpoints.after_step(step, done):              # saves when due; True after --stop-after's step
+            break
+    log_step.bar.close()
+    return {**last, "stopped": True} if step < total else last
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The pipeline: main() is the paper's recipe top to bottom; each step is one function
+# The recipe: main() is the paper's pipeline top to bottom, checked first, saved last; each step is one function
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    run = start_run(args)                                    # ranks, the run folder, what --resume may reuse
-    if run.resume == "finished":
-        return finish(run, M.read_json(os.path.join(run.out, "summary.json")).get("final", {}))
-    items = english_items(args, run)                         # (x_en, y_en); too few for --num-samples: refused now
+    args = parse_args(argv)                                  # flags and files checked: nothing loaded, nothing written
+    items, rows = read_data(args)                            # (x_en, y_en), and --translations' (x_l, y_l)
+    run = check_run_folder(args, items)                      # ranks; --resume: a changed setting is refused now
+    if run.finished is not None:
+        return finish(run, run.finished)
     model, tok = load_policy(args, run)                      # pi_theta; before any update it is also pi_ref
-    rows = translated_rows(args, items, run)                 # + (x_l, y_l)
+    claim_run_folder(args, run)                              # a new run: what an earlier one left goes; args.json
+    rows = rows or translated_rows(args, items, run)         # + (x_l, y_l) by the MT model
     pairs = cross_lingual_pairs(args, rows, run)             # x_en: y_en > y_l and x_l: y_l > y_en
     tokenized = tokenize(args, pairs, tok, run)
     ref = reference_table(args, model, tokenized, tok, run)  # log pi_ref(y|x) of every response, once
     wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
-            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
-                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
+    say_training(args, model, wrapped, tokenized, run)
     last = train(args, model, tokenized, tok, ref, run)
     if not last.get("stopped"):                              # --stop-after: a checkpoint, no outputs yet
         save_outputs(args, model, last, run)                 # adapter, merged checkpoint, summary.json
     return finish(run, last)
 
 
-@dataclass
-class Run:
-    """What the pipeline's steps share: the run folder, the ranks, the log (rank 0 prints), the settings that saved
-    state is checked against, and what --resume found (a checkpoint's progress, "finished" or None)."""
-    out: str
-    dist: Dist
-    log: object
-    settings: dict
-    resume: dict | str | None
-    report: dict = field(default_factory=dict)  # what became of the pairs: printed, and kept in summary.json
-
-
-def start_run(args) -> Run:
-    check_languages(args.langs, args.translations)
-    dist = setup_distributed(args)
-    RUN.update(out=args.out, checkpoint=None)
-    log = print if dist.main else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    args.model_folder = M.resolve_checkpoint(args.model)
-    recorded = os.path.join(args.out, "args.json")  # the date the chat template writes: the run's, on --resume too
-    if args.resume and os.path.exists(recorded):
-        args.date = M.read_json(recorded).get("date", args.date)
-    settings = run_settings(args, args.model_folder, dist.world)  # checked before the model loads: a refusal is quick
-    return Run(args.out, dist, log, settings, start_run_folder(args, settings, log, dist))
-
-
 def load_policy(args, run: Run, device=None):
-    """The model to train, held as training_precision and float32_weights say; first (device None) the memory it
-    will take is said (training_bytes), and a bad --lora-targets refused, before any weight loads."""
+    """The model to train, on `device` (default: this rank's; first its memory is said: say_memory), in --dtype."""
     if device is None:
-        shards = run.dist.world if args.fsdp else 1
-        cfg = M.LlamaConfig.from_hf(M.read_json(os.path.join(args.model_folder, "config.json")))
-        need = training_bytes(cfg, args.tune, args.dtype, args.lora_targets, args.lora_r, shards)
-        gib = {k: f"{v / 2 ** 30:.2f} GiB" if v >= 2 ** 30 else f"{v / 2 ** 20:.1f} MiB"
-               for k, v in {**need, "all": sum(need.values())}.items()}
-        run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision: frozen weights in bf16, trained "
-                "ones, their gradients and AdamW state in fp32, bf16 autocast" if args.dtype == "bfloat16" else ""))
-        run.log(f"memory{' per rank' * (shards > 1)}: weights {gib['weights']}, gradients {gib['gradients']}, AdamW "
-                f"state {gib['optimizer']}; {gib['all']} in all, activations not counted")
-    model, tok = M.load_model(args.model_folder, training_precision(args.dtype), device or args.device,
-                              float32_weights(args.tune, args.dtype))
-    tok.date = args.date
+        say_memory(args, run)
+    model, tok = M.load_model(run.model_folder, args.dtype, device or run.device, float32_weights(args.tune, args.dtype))
+    tok.date = run.date
     if tok.dated and device is None:
         run.log(f"chat template: writes the date (strftime_now): {tok.date}, this run's (args.json; kept on --resume)")
     return model, tok
 
 
-def english_items(args, run: Run) -> list[dict]:
-    """--data, else the English side of --translations, else the Alpaca seed tasks shipped in samples/."""
-    if args.translations and not args.data:
-        items = D.first_items(D.items_from_translations(args.translations), args.num_samples, args.translations)
-    else:
-        items = D.load_sft(args.data, args.num_samples)
-    run.settings["items"] = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
-    if isinstance(run.resume, dict):  # refused now, before translating items the checkpoint never saw
-        refuse_if_changed(run.out, run.resume.get("settings"), run.settings, ["items"])
-    return items
-
-
 def translated_rows(args, items, run: Run) -> list[dict]:
-    """One row per item with en_* and <lang>_* fields: from --translations, or translated by rank 0 into the run's
-    cache (resumable), which the other ranks then read."""
-    def get_translator():
-        if not run.dist.main:
-            raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
-        try:
-            return D.load_translator(args.translator, args.dtype, args.device)
-        except Exception as e:
-            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
-                             "with pre-translated data to train without an MT model.") from e
-
-    cache = os.path.join(run.out, "translations.jsonl")
-    if run.dist.main:
-        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations,
-                                 num_beams=args.num_beams, log=run.log, progress=args.progress)
+    """One row per item with en_* and <lang>_* fields, translated by rank 0 into the run's cache (resumable), which
+    the other ranks then read."""
+    cache, load = os.path.join(run.out, "translations.jsonl"), translator_loader(args, run)
+    rows = D.translate_items(items, args.langs, cache, load, num_beams=args.num_beams, log=run.log,
+                             progress=args.progress) if run.dist.is_main else None
     run.dist.barrier()
-    if not run.dist.main:
-        rows = D.translate_items(items, args.langs, cache, get_translator, args.translations, log=run.log)
-    flags = D.translation_flags(rows, args.langs)
-    if flags["flagged"]:
-        run.log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence "
-                f"cut at the MT model's input limit or output cap, {flags['degenerate']} degenerate after a retry; "
-                f"marked in {args.translations or cache}): " + ("kept (--keep-flagged)" if args.keep_flagged else
-                                                                "left out of the pairs (--keep-flagged keeps them)"))
-    run.report.update(translation_flags=flags, dropped_flagged=0 if args.keep_flagged else 2 * flags["flagged"])
-    return rows
+    return rows or D.translate_items(items, args.langs, cache, load, log=run.log)
 
 
 def cross_lingual_pairs(args, rows, run: Run) -> list[dict]:
+    say_translation_flags(args, rows, run)                   # flagged translations: left out unless --keep-flagged
     pairs = D.build_pairs(rows, args.langs, args.keep_flagged)
-    if run.dist.main:
+    if run.dist.is_main:
         D.write_jsonl(os.path.join(run.out, "pairs.jsonl"), pairs)
     return pairs
 
 
 def tokenize(args, pairs, tok, run: Run) -> list[D.TokenizedPair]:
     tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
-    report["pairs"] += run.report["dropped_flagged"]
-    run.report.update(report)
-    r = run.report
-    run.log(f"pairs: {r['kept']} kept of {r['pairs']} ({r['dropped_flagged']} dropped for a flagged translation, "
-            f"{r['dropped_empty']} for empty text, {r['dropped_long_prompt']} for a prompt over half of --max-len "
-            f"{args.max_len}, {r['truncated']} responses truncated; {r['boundary_moved']} with a token across the "
-            "prompt/response boundary, scored as response)")
+    say_pairs(args, report, run)
     if not tokenized:
         raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
-    run.settings["pairs"] = pairs_digest(tokenized)
-    if isinstance(run.resume, dict):  # the checkpoint's pairs: known only now, after translation and tokenization
-        old = run.resume.get("settings") or {}
-        if tok.dated and "date" not in old and old.get("pairs") not in (None, run.settings["pairs"]):
-            raise ValueError(f"--resume: {run.out} was made by an older clo, which did not record the date the chat "
-                             f"template writes (strftime_now), and its pairs differ from today's ({tok.date}); use a "
-                             "new --out (or drop --resume) to start over.")
-        refuse_if_changed(run.out, old, run.settings, ["pairs"])
+    record_pairs(run, tokenized, tok)                        # --resume: other pairs than the checkpoint's: refused
     return tokenized
 
 
 def reference_table(args, model, tokenized, tok, run: Run) -> torch.Tensor:
     """log pi_ref of every pair's chosen and rejected response (P, 2); with --resume, the saved table when it was
     computed for these pairs, model and numerics."""
-    path = os.path.join(run.out, "reference_logps.safetensors")
-    ref = load_reference(path, run.settings, run.log) if args.resume else None
+    ref = load_reference(run) if args.resume else None
     if ref is None:
         per_unit = 2 * len(args.langs) if args.pairing == "items" else 1  # pairs per --batch-size unit
-        ref = reference_logps(model, tokenized, 2 * args.batch_size * per_unit, tok.pad_id, args.device,
+        ref = reference_logps(model, tokenized, 2 * args.batch_size * per_unit, tok.pad_id, run.device,
                               args.progress, run.dist, args.pack_to, args.dtype)
-        if run.dist.main:
-            save_tensors(path, {"logps": ref.contiguous()},
-                         {"settings": json.dumps({k: run.settings[k] for k in REFERENCE_SETTINGS})})
+        save_reference(ref, run)
     return ref
 
 
 def save_outputs(args, model, last, run: Run):
     """The adapter (PEFT layout) and/or the merged checkpoint, then summary.json, which marks the run finished."""
     model.eval()
-    sharded = args.fsdp and run.dist.world > 1
-    if sharded:  # every rank takes part in gathering the shards
-        trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
-    if run.dist.main:
-        if sharded:  # rebuild an unsharded copy on rank 0 from the gathered weights
-            model, _ = load_policy(args, run, "cpu")
-            set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for n, t in trained.items():
-                    params[n].copy_(t)
+    model = unsharded(args, model, run)                      # FSDP: gathered, and whole on rank 0 only
+    if run.dist.is_main:
         if args.tune == "lora":
             save_adapter(run.out, model, args)
         if args.merge or args.tune != "lora":
             save_merged(os.path.join(run.out, "merged"), model, model.source)
-        summary = {"run": run.out, "steps": last.get("step"), "final": last, "pairs": run.report,
-                   "ranks": run.dist.world, "settings": run.settings}
-        save_json(os.path.join(run.out, "summary.json"), summary)  # marks the run finished (start_run_folder) ...
-        for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):  # ... before its checkpoint goes
-            shutil.rmtree(os.path.join(run.out, name), ignore_errors=True)
-        RUN["checkpoint"] = None
-        run.log(final_message(args, run.out, last))
-
-
-def finish(run: Run, last: dict) -> dict:
-    run.dist.barrier()
-    if run.dist.world > 1:
-        torch.distributed.destroy_process_group()
-    return last
+        mark_finished(args, run, last)                       # summary.json; then the checkpoint goes
 
 
 # ======================================================================================================================
@@ -572,7 +343,7 @@ class Dist:
     world: int = 1
 
     @property
-    def main(self):
+    def is_main(self):
         return self.rank == 0
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -602,10 +373,8 @@ def setup_distributed(args) -> Dist:
     if world == 1:
         return Dist()
     import datetime
-    if args.device.startswith("cuda"):
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
+    if args.device.startswith("cuda"):  # this rank's GPU: "cuda" means it from now on (Run.device names it)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     # long enough for rank 0 to translate the data while the others wait at a barrier
     torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
                                          timeout=datetime.timedelta(minutes=args.dist_timeout))
@@ -619,8 +388,6 @@ def wrap_for_training(model, args, dist: Dist):
         return model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
-        for p in model.parameters():  # FSDP shards row-major tensors only (see model.column_major_wide_weights)
-            p.data = p.data.contiguous()
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -629,9 +396,60 @@ def wrap_for_training(model, args, dist: Dist):
     return DDP(model, device_ids=[torch.cuda.current_device()] if args.device.startswith("cuda") else None)
 
 
+def accumulating(engine, args, dist: Dist, last: bool):
+    """DDP all-reduces gradients only on a step's last micro-batch (FSDP and one process: on every one)."""
+    return contextlib.nullcontext() if last or dist.world == 1 or args.fsdp else engine.no_sync()
+
+
+def unsharded(args, model, run):
+    """The trained model whole, for export: itself, or under FSDP (every rank takes part in gathering the shards) an
+    unsharded copy rebuilt on rank 0 from the gathered weights (None on the other ranks)."""
+    if not (args.fsdp and run.dist.world > 1):
+        return model
+    trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if not run.dist.is_main:
+        return None
+    model, _ = load_policy(args, run, "cpu")
+    set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in trained.items():
+            params[n].copy_(t)
+    return model
+
+
 def full_tensor(t):
     """A parameter's whole value, also when FSDP holds only this rank's shard of it (a DTensor)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def finish(run: Run, last: dict) -> dict:
+    run.dist.barrier()
+    if run.dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return last
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision: --dtype bfloat16 is mixed precision (bf16 frozen weights and matmuls, fp32 trained tensors and AdamW)
+
+
+def autocast(device, dtype="float32"):
+    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
+    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
+    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
+    kind = torch.device(device).type
+    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(kind, enabled=False)
+
+
+def float32_weights(tune: str, dtype: str):
+    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
+    (mixed precision, as PEFT trains) the trained ones (Adam's updates are far below bf16's 8-bit mantissa: a bf16 1.0
+    cannot take a step under 0.004) and the 1-D ones (norms, biases: KBs; fp32 norms keep the residual stream in fp32,
+    see LlamaForCausalLM.hidden_states); the frozen rest in bf16, as autocast casts them at every matmul anyway."""
+    return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -641,48 +459,31 @@ def full_tensor(t):
 RUN = {"out": None, "checkpoint": None}  # what a stopped run leaves: for the one line of Ctrl-C or a full disk
 
 
-def write_atomic(path: str, write):
-    """write(tmp) then rename tmp -> path: a kill leaves the old file or the new one, never half of one. A write that
-    fails (disk full) removes its tmp file and raises OSError naming `path` (safetensors raises its own error type)."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        found = re.search(r"os error (\d+)", str(e))  # safetensors: "I/O error: No space left on device (os error 28)"
-        code = e.errno if isinstance(e, OSError) else int(found.group(1)) if found else None
-        if code is None:
-            raise
-        error = OSError(f"{path}: could not write it: {os.strerror(code)}")
-        error.errno = code
-        raise error from e
-
-
 def save_tensors(path: str, tensors: dict, metadata: dict | None = None):
     from safetensors.torch import save_file
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def save_json(path: str, obj):
-    """JSON, written atomically; UTF-8 text as itself (a Korean answer stays readable), read back by model.read_json."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-    write_atomic(path, write)
+    D.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # What saved state depends on. The reference table: the model, the tokens of the pairs (which --data, --num-samples,
 # --translations, --lang, --max-len and the translation cache decide) and the numerics (dtype, device). A checkpoint:
-# that plus everything that shapes the updates and the batch plan. Not here, since they change nothing or only float
-# rounding: --no-pack, --grad-checkpoint, --fsdp, --merge, --save-every, --save-minutes, --progress.
+# that plus everything that shapes the updates and the batch plan, and the English items (checked before translating).
+# Not here, since they change nothing or only float rounding: --no-pack, --grad-checkpoint, --fsdp, --merge,
+# --save-every, --save-minutes, --progress.
 REFERENCE_SETTINGS = ("model", "model_files", "dtype", "device", "lang", "max_len", "pairs")
 
 TRAINING_SETTINGS = REFERENCE_SETTINGS + (
     "method", "beta", "lam", "pairing", "tune", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
     "warmup", "weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "world", "seed",
-    "translator", "num_beams")  # the MT settings only when clo translates (not with --translations)
+    "translator", "num_beams", "items")  # the MT settings only when clo translates (not with --translations)
+
+# How a difference in each setting is said; any other key is its flag: "--max-len 1024, now 64"
+SAID = {"items": "other English items (--data, --num-samples or the --translations file changed)",
+        "pairs": "other training pairs (their tokens differ: --data, --num-samples, --translations or the translation "
+                 "cache changed)",
+        "model_files": "other files in --model (config.json or weights changed since)",
+        "world": "{old} ranks, now {new}"}
+BEFORE = {"pairing": "pairs"}  # what a record made before a setting existed trained with
+
 
 def model_identity(folder: str) -> str:
     """A cheap identity of a checkpoint folder: name, size and modification time of config.json and of each weight
@@ -695,14 +496,14 @@ def model_identity(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run_settings(args, model_folder: str, world: int) -> dict:
-    """The settings that saved state is checked against on --resume (all but "pairs", added once tokenized)."""
+def run_settings(args, model_folder: str, world: int, date: str | None = None) -> dict:
+    """The settings that saved state is checked against on --resume (all but "items" and "pairs", added once read)."""
     s = {"model": os.path.realpath(model_folder), "model_files": model_identity(model_folder),
-         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world, "date": args.date}
+         "device": torch.device(args.device).type, "lang": list(args.langs), "world": world, "date": date}
     for key in TRAINING_SETTINGS:
         if key in ("translator", "num_beams") and args.translations:
             continue
-        if key not in s and key != "pairs":
+        if key not in s and key not in ("items", "pairs"):
             s[key] = getattr(args, key)
     return s
 
@@ -716,32 +517,16 @@ def pairs_digest(pairs) -> str:
 
 
 def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
-    """What differs between the settings saved state was made with and this run's, each as "--flag OLD, now NEW"."""
+    """What differs between the settings saved state was made with and this run's, each as SAID says it."""
     if old is None:
         return ["no record of its settings (an older clo)"]
-    old = {"pairing": "pairs", **old}  # made before --pairing existed: pairs one by one
+    old = {**BEFORE, **old}
 
     def show(v):
         return ",".join(map(str, v)) if isinstance(v, list) else ("on" if v else "off") if isinstance(v, bool) else v
-    out = []
-    for key in keys:
-        if key not in old or key not in new or old[key] == new[key]:
-            continue
-        if key == "lam" and any(METHODS.get(s.get("method"), (None,))[0] is not None for s in (old, new)):
-            continue  # a --method that fixes lam: said by --method
-        if key == "items":
-            out.append("other English items (--data, --num-samples or the --translations file changed)")
-        elif key == "pairs":
-            if not out:  # a changed --lang or --max-len already explains different pairs
-                out.append("other training pairs (their tokens differ: --data, --num-samples, --translations or the "
-                           "translation cache changed)")
-        elif key == "model_files":
-            out.append("other files in --model (config.json or weights changed since)")
-        elif key == "world":
-            out.append(f"{old[key]} ranks, now {new[key]}")
-        else:
-            out.append(f"--{key.replace('_', '-')} {show(old[key])}, now {show(new[key])}")
-    return out
+    return [SAID.get(key, f"--{key.replace('_', '-')} {{old}}, now {{new}}").format(old=show(old[key]),
+                                                                                   new=show(new[key]))
+            for key in keys if key in old and key in new and old[key] != new[key]]
 
 
 def refuse_if_changed(what: str, old: dict | None, new: dict, keys):
@@ -751,59 +536,116 @@ def refuse_if_changed(what: str, old: dict | None, new: dict, keys):
                          "new --out (or drop --resume) to start over.")
 
 
-def start_run_folder(args, settings: dict, log=print, dist: Dist | None = None):
-    """Before any work. Without --resume: a new run; what an earlier run left in --out (checkpoint, metrics,
-    summary) is removed, said if a checkpoint goes, and args.json written. With --resume: the original args.json is
-    kept, and the folder is checked against this run's settings (all but the pairs, checked once tokenized):
-    returns "finished" (summary.json there), the checkpoint's progress dict, or None (no checkpoint: step 0, and
-    args.json rewritten, since nothing was trained with the old settings).
-    A setting that differs raises ValueError naming it."""
-    dist = dist or Dist()
-    out = args.out
-    summary, args_path = os.path.join(out, "summary.json"), os.path.join(out, "args.json")
-    checked = [k for k in TRAINING_SETTINGS if k != "pairs"]
-    saved = {k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")}
-    if not args.resume:
-        if dist.main:
-            os.makedirs(out, exist_ok=True)
-            found = find_checkpoint(out, log, fix=False)
+@dataclass
+class Run:
+    """The run's own record, which the pipeline's steps share: the folder, the ranks, this rank's device, the folder
+    --model resolved to, the date the chat template writes (the run's, on --resume too), the log (rank 0 prints), the
+    settings saved state is checked against, and what --resume found: a checkpoint's progress, or a finished run's
+    final metrics (summary.json)."""
+    out: str
+    dist: Dist
+    log: object
+    settings: dict
+    device: str = "cpu"
+    model_folder: str = ""
+    date: str = ""
+    checkpoint: dict | None = None
+    finished: dict | None = None
+    report: dict = field(default_factory=dict)  # what became of the pairs: printed, and kept in summary.json
+
+
+def check_run_folder(args, items) -> Run:
+    """Before any weight loads, and writing nothing: the ranks, --model resolved (a hub id fetched), the run's
+    settings and, with --resume, what --out holds checked against them: summary.json (a finished run: said, nothing
+    to do) or the newest complete checkpoint (the pairs are checked once tokenized: record_pairs). A setting that
+    differs raises ValueError naming it."""
+    dist = setup_distributed(args)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.world > 1 and args.device.startswith("cuda") else args.device
+    RUN.update(out=args.out, checkpoint=None)
+    log = print if dist.is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    folder = M.resolve_checkpoint(args.model)
+    recorded = os.path.join(args.out, "args.json")  # the date the chat template writes: the run's, on --resume too
+    date = M.read_json(recorded).get("date", M.today()) if args.resume and os.path.exists(recorded) else M.today()
+    items_digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    run = Run(args.out, dist, log, {**run_settings(args, folder, dist.world, date), "items": items_digest}, device,
+              folder, date)
+    checked = [k for k in TRAINING_SETTINGS if k not in ("items", "pairs")]
+    if args.resume and os.path.exists(os.path.join(args.out, "summary.json")):
+        done = M.read_json(os.path.join(args.out, "summary.json"))
+        refuse_if_changed(args.out, done.get("settings"), run.settings, checked)
+        log(f"{args.out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume to "
+            "train it again, or use a new --out.")
+        run.finished = done.get("final", {})
+    elif args.resume and (found := find_checkpoint(args.out, log, fix=False)):
+        refuse_if_changed(args.out, found[1].get("settings"), run.settings, checked + ["items"])
+        run.checkpoint = found[1]
+        RUN["checkpoint"] = (os.path.join(args.out, "checkpoint"), found[1]["step"])
+    return run
+
+
+def claim_run_folder(args, run: Run):
+    """After the model has loaded, before anything is written to --out: a new run removes what an earlier run left
+    (checkpoint, metrics, summary; a checkpoint that goes is said) and writes args.json. --resume puts a checkpoint
+    that a kill left mid-save into place, and writes args.json only when it found no checkpoint (nothing trained with
+    the old settings yet) or none is there. The translation cache is always kept."""
+    out, args_path = run.out, os.path.join(run.out, "args.json")
+    saved = {**{k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")},
+             "model_folder": run.model_folder, "date": run.date}
+    if args.resume and run.checkpoint is None:
+        run.log(f"--resume: no checkpoint in {out}: starting at step 0")
+    if run.dist.is_main:
+        os.makedirs(out, exist_ok=True)
+        found = find_checkpoint(out, run.log, fix=args.resume)  # --resume: a kill's leftovers into place
+        if not args.resume:
             if found:
-                log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to continue "
-                    "that run instead, stop this one and add --resume")
-            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+                run.log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to "
+                        "continue that run instead, stop this one and add --resume")
+            remove_checkpoints(out)
             for name in ("summary.json", "metrics.jsonl"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
-            save_json(args_path, saved)
-        dist.barrier()
-        return None
-    if dist.main:
-        os.makedirs(out, exist_ok=True)
-        find_checkpoint(out, log, fix=True)  # a checkpoint a kill left as checkpoint.tmp/.old: into place
-        if not os.path.exists(args_path):
-            save_json(args_path, saved)
-    dist.barrier()
-    if os.path.exists(summary):
-        done = M.read_json(summary)
-        refuse_if_changed(out, done.get("settings"), settings, checked)
-        log(f"{out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume to "
-            "train it again, or use a new --out.")
-        return "finished"
-    found = find_checkpoint(out, log, fix=False)
-    if found is None:
-        log(f"--resume: no checkpoint in {out}: starting at step 0")
-        if dist.main:  # nothing trained yet: this run's settings are the run's (a changed one would be unrecorded)
-            save_json(args_path, saved)
-        return None
-    refuse_if_changed(out, found[1].get("settings"), settings, checked)
-    RUN["checkpoint"] = (found[0], found[1]["step"])
-    return found[1]
+        if not args.resume or run.checkpoint is None or not os.path.exists(args_path):
+            D.save_json(args_path, saved)
+    run.dist.barrier()
 
 
-def load_reference(path: str, settings: dict, log=print):
+def record_pairs(run: Run, tokenized, tok):
+    """The tokenized pairs' digest, into the run's settings; --resume from a checkpoint that trained other pairs (known
+    only now, after translation and tokenization): refused."""
+    run.settings["pairs"] = pairs_digest(tokenized)
+    old = (run.checkpoint or {}).get("settings") or {}
+    if run.checkpoint and tok.dated and "date" not in old and old.get("pairs") not in (None, run.settings["pairs"]):
+        raise ValueError(f"--resume: {run.out} was made by an older clo, which did not record the date the chat "
+                         f"template writes (strftime_now), and its pairs differ from today's ({tok.date}); use a "
+                         "new --out (or drop --resume) to start over.")
+    if run.checkpoint:
+        refuse_if_changed(run.out, old, run.settings, ["pairs"])
+
+
+def translator_loader(args, run: Run):
+    """The translator, loaded when the cache lacks a translation (rank 0 only: the others read its cache)."""
+    def get_translator():
+        if not run.dist.is_main:
+            raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
+        try:
+            return D.load_translator(args.translator, args.dtype, run.device)
+        except Exception as e:
+            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
+                             "with pre-translated data to train without an MT model.") from e
+    return get_translator
+
+
+def save_reference(ref, run: Run):
+    if run.dist.is_main:
+        save_tensors(os.path.join(run.out, "reference_logps.safetensors"), {"logps": ref.contiguous()},
+                     {"settings": json.dumps({k: run.settings[k] for k in REFERENCE_SETTINGS})})
+
+
+def load_reference(run: Run):
     """--resume: the reference table a run computed before, when it is whole and was computed for these pairs, model
-    and numerics; else None (recomputed, and said)."""
+    and numerics; else None (recomputed, and said: other pairs only when no setting explains them)."""
+    path, settings, log = os.path.join(run.out, "reference_logps.safetensors"), run.settings, run.log
     if not os.path.exists(path):
         return None
     from safetensors import safe_open
@@ -814,15 +656,20 @@ def load_reference(path: str, settings: dict, log=print):
     except Exception:
         log(f"{path}: unreadable (cut short by a kill?): recomputing it")
         return None
-    diffs = setting_differences(old, settings, REFERENCE_SETTINGS)
+    diffs = setting_differences(old, settings, REFERENCE_SETTINGS[:-1]) or setting_differences(old, settings, ["pairs"])
     if diffs:
         log(f"{path}: computed with {'; '.join(diffs)}: recomputing it")
         return None
     return logps
 
 
-def kept() -> str:
-    """What a run stopped by Ctrl-C or a full disk leaves, for exit_on_error's one line."""
+def remove_checkpoints(out: str):
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def stopped_run_note() -> str:
+    """The sentence saying what a run stopped by Ctrl-C or a full disk leaves, for exit_on_error's one line."""
     if RUN["checkpoint"]:
         folder, step = RUN["checkpoint"]
         return f"kept: {folder} (step {step}); continue with --resume"
@@ -832,18 +679,187 @@ def kept() -> str:
     return ""
 
 
+def mark_finished(args, run: Run, last: dict):
+    """summary.json, which marks the run finished (check_run_folder), then its checkpoint goes; the final lines."""
+    summary = {"run": run.out, "steps": last.get("step"), "final": last, "pairs": run.report,
+               "ranks": run.dist.world, "settings": run.settings}
+    D.save_json(os.path.join(run.out, "summary.json"), summary)
+    remove_checkpoints(run.out)
+    RUN["checkpoint"] = None
+    run.log(final_message(args, run.out, last))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop's bookkeeping: checkpoints by steps, by minutes and --stop-after; resume; the metrics line; reports
+
+
+class Checkpoints:
+    """The loop's checkpoints, in --out/checkpoint. restore() before the loop: --resume's checkpoint. after_step()
+    after each optimizer step: a save every --save-every steps (default: a quarter of the run), every --save-minutes
+    (the ranks agree: every rank takes part in a save), and after step --stop-after, which ends the run (True)."""
+
+    def __init__(self, args, run: Run, model, optimizer, total: int):
+        self.args, self.run, self.model, self.optimizer, self.total = args, run, model, optimizer, total
+        self.folder = os.path.join(run.out, "checkpoint")
+        self.every = math.ceil(total / 4) if args.save_every is None else args.save_every
+
+    def restore(self) -> tuple[int, int]:
+        """(step, batches done): the checkpoint's, restored into the model and optimizer, or (0, 0). metrics.jsonl
+        keeps the lines of the steps up to it (the later ones are redone)."""
+        run, step, done = self.run, 0, 0
+        metrics = os.path.join(run.out, "metrics.jsonl")
+        if run.checkpoint is not None:
+            progress = load_checkpoint(self.folder, self.model, self.optimizer, run.dist, run.log)
+            step, done = progress["step"], progress["batches_done"]
+            run.log(f"resumed from {self.folder} at step {step} of {self.total}")
+            if run.dist.is_main and os.path.exists(metrics):
+                rows = D.read_jsonl(metrics, own=True, log=run.log)  # a torn last line is dropped and said
+                D.write_jsonl(metrics, [{k: v for k, v in r.items() if k != "_line"} for r in rows
+                                        if r.get("step", 0) <= step])
+        elif run.dist.is_main and os.path.exists(metrics):
+            os.remove(metrics)
+        cadence = [f"every {self.every} steps"] * bool(self.every) + [
+            f"every {self.args.save_minutes:g} minutes"] * bool(self.args.save_minutes)
+        run.log(f"checkpoints: {' and '.join(cadence) or 'none'} ({self.total} steps in all), in {self.folder}")
+        self.saved_at = time.perf_counter()
+        run.dist.barrier()
+        return step, done
+
+    def after_step(self, step: int, batches_done: int) -> bool:
+        args, dist = self.args, self.run.dist
+        due = bool(self.every) and step % self.every == 0
+        if args.save_minutes:
+            late = time.perf_counter() - self.saved_at >= 60 * args.save_minutes
+            if dist.world > 1:  # every rank takes part in a save (FSDP gathers): rank clocks differ, so agree
+                late = dist.sum(torch.tensor([float(late)], device=self.run.device)).item() > 0
+            due = due or late
+        stop = bool(args.stop_after) and args.stop_after <= step < self.total
+        if (due and step < self.total) or stop:  # the final step needs none: the outputs follow
+            save_checkpoint(self.folder, self.model, self.optimizer, step, batches_done, dist, self.run.settings)
+            self.saved_at = time.perf_counter()
+            RUN["checkpoint"] = (self.folder, step)
+        if stop:
+            self.run.log(f"stopped after step {step} of {self.total} (--stop-after {args.stop_after}): checkpoint in "
+                         f"{self.folder}; continue with: python clo.py ... --out {shlex.quote(self.run.out)} --resume "
+                         "(the same options)")
+            dist.barrier()
+        return stop
+
+
+class StepLog:
+    """The metrics line of each optimizer step: into metrics.jsonl (rank 0) and the progress bar; returned."""
+
+    def __init__(self, args, run: Run, step: int, total: int, batches_per_epoch: int):
+        from tqdm import tqdm
+        self.run, self.batches_per_epoch, self.path = run, batches_per_epoch, os.path.join(run.out, "metrics.jsonl")
+        self.bar = tqdm(total=total, initial=step, desc=f"{args.method} training",
+                        disable=not (args.progress and run.dist.is_main))
+        self.t0, self.pairs_seen = time.perf_counter(), 0
+
+    def __call__(self, step, batches_done, summed, in_step, lr, grad_norm) -> dict:
+        """summed: the step's (loss, nll, pair loss, reward acc, margin), summed over micro-batches and ranks."""
+        self.pairs_seen += len(in_step)
+        loss, nll, pair_loss, acc, margin = summed.tolist()
+        n_target = sum(p.in_target_lang for p in in_step)
+        last = {"step": step, "epoch": round(batches_done / self.batches_per_epoch, 3), "loss": round(loss, 5),
+                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
+                "margin": round(margin, 5), "en_pairs": len(in_step) - n_target, "target_pairs": n_target, "lr": lr,
+                "grad_norm": round(grad_norm, 4),
+                "pairs_per_s": round(self.pairs_seen / (time.perf_counter() - self.t0), 3)}
+        if self.run.dist.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
+        self.bar.update(1)
+        return last
+
+
+def stop_if_not_finite(parts, step: int, checkpoint: str):
+    if not torch.isfinite(parts.loss):
+        raise FloatingPointError(
+            f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
+            f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {checkpoint} (if one was "
+            "written). Try a lower --lr, or --dtype float32.")
+
+
+def say_training(args, model, wrapped, tokenized, run: Run):
+    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
+            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
+                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
+
+
+def say_left_out(pairs, plan, args, run: Run):
+    left_out = len(pairs) - sum(len(g) for b in plan for g in b)
+    if left_out:  # every rank must take part in every step
+        run.log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer {args.pairing} "
+                f"than the {run.dist.world} ranks (use a --batch-size that divides the {args.pairing}, or fewer "
+                "ranks, to keep them)")
+
+
+def say_memory(args, run: Run):
+    """The dtype, and the bytes of weights, gradients and AdamW state (training_bytes), before any weight loads."""
+    shards = run.dist.world if args.fsdp else 1
+    cfg = M.LlamaConfig.from_hf(M.read_json(os.path.join(run.model_folder, "config.json")))
+    need = training_bytes(cfg, args.tune, args.dtype, args.lora_targets, args.lora_r, shards)
+    gib = {k: f"{v / 2 ** 30:.2f} GiB" if v >= 2 ** 30 else f"{v / 2 ** 20:.1f} MiB"
+           for k, v in {**need, "all": sum(need.values())}.items()}
+    run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision: frozen weights in bf16, trained "
+            "ones, their gradients and AdamW state in fp32, bf16 autocast" if args.dtype == "bfloat16" else ""))
+    run.log(f"memory{' per rank' * (shards > 1)}: weights {gib['weights']}, gradients {gib['gradients']}, AdamW "
+            f"state {gib['optimizer']}; {gib['all']} in all, activations not counted")
+
+
+def say_translation_flags(args, rows, run: Run):
+    flags = D.translation_flags(rows, args.langs)
+    if flags["flagged"]:
+        run.log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence "
+                f"cut at the MT model's input limit or output cap, {flags['degenerate']} degenerate after a retry; "
+                f"marked in {args.translations or os.path.join(run.out, 'translations.jsonl')}): " + ("kept (--keep-flagged)" if args.keep_flagged else
+                                                                "left out of the pairs (--keep-flagged keeps them)"))
+    run.report.update(translation_flags=flags, dropped_flagged=0 if args.keep_flagged else 2 * flags["flagged"])
+
+
+def say_pairs(args, report: dict, run: Run):
+    report["pairs"] += run.report["dropped_flagged"]
+    run.report.update(report)
+    r = run.report
+    run.log(f"pairs: {r['kept']} kept of {r['pairs']} ({r['dropped_flagged']} dropped for a flagged translation, "
+            f"{r['dropped_empty']} for empty text, {r['dropped_long_prompt']} for a prompt over half of --max-len "
+            f"{args.max_len}, {r['truncated']} responses truncated; {r['boundary_moved']} with a token across the "
+            "prompt/response boundary, scored as response)")
+
+
+def training_bytes(cfg: M.LlamaConfig, tune: str, dtype: str, targets=ATTENTION_PROJECTIONS, r: int = 16,
+                   shards: int = 1) -> dict[str, int]:
+    """Bytes of a run's weights, gradients and AdamW state (two moments and a 4-byte step per trained tensor), per
+    rank, before any weight is loaded: counted on a weightless (meta-device) copy held and made trainable as the
+    run's model is (float32_weights, set_trainable). shards: FSDP's ranks, each holding
+    ceil(rows / shards) rows of every tensor; 1 for one process and DDP. Activations, FSDP's gathered layer and the
+    allocator's slack come on top. Raises ValueError on LoRA targets that name no linear layer."""
+    with torch.device("meta"):
+        model = M.build_on_meta(M.LlamaForCausalLM, cfg, M.DTYPES[dtype], "meta",
+                                float32=float32_weights(tune, dtype))
+        set_trainable(model, tune, targets, r, 2.0 * r, 0.0)
+    def size(p):
+        return -(-p.shape[0] // shards) * (p.numel() // max(1, p.shape[0])) * p.element_size() if p.dim() else 4
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {"weights": sum(map(size, model.parameters())), "gradients": sum(map(size, trained)),
+            "optimizer": sum(2 * size(p) + 4 for p in trained)}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: safetensors + JSON in a temporary folder, renamed into place
 
 
-def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=None, settings=None):
+def save_checkpoint(folder, model, optimizer, step, batches_done, dist=None, settings=None):
     """Trainable weights, AdamW state, each rank's random state (CPU, and CUDA on a GPU: rng/cpu/RANK, rng/cuda/RANK),
     progress and the run's settings. Every rank holds the same weights and AdamW state (FSDP: gathered here); rank 0
     writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what a kill between them
     leaves)."""
     dist = dist or Dist()
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    tensors = {f"param/{n}": full_tensor(t).cpu().contiguous().clone() for n, t in trainable_state(model).items()}
+    tensors = {f"param/{n}": full_tensor(p.detach()).cpu().contiguous().clone() for n, p in model.named_parameters()
+               if p.requires_grad}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for k, v in optimizer.state.get(p, {}).items():
@@ -854,14 +870,14 @@ def save_checkpoint(folder, model, optimizer, step, epoch_batches_done, dist=Non
                                                else {})
     for kind, state in states.items():  # the dropout masks differ by rank: each rank's own state, restored by it
         tensors |= {f"rng/{kind}/{r}": t for r, t in enumerate(dist.gather(state))}
-    if not dist.main:
+    if not dist.is_main:
         return
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         save_tensors(os.path.join(tmp, "state.safetensors"), tensors)
-        save_json(os.path.join(tmp, "progress.json"), {"step": step, "batches_done": epoch_batches_done,
+        D.save_json(os.path.join(tmp, "progress.json"), {"step": step, "batches_done": batches_done,
                                                        "settings": settings})  # last: marks tmp complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: free what this save took; the last checkpoint stays
@@ -920,7 +936,7 @@ def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def load_checkpoint(folder, model, optimizer, dist=None, log=print):
     """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer, and this
-    rank's random state (start_run_folder refused another number of ranks); an older checkpoint's one "rng/cpu" goes
+    rank's random state (check_run_folder refused another number of ranks); an older checkpoint's one "rng/cpu" goes
     to every rank, as before."""
     dist = dist or Dist()
     from safetensors.torch import load_file
@@ -964,7 +980,7 @@ def save_adapter(out, model, args):
               "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
               "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
               "alpha_pattern": {}, "revision": None}
-    save_json(os.path.join(out, "adapter_config.json"), config)
+    D.save_json(os.path.join(out, "adapter_config.json"), config)
 
 
 def save_merged(folder, model, source):
@@ -1000,39 +1016,16 @@ def save_merged(folder, model, source):
     config["tie_word_embeddings"] = config.get("tie_word_embeddings", False) and model.config.tie_word_embeddings
     for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:  # transformers v5, v4
         config[key] = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    save_json(os.path.join(folder, "config.json"), config)
+    D.save_json(os.path.join(folder, "config.json"), config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with "(default: X)" after each option's help, except for on/off flags, required options and None
-    defaults (their help says it). Shared by clo.py and eval.py."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None or action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def check_device(name: str) -> torch.device:
-    """--device as a torch.device; one line for a name torch does not know, or CUDA where there is none."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
-                         "build of torch on a machine with a GPU.")
-    return device
-
-
-def parse_args(argv=None):
+def command_line() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.",
-                                formatter_class=HelpWithDefaults)
+                                formatter_class=D.HelpWithDefaults)
     p.add_argument("--model", required=True, help="chat model to adapt: a local checkpoint folder "
                    "(config.json, *.safetensors, tokenizer.json) or a hub id")
     p.add_argument("--lang", required=True, help="target language(s), ISO 639-1 or FLORES-200: ko, or ko,sw")
@@ -1096,12 +1089,16 @@ def parse_args(argv=None):
                    "continue later with --resume (0: run to the end)")
     p.add_argument("--merge", action="store_true", help="--tune lora: also write a full merged checkpoint to "
                    "RUN_DIR/merged (attn and full always write it)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still "
-                   "print)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still print)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
     p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
                    "(rank 0 translates while the others wait)")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """The options, with clo's defaults filled in (README: options and defaults) and checked (check_args)."""
+    a = command_line().parse_args(argv)
     a.langs = [l.strip() for l in a.lang.split(",") if l.strip()]
     lam, lora = METHODS[a.method][0], [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
                                        if getattr(a, k) is not None]
@@ -1120,20 +1117,16 @@ def parse_args(argv=None):
     a.pack_to = a.max_len if a.pack else None
     if a.out is None:
         a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
-    a.date = M.today()  # what the chat template's strftime_now writes; start_run keeps a run's own on --resume
-    validate_args(a)  # before the dtype, which reads --device
+    check_args(a)  # before the dtype, which reads --device
     a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
-    training_precision(a.dtype)  # refuses fp16 before any work
     return a
 
 
-def validate_args(a):
-    """Every check that needs no weights, before any work: nothing is written and nothing loaded when one fails.
-    Raises ValueError with one line naming the option, value (file, line) and what to do. In order: numbers out of
-    range, --device, --lang (check_languages), --translations and --data files (read and parsed whole: a bad row is
-    found now, not after the model has loaded), --model when it is a local folder (a folder, with config.json of a
-    chat model, safetensors weights, a tokenizer, and the --lora-targets layers: checked on a weightless copy), --out.
-    A hub id is not looked up here: main() fetches it."""
+def check_args(a):
+    """The checks that need no data and no weights, before any work: nothing is written and nothing loaded when one
+    fails (the --data and --translations files are read whole next, by read_data). Raises ValueError, one line naming
+    the option, value (file) and what to do. A local --model folder is checked by M.check_checkpoint_folder, its
+    --lora-targets on a weightless copy; a hub id is not looked up here (check_run_folder fetches it)."""
     at_least = {"--epochs": (a.epochs, 1), "--batch-size": (a.batch_size, 1), "--grad-accum": (a.grad_accum, 1),
                 "--max-len": (a.max_len, 1), "--num-beams": (a.num_beams, 1), "--lora-r": (a.lora_r, 1),
                 "--num-samples": (a.num_samples, 1), "--max-steps": (a.max_steps, 0), "--stop-after": (a.stop_after, 0),
@@ -1152,67 +1145,24 @@ def validate_args(a):
         raise ValueError(f"--lora-dropout {a.lora_dropout}: must be at least 0 and below 1.")
     if not a.lora_targets:
         raise ValueError("--lora-targets is empty; name linear layers, e.g. q_proj,k_proj,v_proj,o_proj.")
-    if a.dtype != "auto":  # an explicit --dtype needs no device: fp16 is refused before the files are read
-        training_precision(M.resolve_dtype(a.dtype, "cpu")[0])
-    device = check_device(a.device)
+    if a.dtype != "auto" and M.resolve_dtype(a.dtype, "cpu")[0] == "float16":  # needs no device: before the files
+        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which clo does not implement; use "
+                         "--dtype bfloat16 (mixed precision) or float32.")
+    device = M.check_device(a.device)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {a.device}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}).")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {a.device}: MPS is not available here; use --device cpu.")
-    for flag, file in (("--translations", a.translations), ("--data", None if a.data == "oasst1" else a.data)):
-        if file and not os.path.isfile(file):
-            raise ValueError(f"{flag} {file}: no such file.")
-    if a.translations and not D.read_lines(a.translations):
-        raise ValueError(f"--translations {a.translations}: no rows; the file is empty.")
-    check_languages(a.langs, a.translations)
-    if a.translations:  # the rows main() will read: every target column of every row used, each named by its line
-        if a.data:
-            items = [] if a.data == "oasst1" else D.load_sft(a.data, a.num_samples)
-            D.translate_items(items, a.langs, "", None, a.translations)  # with a file: reads it, loads nothing
-        else:
-            first = {}  # English item -> (line, fields of every line of that item: later lines add to earlier ones)
-            for number, line in D.read_lines(a.translations):
-                row = json.loads(line)  # valid: check_languages read the whole file
-                key = (row["en_instruction"], row["en_response"])
-                first[key] = (first.get(key, (number, {}))[0], {**first.get(key, (number, {}))[1], **row})
-            for number, row in D.first_items(list(first.values()), a.num_samples, a.translations):
-                lacking = [f"{l}_{f}" for l in a.langs for f in ("instruction", "response")
-                           if not isinstance(row.get(f"{l}_{f}"), str)]
-                if lacking:
-                    raise ValueError(f"{a.translations}: line {number}: lacks {', '.join(lacking)} (a string each); "
-                                     "fill it in, or drop the row.")
-    elif a.data and a.data != "oasst1":
-        D.load_sft(a.data, a.num_samples)  # one line naming file, line and field on a bad row
-    path = os.path.expanduser(a.model)
-    # a local path as model.resolve_checkpoint takes one, and also models/smol when models/ is here: not a hub id
-    if (os.path.exists(path) or a.model.startswith((".", "/", "~")) or path.count("/") > 1
-            or ("/" in path and os.path.isdir(os.path.dirname(path)))):
-        get = "`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir models/smollm2`, say"
-        if not os.path.isdir(path):
-            raise ValueError(f"--model {a.model}: no such folder. Give a local checkpoint folder (config.json, "
-                             f"*.safetensors, tokenizer.json; {get}) or a hub id.")
-        config = os.path.join(path, "config.json")
-        if not os.path.exists(config):
-            if os.path.exists(os.path.join(path, "adapter_config.json")):
-                raise ValueError(f"--model {a.model}: holds a LoRA adapter, not a model; pass the model it was "
-                                 "trained on (base_model_name_or_path in its adapter_config.json), or the merged/ "
-                                 "folder of a run trained with --merge.")
-            if os.path.exists(os.path.join(path, "args.json")):
-                raise ValueError(f"--model {a.model}: a clo run folder without a model in it; pass its merged/ "
-                                 "folder (a run trained with --merge), or the model it was trained on.")
-            raise ValueError(f"--model {a.model}: no config.json there; give a Hugging Face checkpoint folder "
-                             f"(config.json, *.safetensors, tokenizer.json; {get}).")
-        raw = M.read_json(config)
-        if raw.get("model_type") in ("m2m_100", "nllb", "nllb-moe"):
-            raise ValueError(f"--model {a.model}: an M2M100/NLLB translator, not a chat model; pass it as "
-                             f"--translator {a.model}, and the chat model to adapt as --model.")
-        M.safetensors_files(path)  # refuses a folder without safetensors weights, or with pickles only
-        M.Tokenizer(path, raw)
+    if a.data and a.data != "oasst1" and not os.path.isfile(a.data):
+        raise ValueError(f"--data {a.data}: no such file.")
+    if not a.translations:  # with a file: its columns, once read_data reads it
+        D.check_languages(a.langs)
+    if M.is_local_path(a.model):
+        raw, config = M.check_checkpoint_folder(a.model), os.path.join(os.path.expanduser(a.model), "config.json")
         if a.tune == "lora":  # on a weightless copy: a bad --lora-targets is said before anything loads
             with torch.device("meta"):
-                shape = M.LlamaForCausalLM(M.LlamaConfig.from_hf(raw, config))
-            M.check_lora_targets(shape, a.lora_targets)
+                M.check_lora_targets(M.LlamaForCausalLM(M.LlamaConfig.from_hf(raw, config)), a.lora_targets)
     out = os.path.abspath(a.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {a.out}: is a file; give a folder (created if missing).")
@@ -1228,14 +1178,21 @@ def validate_args(a):
         raise ValueError(f"--out {a.out}: {above} is not writable; give a folder you can write to.")
 
 
+def read_data(args) -> tuple[list[dict], list[dict] | None]:
+    """The English items (x_en, y_en): --data, else the English side of --translations, else the Alpaca seed tasks
+    shipped in samples/; with --translations also its rows for them (x_l, y_l): each file read once, whole."""
+    items = D.load_sft(args.data, args.num_samples) if args.data or not args.translations else None
+    rows = D.read_parallel(args.translations, args.langs, args.num_samples, items) if args.translations else None
+    if items is None:
+        items = [{"instruction": r["en_instruction"], "response": r["en_response"]} for r in rows]
+    return items, rows
+
+
 def final_message(args, out: str, last: dict) -> str:
     """The lines a finished run ends with (rank 0): the final numbers, where each output is, and what to run next,
-    as TRL's and torchtune's trainers end. `last`: train()'s last step dict; with last["stopped"] (--stop-after) the
-    checkpoint and the --resume command instead."""
+    as TRL's and torchtune's trainers end (a stopped run's line: Checkpoints.after_step). `last`: train()'s last
+    metrics line."""
     q = shlex.quote
-    if last.get("stopped"):
-        return (f"stopped after step {last.get('step')} (--stop-after): checkpoint in {os.path.join(out, 'checkpoint')}"
-                f"; continue with: python clo.py ... --out {q(out)} --resume (the same options)")
     merged = os.path.join(out, "merged")
     lines = [f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
              f"margin {last.get('margin')}  nll {last.get('nll')}"]
@@ -1256,54 +1213,5 @@ def final_message(args, out: str, last: dict) -> str:
     return "\n".join(lines)
 
 
-def check_languages(langs: list[str], translations: str | None):
-    """Fails before any work on a language the run cannot train. With --translations, any language whose columns the
-    file has (no MT model is used); otherwise one the code tables know (NLLB's FLORES-200, M2M100's); whether the
-    translator has it is checked as soon as it loads (data.translate_items)."""
-    import difflib
-    if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
-        raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
-    for lang in langs:
-        if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
-            raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
-        if langs.count(lang) > 1:
-            raise ValueError(f"--lang {','.join(langs)}: {lang} is given twice; each language's pairs would train "
-                             "twice per epoch.")
-    if translations:
-        have = sorted({k[:-len("_response")] for row in D.read_translations(translations).values() for k in row
-                       if k.endswith("_response") and k != "en_response"})
-        for lang in langs:
-            if lang not in have:
-                raise ValueError(f"--lang {lang}: {translations} has no {lang}_instruction/{lang}_response columns; "
-                                 f"its languages: {', '.join(have) or 'none'}.")
-        return
-    for lang in langs:
-        if not (lang in D.FLORES_CODES or lang in D.M2M100_CODES["m2m100"] or D.LANGUAGE_TOKEN.fullmatch(lang)):
-            stem = lang.lower()[:2]  # KO, korean, ko_KR -> ko
-            close = [stem] if stem in D.FLORES_CODES else difflib.get_close_matches(lang.lower(), list(D.FLORES_CODES),
-                                                                                    n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise ValueError(f"--lang {lang}: unknown language code.{hint} Use ISO 639-1 codes "
-                             f"({', '.join(sorted(D.FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
-
-
-def exit_on_error(main_fn, *errors, kept=None):
-    """Runs a script's main(): bad input (and the given error types) prints one line `error: ...` and exits 2, with
-    no traceback; Ctrl-C prints one line and exits 130. `kept`: a function saying what a stopped run leaves (clo: the
-    last good checkpoint), added to the line of Ctrl-C and of a full disk. Shared by clo.py and eval.py."""
-    def note():
-        said = kept() if kept else ""
-        return f"; {said}" if said else ""
-    try:
-        main_fn()
-    except KeyboardInterrupt:
-        print(f"interrupted (Ctrl-C){note()}", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, FileNotFoundError, OSError, *errors) as e:
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        print(f"error: {'disk full: ' if full else ''}{e}{note() if full else ''}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    exit_on_error(main, FloatingPointError, kept=kept)
+    D.exit_on_error(main, FloatingPointError, kept=stopped_run_note)

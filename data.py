@@ -10,13 +10,18 @@ Every bad input raises one ValueError naming the file and line (or the value) an
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
+import errno
 import gzip
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,60 +33,6 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples
 
 # ----------------------------------------------------------------------------------------------------------------------
 # English SFT data
-
-
-def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
-    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
-    kept when it is valid JSON (an editor or a script simply left the newline out). When it is not: in the run's own
-    append-only files (`own`: the translation cache, metrics.jsonl) it is what a kill in the middle of an append
-    leaves, so it is dropped and said; in a user's file it is kept, and its parser reports the bad line."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    # split at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON keeps raw inside
-    # strings (json.dumps with ensure_ascii=False writes them so), and a row holding one would be cut in two
-    lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
-    if lines[-1] == "":  # what follows the final newline
-        lines.pop()
-    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
-        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
-            "held is redone")
-        lines = lines[:-1]
-    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-
-
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
-def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
-    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> list of dicts, each with its line number
-    (in an array: its position) as `_line`. A malformed line, or one that is not a JSON object, is an error naming
-    file and line; a last line cut short by a kill in the run's own files (`own`) is dropped and said (read_lines)."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file.")
-    lines = read_lines(path, own, log)
-    if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
-        try:
-            rows = json.loads("\n".join(line for _, line in lines))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {lines[e.lineno - 1][0]}: not valid JSON ({e.msg}).") from e
-        numbered = list(enumerate(rows, 1))
-    else:
-        numbered = []
-        for number, line in lines:
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
-                                 "object.") from e
-    for number, row in numbered:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
-    return [dict(row, _line=number) for number, row in numbered]
 
 
 def sft_item(row: dict, path: str) -> dict:
@@ -100,19 +51,15 @@ def sft_item(row: dict, path: str) -> dict:
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}. Expected Alpaca format (instruction, input, output) "
                          "or chat format (messages: [{role: user, ...}, {role: assistant, ...}]).")
-    instruction = row["instruction"]
-    if row.get("input"):
-        instruction = f"{instruction}\n\n{row['input']}"
+    instruction = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
     return {"instruction": instruction, "response": row["output"]}
 
 
-def load_oasst1(cache_dir: str | None = None) -> list[dict]:
-    """--data oasst1: OpenAssistant oasst1's ready trees (one gzip JSONL file from the hub, no `datasets` needed),
-    selected by oasst1_pairs. The number of items was not measured here (no hub access)."""
+def load_oasst1() -> list[dict]:
+    """--data oasst1: the release's ready trees (one gzip JSONL file from the hub), selected by oasst1_pairs."""
     from huggingface_hub import hf_hub_download
     try:
-        path = hf_hub_download("OpenAssistant/oasst1", "2023-04-12_oasst_ready.trees.jsonl.gz", repo_type="dataset",
-                               cache_dir=cache_dir)
+        path = hf_hub_download("OpenAssistant/oasst1", "2023-04-12_oasst_ready.trees.jsonl.gz", repo_type="dataset")
     except Exception as e:
         raise ValueError(f"oasst1: could not fetch OpenAssistant/oasst1 from the hub ({type(e).__name__}: {e}); "
                          "pass --data with a local file instead.") from e
@@ -122,13 +69,9 @@ def load_oasst1(cache_dir: str | None = None) -> list[dict]:
 def oasst1_pairs(trees_path: str) -> list[dict]:
     """oasst1 message trees (JSONL, gzip too; one tree a line, {"prompt": message}, each message with role, lang,
     text, rank, deleted, review_result, labels {name: {value}}, emojis {name: count}, replies) -> SFT items, best first.
-
-    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": one item per
-    tree whose root prompt is English (role "prompter", lang "en"): that prompt and its assistant reply of rank 0
-    (the one human rankers preferred among its siblings). Single-turn: the first exchange only, later turns unused. A
-    root without a rank-0 reply (the release ranks siblings only) gives no item, nor does a deleted message or one that
-    failed review. "Top": the paper names no criterion; ours is the reply's human quality label (mean rating, 0-1; 0
-    when absent), then its +1 votes, highest first, ties in the file's order."""
+    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": an English root
+    prompt and its rank-0 assistant reply (not deleted, not failing review), ranked by the reply's human quality label
+    (0-1; 0 when absent), then its +1 votes (the paper names no criterion)."""
     def kept(m):
         return not m.get("deleted") and m.get("review_result") is not False and m.get("text")
     scored = []
@@ -155,8 +98,7 @@ def first_items(items: list, num_samples: int | None, source: str) -> list:
 
 
 def load_sft(source: str | None = None, num_samples: int | None = None) -> list[dict]:
-    """--data: an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', or None for the shipped English sample; the
-    first num_samples items (first_items)."""
+    """--data (an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', None: the shipped sample) -> first_items."""
     if source == "oasst1":
         return first_items(load_oasst1(), num_samples, "oasst1 (English root prompts with a rank-0 reply)")
     path = source or DEFAULT_DATA
@@ -164,11 +106,65 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Translation: language codes, sentence splitting, the Translator service around model.py's M2M100 network
+# Parallel files (--translations, the run's cache): a row per English item, en_*, ko_instruction, ko_response, ko_flags
 
 
-# ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like codes,
-# numbered after vocab.json in this order (fairseq's M2M100 language list; its WMT21 models use their own 8).
+def read_translations(path: str, own: bool = False, log=print, lines: dict | None = None) -> dict[tuple, dict]:
+    """A parallel JSONL file -> {(english instruction, english response): row}; a later line of an item adds to its
+    earlier ones (`lines`, if given, gets each item's first line number). `own`: the run's cache (see read_lines)."""
+    table = {}
+    if not os.path.exists(path):
+        return table
+    for row in read_jsonl(path, own, log):
+        number = row.pop("_line")
+        missing = [k for k in ("en_instruction", "en_response") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
+                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
+        key = (row["en_instruction"], row["en_response"])
+        earlier = dict(table.get(key, {}))
+        for field in row:  # a later translation of a language replaces its flags too (absent: no longer flagged)
+            if field.endswith("_response") and field != "en_response":
+                earlier.pop(field[:-len("_response")] + "_flags", None)
+        table[key] = {**earlier, **row}
+        if lines is not None:
+            lines.setdefault(key, number)
+    return table
+
+
+def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
+                  items: list[dict] | None = None) -> list[dict]:
+    """--translations, read once and checked whole before any model loads -> the rows of `items` (--data's), else of
+    the file's first num_samples items, with en_* and <lang>_* strings for each of langs; ValueError names the line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--translations {path}: no such file.")
+    lines = {}
+    table = read_translations(path, lines=lines)
+    if not table:
+        raise ValueError(f"--translations {path}: no rows; the file is empty.")
+    check_languages(langs, sorted({k[:-len("_response")] for row in table.values() for k in row
+                                   if k.endswith("_response") and k != "en_response"}), path)
+    keys = first_items(list(table), num_samples, path) if items is None else [
+        (it["instruction"], it["response"]) for it in items]
+    for key in keys:
+        if key not in table:
+            raise ValueError(f"{path}: has no row for the English item {key[0][:60]!r}; with --translations, --data "
+                             "must hold the same English items (or leave --data out to train on the translations "
+                             "file's own English side).")
+        lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response")
+                   if not isinstance(table[key].get(f"{l}_{f}"), str)]
+        if lacking:
+            raise ValueError(f"{path}: line {lines[key]}: lacks {', '.join(lacking)} (a string each); fill it in, or "
+                             "drop the row.")
+    return [table[key] for key in keys]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Language codes: ISO 639-1 (ko), FLORES-200 (kor_Hang, NLLB's tokens), M2M100's __ko__
+
+
+# ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like
+# codes, numbered after vocab.json in this order (fairseq's M2M100 language list; its WMT21 models use their own 8).
 FLORES_CODES = {
     "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
     "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
@@ -185,6 +181,35 @@ M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de 
 LANGUAGE_TOKEN = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__")
 
 
+def check_languages(langs: list[str], have: list[str] | None = None, path: str | None = None):
+    """--lang, before any work: ValueError on a language the run cannot train. With a parallel file (`have`: the
+    languages whose columns `path` has) any of those; otherwise a code the tables know or a FLORES-200/__xx__ token
+    (the translator's vocabulary is checked as it loads: language_token)."""
+    if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
+        raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
+    for lang in langs:
+        if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
+            raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
+        if langs.count(lang) > 1:
+            raise ValueError(f"--lang {','.join(langs)}: {lang} is given twice; each language's pairs would train "
+                             "twice per epoch.")
+    for lang in langs:
+        if have is not None and lang not in have:
+            raise ValueError(f"--lang {lang}: {path} has no {lang}_instruction/{lang}_response columns; its "
+                             f"languages: {', '.join(have) or 'none'}.")
+        if have is None and not (lang in FLORES_CODES or lang in M2M100_CODES["m2m100"]
+                                 or LANGUAGE_TOKEN.fullmatch(lang)):
+            raise ValueError(f"--lang {lang}: unknown language code.{close_codes(lang, FLORES_CODES)} Use ISO 639-1 "
+                             f"codes ({', '.join(sorted(FLORES_CODES))}) or FLORES-200 codes (kor_Hang).")
+
+
+def close_codes(code: str, names) -> str:
+    """The one close-match hint for a language code: its two-letter stem (KO, korean, ko_KR -> ko), else difflib's."""
+    stem = code.lower()[:2]
+    close = [stem] if stem in names else difflib.get_close_matches(code, list(names), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(close)}?" if close else ""
+
+
 def language_token(vocab: dict, code: str, name: str = "this translator") -> tuple[str, int]:
     """An ISO 639-1 (ko) or FLORES-200 (kor_Hang) code -> the checkpoint's language token and id: NLLB's kor_Hang or
     M2M100's __ko__, never a text piece that spells the code. Raises ValueError naming code and translator (`name`)."""
@@ -192,12 +217,13 @@ def language_token(vocab: dict, code: str, name: str = "this translator") -> tup
     for token in (FLORES_CODES.get(code, code), f"__{iso}__"):
         if LANGUAGE_TOKEN.fullmatch(token) and token in vocab:
             return token, vocab[token]
-    known = sorted(t for t in vocab if LANGUAGE_TOKEN.fullmatch(t))
-    names = sorted(set(known) | {iso for iso, fl in FLORES_CODES.items() if fl in vocab or f"__{iso}__" in vocab})
-    close = difflib.get_close_matches(code, names, n=5, cutoff=0.4)
-    hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise ValueError(f"language {code!r} is not supported by {name}.{hint} Use an ISO 639-1 code "
-                     f"({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
+    names = {t for t in vocab if LANGUAGE_TOKEN.fullmatch(t)} | {i for i, fl in FLORES_CODES.items() if fl in vocab}
+    raise ValueError(f"language {code!r} is not supported by {name}.{close_codes(code, sorted(names))} Use an ISO "
+                     f"639-1 code ({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Translation: sentence splitting, the Translator service around model.py's M2M100 network
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=\S)")
@@ -207,25 +233,17 @@ INLINE_CODE = re.compile(r"`[^`\n]+`")
 
 
 def split_for_translation(text: str):
-    """Cuts a text into the sentences a sentence-level MT model should see, and a plan to put it back together.
-
-    Lines keep their markdown prefix (list marker, heading, quote, indentation); fenced code blocks and blank lines are
-    kept verbatim; inline code spans become placeholders <0>, <1>, ... that MT models copy through (checked after
-    translation). Returns (plan, sentences): plan is a list of lines, each either a verbatim string or
-    (prefix, [(sentence_index, code_spans, separator), ...]).
-    """
+    """A text -> (plan, sentences): the sentences a sentence-level MT model should see, and the plan that
+    join_translation puts back together: per line a verbatim string (fenced code, no words) or (markdown prefix,
+    [(sentence_index, code_spans), ...]), inline code spans replaced by placeholders <0>, <1>, ... that MT copies."""
     plan, sentences, in_fence = [], [], False
     for line in text.split("\n"):
-        if FENCE.match(line):
+        fence = FENCE.match(line)
+        if fence:
             in_fence = not in_fence
-            plan.append(line)
-            continue
-        if in_fence or not line.strip():
-            plan.append(line)
-            continue
         prefix = LINE_PREFIX.match(line).group(1)
         body = line[len(prefix):]
-        if not re.search(r"[^\W\d_]", body):  # nothing to translate: numbers, symbols, code-only lines
+        if fence or in_fence or not re.search(r"[^\W\d_]", body):  # code, or nothing to translate (blank, numbers)
             plan.append(line)
             continue
         parts = []
@@ -246,8 +264,7 @@ def split_long(sentence: str, max_chars: int = 400) -> list[str]:
         return [sentence]
     pieces, current = [], ""
     for chunk in re.split(r"(?<=[,;:])\s+", sentence):
-        words = chunk.split(" ") if len(chunk) > max_chars else [chunk]
-        for word in words:
+        for word in chunk.split(" ") if len(chunk) > max_chars else [chunk]:
             joiner = " " if current else ""
             if current and len(current) + len(joiner) + len(word) > max_chars:
                 pieces.append(current)
@@ -280,9 +297,8 @@ def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
     """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
     if len(output_ids) > 3 * len(source_ids) + 10:
         return True
-    n = len(output_ids)
     for size in range(1, 9):
-        for start in range(0, n - 4 * size + 1):
+        for start in range(0, len(output_ids) - 4 * size + 1):
             unit = output_ids[start:start + size]
             if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
                 return True
@@ -290,10 +306,9 @@ def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
 
 
 class SentencePieceTokenizer:
-    """M2M100's tokenizer as released (sentencepiece.bpe.model + vocab.json, no tokenizer.json) with the methods of
-    tokenizers.Tokenizer the Translator uses. As fairseq and transformers' M2M100Tokenizer: pieces -> ids through
-    vocab.json (a piece it lacks -> <unk>, transformers#11336), then language tokens __xx__ numbered after it in the
-    order of M2M100_CODES[tokenizer_config's language_codes]. Text that spells a special token (</s>) stays text."""
+    """M2M100's tokenizer as released (sentencepiece.bpe.model + vocab.json) with the tokenizers.Tokenizer methods the
+    Translator uses. As fairseq's: pieces -> ids through vocab.json (a piece it lacks -> <unk>, transformers#11336),
+    then tokens __xx__ numbered after it in M2M100_CODES' order. Text that spells a special token (</s>) stays text."""
 
     def __init__(self, folder: str):
         import sentencepiece
@@ -316,11 +331,11 @@ class SentencePieceTokenizer:
 
 
 class Translator:
-    """An M2M100/NLLB model with its tokenizer: translate(texts, src, tgt) for real texts, generate() for raw ids.
-    `name` (the checkpoint) is named in errors."""
+    """An M2M100/NLLB model and its tokenizer: translate() for texts, generate() for raw ids; errors say `name`."""
 
     def __init__(self, model: M.M2M100ForConditionalGeneration, tokenizer, name: str = "this translator"):
         self.model, self.tok, self.name = model, tokenizer, name
+        self.sentences = 0  # sentences translated so far: the unit of translate_items' rate
         self.vocab = tokenizer.get_vocab()
 
     def lang_id(self, code: str) -> int:
@@ -333,7 +348,7 @@ class Translator:
 
     def pad_batch(self, sources: list[list[int]]):
         """Left-pads a list of id lists with the pad id: (input_ids, attention_mask) on the model's device."""
-        return M.pad_batch(sources, self.model.config.pad_token_id, "left", self.model.lm_head.weight.device)
+        return M.pad_batch(sources, self.model.config.pad_token_id, device=self.model.lm_head.weight.device)
 
     def generate(self, input_ids, attention_mask, tgt: str = "ko", num_beams: int = 4,
                  max_new_tokens: int = 200) -> list[list[int]]:
@@ -344,9 +359,8 @@ class Translator:
         return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens)
 
     def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress, room=2):
-        """Length-sorted batches; each batch may produce up to room x its longest source + 10 tokens. Returns the
-        sources' ids, the outputs' ids, the indices of the sentences cut to max_input_tokens, and of the outputs that
-        reached that cap without the end token."""
+        """Length-sorted batches of up to room x the longest source + 10 new tokens -> the sources' and outputs' ids,
+        and the indices of sources cut to max_input_tokens and of outputs that reached the cap without the end token."""
         from tqdm import tqdm
         sources, cut, capped = [], set(), set()
         for i, s in enumerate(sentences):
@@ -378,19 +392,18 @@ class Translator:
     def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                           batch_size: int = 16, max_input_tokens: int = 256,
                           progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts: markdown lines, lists and code survive; outputs degenerate or ending at the cap
-        without the end token are retried once with the other decoding (beam <-> greedy) and room up to the degenerate
-        bound (3 x the source + 10). Returns the translations and, per text, its problems: "cut" (a sentence over
-        max_input_tokens was cut, or its translation still ends at the cap), "degenerate" (still, after the retry)."""
+        """Translates real texts (markdown, lists and code survive); an output degenerate or at the cap is retried once
+        with the other decoding (beam <-> greedy) and room up to 3 x the source + 10. Returns the translations and, per
+        text, its problems: "cut" (a sentence over max_input_tokens was cut, or its translation still ends at the cap),
+        "degenerate" (still, after the retry)."""
         self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
         plans, sentences, owner = [], [], []
         for t_index, text in enumerate(texts):
             plan, sents = split_for_translation(text)
-            plan = [(e[0], [(i + len(sentences), spans) for i, spans in e[1]]) if isinstance(e, tuple) else e
-                    for e in plan]
-            plans.append(plan)
+            plans.append((plan, len(sentences)))  # its sentence indices count from there
             sentences += sents
             owner += [t_index] * len(sents)
+        self.sentences += len(sentences)
         unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
         sources, outputs, cut, capped = self._translate_sentences(unique, src, tgt, num_beams, batch_size,
                                                                   max_input_tokens, progress)
@@ -410,15 +423,16 @@ class Translator:
         for t, sent in zip(owner, sentences):
             flags[t] += [name for name, bad_set in problems.items() if sent in bad_set and name not in flags[t]]
         translated = [by_text[sent] for sent in sentences]
-        return [join_translation(plan, translated) for plan in plans], flags
+        return [join_translation(plan, translated[start:]) for plan, start in plans], flags
 
 
 def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
-    """Loads an M2M100 / NLLB-200 checkpoint (model.load_m2m100: same loader rules as model.load_model) with its
-    tokenizer: tokenizer.json (NLLB), else sentencepiece.bpe.model + vocab.json (M2M100 as released) -> Translator.
-    Raises FileNotFoundError (before the weights load) when the folder has neither."""
+    """An M2M100 / NLLB-200 checkpoint (model.load_m2m100) with its tokenizer.json (NLLB), else sentencepiece.bpe.model
+    + vocab.json (M2M100) -> Translator. Before the weights load, raises ValueError for a folder that is not a
+    checkpoint, FileNotFoundError when it has neither tokenizer."""
     from tokenizers import Tokenizer
     folder = M.resolve_checkpoint(path_or_id)
+    M.check_checkpoint_folder(folder, "--translator", chat=False)
     if os.path.exists(os.path.join(folder, "tokenizer.json")):
         tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     elif all(os.path.exists(os.path.join(folder, f)) for f in M.SENTENCEPIECE_FILES):
@@ -430,7 +444,7 @@ def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Translation, cached: the same JSONL format as --translations (en_instruction, en_response, ko_instruction, ...)
+# The translation cache: translated once, chunk by chunk, resumable (the parallel files' format)
 
 
 def item_key(item: dict, lang: str) -> str:
@@ -439,73 +453,12 @@ def item_key(item: dict, lang: str) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:20]
 
 
-def read_translations(path: str, own: bool = False, log=print) -> dict[tuple[str, str], dict]:
-    """A parallel JSONL file -> {(english instruction, english response): row}. A user's --translations file is read
-    whole; the run's own cache (`own`) may end in a line cut short by a crash: that line is dropped, said, and
-    truncated away by the next append, never half-used (see read_lines)."""
-    table = {}
-    if not os.path.exists(path):
-        return table
-    for row in read_jsonl(path, own, log):
-        number = row.pop("_line")
-        missing = [k for k in ("en_instruction", "en_response") if k not in row]
-        if missing:
-            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
-                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
-        key = (row["en_instruction"], row["en_response"])
-        earlier = dict(table.get(key, {}))
-        for field in row:  # a later translation of a language replaces its flags too (absent: no longer flagged)
-            if field.endswith("_response") and field != "en_response":
-                earlier.pop(field[:-len("_response")] + "_flags", None)
-        table[key] = {**earlier, **row}
-    return table
-
-
-def _append_lines(path: str, rows: list[dict]):
-    """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
-    given its newline when it is complete JSON (the kill fell just before the newline)."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                start = data.rfind(b"\n") + 1
-                if _is_json(data[start:].decode("utf-8", errors="replace")):
-                    f.write(b"\n")
-                else:
-                    f.truncate(start)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None,
-                    translations_file: str | None = None, chunk: int = 8, log=print, progress: bool = True,
-                    **translate_kwargs) -> list[dict]:
-    """Returns one row per item with en_* and <lang>_* fields for every language in langs.
-
-    Rows come from --translations when given (then no MT model is loaded), else from the run's cache, else from the
-    translator, chunk by chunk, each chunk appended to the cache as soon as it is done: a killed run loses at most
-    one chunk, a rerun translates only what is missing, and no item is ever written twice.
-    `translator` may be a zero-argument function that loads one: it is called only if something needs translating.
-    progress: a bar per language over the items to translate, items/s and sentences/s (the MT model's unit).
-    """
+def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None, chunk: int = 8,
+                    log=print, progress: bool = True, **translate_kwargs) -> list[dict]:
+    """One row per item with en_* and <lang>_* fields for each of langs: from the run's cache, else from `translator`
+    (or a zero-argument function loading one, called only if needed), each chunk appended to the cache when done: a
+    killed run loses at most one chunk and a rerun translates only what is missing."""
     from tqdm import tqdm
-    if translations_file:
-        table = read_translations(translations_file)
-        rows = []
-        for item in items:
-            row = table.get((item["instruction"], item["response"]))
-            if row is None:
-                raise ValueError(f"{translations_file}: has no row for the English item {item['instruction'][:60]!r}; "
-                                 "with --translations, --data must hold the same English items (or leave --data "
-                                 "out to train on the translations file's own English side).")
-            lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response") if f"{l}_{f}" not in row]
-            if lacking:
-                raise ValueError(f"{translations_file}: the row for {item['instruction'][:60]!r} lacks {lacking}.")
-            rows.append(row)
-        return rows
     cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
         todo = [it for it in items if f"{lang}_response" not in cached.get((it["instruction"], it["response"]), {})]
@@ -516,14 +469,14 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 for code in langs if hasattr(translator, "lang_id") else ():
                     translator.lang_id(code)  # every language checked as soon as it loads, before any translation
         bar = tqdm(total=len(todo), desc=f"translate en->{lang}", unit="item", disable=not (progress and todo))
-        sentences = 0
+        before = getattr(translator, "sentences", 0)
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             texts = [t for it in part for t in (it["instruction"], it["response"])]
             out, flags = translator.translate_flagged(texts, "en", lang, progress=False, **translate_kwargs)
-            sentences += sum(len(split_for_translation(t)[1]) for t in texts)
             bar.update(len(part))
-            bar.set_postfix_str(f"{sentences / max(bar.format_dict['elapsed'], 1e-6):.1f} sentences/s")
+            rate = (getattr(translator, "sentences", 0) - before) / max(bar.format_dict["elapsed"], 1e-6)
+            bar.set_postfix_str(f"{rate:.1f} sentences/s")
             new = []
             for k, it in enumerate(part):
                 row = {"key": item_key(it, lang), "en_instruction": it["instruction"], "en_response": it["response"],
@@ -539,21 +492,14 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
     return [cached[(it["instruction"], it["response"])] for it in items]
 
 
-def items_from_translations(path: str) -> list[dict]:
-    """The English side of a translations file, as SFT items (for --translations without --data)."""
-    return [{"instruction": r["en_instruction"], "response": r["en_response"]}
-            for r in read_translations(path).values()]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Cross-lingual pairs (CLO, Sec. 3)
 
 
 def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) -> list[dict]:
-    """Two pairs per item and language, each with its item's number (`item`, the row's). `in_target_lang` marks the
-    pair whose chosen answer is in the target language: only those responses enter CLO's NLL term. An item whose translation into a language was flagged (`<lang>_flags`:
-    a sentence cut at the MT model's input limit, or an output still degenerate after the retry) gives no pairs for
-    that language unless keep_flagged: a half-translated answer would teach the wrong thing."""
+    """Two pairs per item and language, each with its row's number (`item`). `in_target_lang` marks the pair whose
+    chosen answer is in the target language: only those responses enter CLO's NLL term. A translation flagged
+    (`<lang>_flags`, see translate_flagged) gives no pairs unless keep_flagged: a half-translated answer misleads."""
     pairs = []
     for item, row in enumerate(rows):
         x_en, y_en = row["en_instruction"], row["en_response"]
@@ -580,14 +526,6 @@ def translation_flags(rows: list[dict], langs: list[str]) -> dict[str, int]:
     return counts
 
 
-def write_jsonl(path: str, rows: list[dict]):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenization and batching
 
@@ -603,17 +541,12 @@ class TokenizedPair:
 
 
 def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]], bool]:
-    """The tokens of each whole conversation (user turn `prompt`, assistant turn `response`), split into the shared
-    prompt and each response, exactly as the model sees them when the conversation is tokenized at once.
-
-    Encoding the prompt and the response as two strings is wrong for sentencepiece-style tokenizers (Llama 2,
-    Mistral: a normalizer that prepends "▁"): the response would start with a spurious lone "▁". So each rendered
-    conversation is encoded whole, and the response is what follows the prompt's tokens, up to and including the
-    last end-of-turn token (text a template writes after it, such as ChatML's newline, is dropped).
-    Where the prompt's own tokens are not a prefix of the conversation's (a token straddles the boundary), TRL's
-    DPOTrainer warns and still cuts at len(prompt tokens); we cut at the longest common prefix instead, so the
-    sequence is still exactly the conversation's tokens and the straddling token, which carries response text, is
-    scored as response. Returns (prompt ids, [response ids], whether the boundary moved)."""
+    """Each whole conversation (user turn `prompt`, assistant turn `response`) encoded at once, as the model sees it,
+    split into the shared prompt and each response up to and including its last end-of-turn token (what a template
+    writes after it, such as ChatML's newline, is dropped). Encoding prompt and response apart is wrong for
+    sentencepiece-style tokenizers (Llama 2: a normalizer prepends "▁" to the response). Where a token straddles the
+    boundary, TRL's DPOTrainer cuts at len(prompt tokens); we cut at the longest common prefix, so the straddling
+    token, which carries response text, is scored as response. Returns (prompt ids, [response ids], boundary moved)."""
     user = [{"role": "user", "content": prompt}]
     prompt_text = tok.render_chat(user, add_generation_prompt=True)
     prompt_ids = tok.encode(prompt_text)
@@ -627,15 +560,10 @@ def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[in
                              f"{full_text[at:at + 30]!r}); clo needs a template whose generation prompt is a prefix "
                              "of the whole conversation (the model's tokenizer_config.json or chat_template.jinja).")
         fulls.append(tok.encode(full_text))
-    shared = len(prompt_ids)
-    for ids in fulls:
-        k = 0
-        while k < min(shared, len(ids)) and ids[k] == prompt_ids[k]:
-            k += 1
-        shared = k
+    shared = len(os.path.commonprefix([prompt_ids, *fulls]))  # commonprefix compares any sequences, not only paths
     if shared == 0:
-        raise ValueError(f"the chat template's prompt and the whole conversation share no tokens (prompt {prompt[:40]!r}); "
-                         "check the tokenizer and chat template.")
+        raise ValueError("the chat template's prompt and the whole conversation share no tokens (prompt "
+                         f"{prompt[:40]!r}); check the tokenizer and chat template.")
     out = []
     for ids in fulls:
         response = ids[shared:]
@@ -645,14 +573,11 @@ def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[in
 
 
 def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[TokenizedPair], dict]:
-    """Tokens of each pair (see conversation_tokens), and the truncation policy (--max-len, in tokens of prompt +
-    response):
-    - a pair with an empty prompt or response is dropped;
-    - a pair whose prompt alone takes more than half of max_len is dropped: cutting a prompt changes the task;
-    - otherwise chosen and rejected responses are each cut to max_len - len(prompt) tokens (as TRL's DPO does);
-      a cut response loses its end-of-turn token, which is what a length-limited answer is.
-    Returns the kept pairs and counts of what was dropped or cut ("boundary_moved": pairs where a token straddled
-    the prompt/response boundary)."""
+    """Tokens of each pair (conversation_tokens), and the truncation policy (--max-len, tokens of prompt + response):
+    a pair with an empty prompt or response is dropped; so is one whose prompt alone takes more than half of max_len
+    (cutting a prompt changes the task); otherwise each response is cut to max_len - len(prompt) tokens, as TRL's DPO
+    does (losing its end-of-turn token, as a length-limited answer does). Returns the kept pairs and counts of what
+    was dropped or cut ("boundary_moved": pairs where a token straddled the prompt/response boundary)."""
     kept, report = [], {"pairs": len(pairs), "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0,
                         "boundary_moved": 0}
     for index, p in enumerate(pairs):
@@ -678,9 +603,8 @@ def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[To
 def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int,
                            by_item: bool = True) -> list[list[list[int]]]:
     """Batches of batch_size groups of pair indices, groups of similar length in a batch (little padding). A group is
-    one item's pairs (by_item: both pairs of every language, so each update sees x_en: y_en > y_l beside
-    x_l: y_l > y_en) or one pair. The batch order is shuffled per epoch with a seed so that a rerun, or a resumed
-    run, sees exactly the same batches."""
+    one item's pairs (by_item: each update sees x_en: y_en > y_l beside x_l: y_l > y_en) or one pair. The batch order
+    is shuffled per epoch with a seed: a rerun, or a resumed run, sees exactly the same batches."""
     groups = {}
     for i, p in enumerate(pairs):
         groups.setdefault(p.item if by_item and p.item is not None else -1 - i, []).append(i)
@@ -693,20 +617,16 @@ def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: in
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None):
-    """B pairs -> one batch of their 2B sequences, chosen_1..chosen_B then rejected_1..rejected_B, so that both halves
-    go through one forward pass. See collate_sequences for what is returned."""
+    """B pairs -> collate_sequences of their 2B sequences, chosen_1..chosen_B then rejected_1..rejected_B."""
     return collate_sequences([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs],
                              pad_id, pack_to)
 
 
 def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int, pack_to: int | None = None):
-    """N (prompt ids, response ids) sequences -> one batch. Returns
-        input_ids (R, T); labels (R, T): the next token where it is a response token, else -100;
-        positions (R, T): each token's position in its own sequence; segments (R, T): which of the N sequences
-        each token belongs to (-1: padding).
-    pack_to None: one sequence per row (R = N), right-padded. pack_to L: sequences packed into as few rows of at most
-    max(L, longest) tokens as first-fit-decreasing finds; attention stays within a sequence (see
-    model.hidden_states), so the result is the same as unpacked, computed without the padding."""
+    """N (prompt ids, response ids) sequences -> input_ids (R, T); labels (R, T): the next token where it is a response
+    token, else -100; positions (R, T) in its own sequence; segments (R, T): which of the N sequences (-1: padding).
+    pack_to None: one sequence per row (R = N), right-padded. pack_to L: first-fit-decreasing into rows of at most
+    max(L, longest) tokens; attention stays within a sequence (model.hidden_states), so the result is as unpacked."""
     seqs = [prompt + response for prompt, response in sequences]
     resp = [len(response) for _, response in sequences]
     if pack_to is None:
@@ -722,10 +642,8 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
             rows[fit].append(s)
             room[fit] -= len(seqs[s])
     T = max(sum(len(seqs[s]) for s in row) for row in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    positions = torch.zeros((len(rows), T), dtype=torch.long)
-    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    input_ids, labels, positions, segments = (torch.full((len(rows), T), fill, dtype=torch.long)
+                                              for fill in (pad_id, -100, 0, -1))
     for r, row in enumerate(rows):
         at = 0
         for s in row:
@@ -738,3 +656,143 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
             segments[r, at:end] = s
             at = end
     return input_ids, labels, positions, segments
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files that survive a kill: read whole, appended whole lines (the cache, metrics.jsonl), or replaced atomically
+
+
+def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
+    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
+    kept when it is valid JSON; when not, in the run's own append-only files (`own`: the translation cache,
+    metrics.jsonl) it is what a kill mid-append leaves: dropped and said; in a user's file its parser reports it."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    # at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085, which JSON strings may hold raw
+    lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
+    if lines[-1] == "":  # what follows the final newline
+        lines.pop()
+    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
+        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
+            "held is redone")
+        lines = lines[:-1]
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
+    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> dicts, each with its line number (in an
+    array: its position) as `_line`. ValueError names the line that is not valid JSON, or not an object."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file.")
+    lines = read_lines(path, own, log)
+    if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
+        try:
+            rows = json.loads("\n".join(line for _, line in lines))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {lines[e.lineno - 1][0]}: not valid JSON ({e.msg}).") from e
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for number, line in lines:
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
+                                 "object.") from e
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}.")
+    return [dict(row, _line=number) for number, row in numbered]
+
+
+def _append_lines(path: str, rows: list[dict]):
+    """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
+    given its newline when it is complete JSON (the kill fell just before the newline)."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                start = data.rfind(b"\n") + 1
+                if _is_json(data[start:].decode("utf-8", errors="replace")):
+                    f.write(b"\n")
+                else:
+                    f.truncate(start)
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str, write):
+    """write(tmp) then rename tmp -> path: a kill leaves the old file or the new one, never half of one. A write that
+    fails (disk full) removes its tmp file and raises OSError naming `path` (safetensors raises its own error type)."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        found = re.search(r"os error (\d+)", str(e))  # safetensors: "I/O error: No space left on device (os error 28)"
+        code = e.errno if isinstance(e, OSError) else int(found.group(1)) if found else None
+        if code is None:
+            raise
+        error = OSError(f"{path}: could not write it: {os.strerror(code)}")
+        error.errno = code
+        raise error from e
+
+
+def write_text(path: str, text: str):
+    """UTF-8 text, written atomically (write_atomic)."""
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_json(path: str, obj):
+    """JSON, written atomically; UTF-8 text as itself (a Korean answer stays readable), read back by model.read_json."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def write_jsonl(path: str, rows: list[dict]):
+    """JSONL (pairs.jsonl, metrics.jsonl rewritten on resume), written atomically."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command-line helpers, shared by clo.py and eval.py
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after each option's help, except for on/off flags, required options and None
+    defaults (their help says it)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def exit_on_error(main_fn, *errors, kept=None):
+    """Runs a script's main(): bad input (and the given error types) prints one line `error: ...` and exits 2, with
+    no traceback; Ctrl-C prints one line and exits 130. `kept`: a function saying what a stopped run leaves (clo: the
+    last good checkpoint), added to the line of Ctrl-C and of a full disk."""
+    def note():
+        said = kept() if kept else ""
+        return f"; {said}" if said else ""
+    try:
+        main_fn()
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C){note()}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, OSError, *errors) as e:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {'disk full: ' if full else ''}{e}{note() if full else ''}", file=sys.stderr)
+        sys.exit(2)

@@ -13,6 +13,7 @@ A model is a checkpoint folder or hub id, a clo run folder (base model + adapter
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -44,12 +45,11 @@ def load_for_eval(path: str, dtype=torch.float32, device="cpu"):
         if not cfg.get("base_model_name_or_path"):
             raise ValueError(f"{path}/adapter_config.json: base_model_name_or_path is not set; it names the model "
                              "the adapter belongs to.")
-        model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device)
+        model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device, layout="decode")
         M.load_adapter(model, path)
         return M.merge_lora(model).eval(), tok
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "merged", "config.json")):
-        return M.load_model(os.path.join(path, "merged"), dtype, device)
-    return M.load_model(path, dtype, device)
+    folder = os.path.join(path, "merged") if os.path.exists(os.path.join(path, "merged", "config.json")) else path
+    return M.load_model(folder, dtype, device, layout="decode")  # decoding only: the CPU layout that decodes faster
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,7 +179,6 @@ def read_multiple_choice(path: str, lang: str | None = None) -> list[dict]:
     guess = next((p for p in parts[1:-1] if re.fullmatch(r"[a-z]{2,3}", p)), "en")
     lang = lang or ("en" if "-translation" in path else guess)
     if path.endswith(".csv"):
-        import csv
         if not os.path.exists(path):
             raise ValueError(f"{path}: no such file.")
         with open(path, encoding="utf-8", newline="") as f:
@@ -256,7 +255,6 @@ def bench_file(bench: str, lang: str, bench_dir: str | None = None, first_target
         raise ValueError(f"{bench}: could not fetch {repo}/{file} from the hub ({type(e).__name__}); pass "
                          f"--bench-dir with {name} instead.") from e
     if path.endswith(".parquet"):  # cais/mmlu -> MMMLU's CSV columns, once, beside the cache
-        import csv
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -292,8 +290,8 @@ def choice_logprobs(model, tok, rows, batch_tokens: int | None = None, progress=
     Where a token spans the boundary and that leaves no continuation (the harness then fails an assert), the
     continuation is encoded alone. Speed: identical inputs run once (choices that are one token each, as BELEBELE's
     and MMMLU's letters, share one pass over the context), and inputs run in length-sorted batches of about
-    batch_tokens tokens (default: 2048 on CPU, where small batches keep attention in cache and ran 1.4-1.7x faster
-    than 16384 on SmolLM2; 16384 on GPUs), each position projected onto the vocabulary only if scored."""
+    batch_tokens tokens (default: 2048 on CPU, where small batches keep attention in cache, 16384 on GPUs; timings:
+    README, *Evaluation: the paper's benchmarks*), each position projected onto the vocabulary only if scored."""
     from tqdm import tqdm
     enc = (lambda s: tok.tok.encode(s, add_special_tokens=True).ids) if hasattr(tok, "tok") else tok.encode
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
@@ -387,9 +385,7 @@ def parse_verdict(text: str) -> str:
 
 def http_judge(url: str, model_name: str, key_env: str = "OPENAI_API_KEY", timeout: float = 120.0):
     """An OpenAI-compatible /chat/completions endpoint, stdlib HTTP only; the key comes from $key_env."""
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
+    endpoint = url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
 
     def ask(prompt: str) -> str:
         body = json.dumps({"model": model_name, "temperature": 0, "max_tokens": 8,
@@ -413,7 +409,7 @@ def http_judge(url: str, model_name: str, key_env: str = "OPENAI_API_KEY", timeo
 
 
 def local_judge(path: str, dtype=torch.float32, device="cpu"):
-    model, tok = M.load_model(path, dtype, device)
+    model, tok = load_for_eval(path, dtype, device)
 
     def ask(prompt: str) -> str:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
@@ -515,7 +511,7 @@ def read_prompts(a, langs) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.", formatter_class=clo.HelpWithDefaults)
+    p = argparse.ArgumentParser(description="Evaluate models for CLO's claims.", formatter_class=D.HelpWithDefaults)
     p.add_argument("--models", nargs="+", required=True, help="NAME=PATH ...: a checkpoint folder, a hub id, or a "
                    "finished clo run folder (its adapter on the base model it names, or its merged/); the first is "
                    "the baseline of the judge's win rates")
@@ -559,37 +555,22 @@ def parse_args(argv=None):
 
 
 def check_model_path(flag: str, path: str):
-    """A local model path eval can load, else ValueError naming it and what to do: a checkpoint folder, or a
-    finished clo run (adapter_config.json, or merged/). Hub ids (owner/name, not a folder here) pass: main() fetches
-    them all before loading any. Checks the files only; loads nothing."""
+    """A local model eval can load, else one ValueError: a checkpoint folder (model.check_checkpoint_folder, `flag` as
+    it takes it), or a finished clo run (its adapter on the base model it names, or merged/). Hub ids pass."""
     local = os.path.expanduser(path)
-    if not (os.path.exists(local) or path.startswith((".", "/", "~")) or local.count("/") > 1
-            or ("/" in local and os.path.isdir(os.path.dirname(local)))):
+    if not M.is_local_path(path):
         return
-    if not os.path.isdir(local):
-        raise ValueError(f"{flag}: {path}: no such folder. Give a checkpoint folder, a clo run folder or a hub id.")
     if os.path.exists(os.path.join(local, "adapter_config.json")):
         base = M.adapter_config(local).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}/adapter_config.json: base_model_name_or_path is not set; it names the model "
                              "the adapter belongs to.")
-        if os.path.isabs(base) or base.startswith("."):
-            check_model_path(f"{flag} (its base model, from {path}/adapter_config.json)", base)
-        return
-    folder = os.path.join(local, "merged") if os.path.exists(os.path.join(local, "merged", "config.json")) else local
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        if os.path.exists(os.path.join(local, "args.json")):
-            raise ValueError(f"{flag}: {path} is a clo run that has not finished (no adapter_config.json or merged/ "
-                             "yet): let it finish, or continue it with `python clo.py ... --out "
-                             f"{path} --resume`.")
-        raise ValueError(f"{flag}: {path}: no config.json; give a checkpoint folder (config.json, *.safetensors, "
-                         "tokenizer.json) or a finished clo run folder.")
-    if M.read_json(os.path.join(folder, "config.json")).get("model_type") in ("m2m_100", "nllb", "nllb-moe"):
-        raise ValueError(f"{flag}: {path} is an M2M100/NLLB translator, not a chat model.")
-    M.safetensors_files(folder)
-    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
-        raise ValueError(f"{flag}: {path}: no tokenizer.json; clo reads fast-tokenizer files only.")
-    M.Tokenizer(folder)  # a chat template that fails, before any model is evaluated
+        return check_model_path(f"{path}/adapter_config.json: base_model_name_or_path", base)
+    merged = os.path.join(local, "merged")
+    if os.path.exists(os.path.join(local, "args.json")) and not os.path.exists(os.path.join(merged, "config.json")):
+        raise ValueError(f"{flag.rstrip('=')}: {path} is a clo run that has not finished (no adapter_config.json or "
+                         f"merged/ yet): let it finish, or continue it with `python clo.py ... --out {path} --resume`.")
+    M.check_checkpoint_folder(merged if os.path.isdir(merged) else path, flag)
 
 
 def validate_args(a):
@@ -601,7 +582,7 @@ def validate_args(a):
             raise ValueError(f"{flag} {value}: must be at least 1.")
     if not a.dist_timeout > 0:
         raise ValueError(f"--dist-timeout {a.dist_timeout}: must be above 0.")
-    clo.check_device(a.device)
+    M.check_device(a.device)
     try:
         datetime.date.fromisoformat(a.date)
     except ValueError:
@@ -613,10 +594,11 @@ def validate_args(a):
             raise ValueError(f"--models {spec}: expected NAME=PATH, e.g. base=models/smollm2 clo=runs/smollm2-de-clo.")
         if name in a.specs:
             raise ValueError(f"--models: the name {name} is given twice; give each model its own name.")
-        check_model_path(f"--models {name}", path)
+        check_model_path(f"--models {name}=", path)
         a.specs[name] = path
-    if a.judge and a.judge.startswith("local:"):
-        check_model_path("--judge", a.judge[len("local:"):])
+    a.local_judge = a.judge[len("local:"):] if a.judge and a.judge.startswith("local:") else None  # --judge local:PATH
+    if a.local_judge:
+        check_model_path("--judge", a.local_judge)
     files = [("--heldout", a.heldout)] + [("--mc", f) for f in a.mc]
     if a.prompts != "alpaca_eval":
         files.append(("--prompts", a.prompts))
@@ -628,21 +610,13 @@ def validate_args(a):
         raise ValueError(f"--out {a.out}: is a file; give a folder (created if missing).")
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    a.dtype, why = M.resolve_dtype(a.dtype, a.device)
-    print(f"dtype: {a.dtype} ({why})", file=sys.stderr)
-    specs = a.specs
-    langs = ["en"] + list(dict.fromkeys(l.strip() for l in a.langs.split(",") if l.strip() and l.strip() != "en"))
-    os.makedirs(a.out, exist_ok=True)
+def read_inputs(a, langs: list[str]) -> dict:
+    """What every model is scored on, read and checked before any model loads: prompts (the first --num-prompts per
+    language), --heldout rows, --mc rows, and each --bench's rows per language ({(bench, lang): rows})."""
     prompts = [r for r in read_prompts(a, langs) if r.get("lang") in langs]
     by_lang = {l: [r for r in prompts if r["lang"] == l][:a.num_prompts] for l in langs}
-    missing = [l for l in langs if not by_lang[l]]
-    if missing:
+    if missing := [l for l in langs if not by_lang[l]]:
         raise ValueError(f"{a.prompts}: no prompts for {missing}; give --prompts with rows for them.")
-    prompts = [r for l in langs for r in by_lang[l]]
-    heldout = D.read_jsonl(a.heldout) if a.heldout else []
-    mc_rows = [r for path in a.mc for r in read_multiple_choice(path)]
     bench_rows = {}
     for bench in [b for b in a.bench.split(",") if b]:
         for lang in langs:
@@ -651,42 +625,58 @@ def main(argv=None):
                 print(f"{bench}: has no {lang}; its column is left out", file=sys.stderr)
                 continue
             bench_rows[bench, lang] = subset(read_multiple_choice(path, lang), a.num_items)
+    return {"prompts": [r for l in langs for r in by_lang[l]], "heldout": D.read_jsonl(a.heldout) if a.heldout else [],
+            "mc": [r for path in a.mc for r in read_multiple_choice(path)], "bench": bench_rows}
+
+
+def evaluate_model(path: str, a, inputs: dict, langs: list[str], dist) -> tuple[dict, list[str], dict, dict]:
+    """One model: its answers to the prompts (under torchrun, each rank its share) and, on rank 0, its scores:
+    fidelity, held-out NLL, --mc and --bench accuracy. Returns (scores, answers, decoding, {bench: {lang: acc}})."""
+    model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
+    tok.date = a.date
+    decoding, prompts, res, details = decoding_settings(model, a.decoding), inputs["prompts"], {}, {}
+    answers = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens, a.batch_size, a.progress,
+                             dist, decoding)
+    if not dist.is_main:
+        return res, answers, decoding, details
+    for lang, f in fidelity(answers, [r["lang"] for r in prompts]).items():
+        res[f"in_lang_{lang}"], res[f"confused_{lang}"] = f["in_language"], f["confused"]
+    for lang in langs:
+        if rows := [r for r in inputs["heldout"] if f"{lang}_response" in r]:
+            res[f"nll_{lang}"] = response_nll(model, tok, rows, lang, progress=a.progress)
+    for lang, acc in multiple_choice_accuracy(model, tok, inputs["mc"], a.progress).items():
+        res[f"mc_acc_{lang}"] = acc["acc"]
+    for (bench, lang), rows in inputs["bench"].items():
+        details.setdefault(bench, {})[lang] = m = multiple_choice_accuracy(model, tok, rows, a.progress)[lang]
+        res[f"{bench}_{lang}"] = m["acc"]
+    return res, answers, decoding, details
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    a.dtype, why = M.resolve_dtype(a.dtype, a.device)
+    print(f"dtype: {a.dtype} ({why})", file=sys.stderr)
+    langs = ["en"] + list(dict.fromkeys(l.strip() for l in a.langs.split(",") if l.strip() and l.strip() != "en"))
+    os.makedirs(a.out, exist_ok=True)
+    inputs = read_inputs(a, langs)
+    prompts = inputs["prompts"]
     dist = clo.setup_distributed(a)  # under torchrun: generation split across ranks, the rest on rank 0
-    for name, path in specs.items():  # every hub id fetched (or found in the cache) before any model loads
+    for path in a.specs.values():  # every hub id fetched (or found in the cache) before any model loads
         if not os.path.isdir(os.path.expanduser(path)):
             M.Tokenizer(M.resolve_checkpoint(path))  # and its chat template rendered
     results, answers, details, decoding = {}, {}, {}, {}
-    for name, path in specs.items():
-        model, tok = load_for_eval(path, M.DTYPES[a.dtype], a.device)
-        tok.date = a.date
-        res, decoding[name] = {}, decoding_settings(model, a.decoding)
-        ans = answers[name] = answer_prompts(model, tok, [r["prompt"] for r in prompts], a.max_new_tokens,
-                                             a.batch_size, a.progress, dist, decoding[name])
-        if not dist.main:
-            continue
-        for lang, f in fidelity(ans, [r["lang"] for r in prompts]).items():
-            res[f"in_lang_{lang}"], res[f"confused_{lang}"] = f["in_language"], f["confused"]
-        for lang in langs:
-            rows = [r for r in heldout if f"{lang}_response" in r]
-            if rows:
-                res[f"nll_{lang}"] = response_nll(model, tok, rows, lang, progress=a.progress)
-        for lang, acc in multiple_choice_accuracy(model, tok, mc_rows, a.progress).items():
-            res[f"mc_acc_{lang}"] = acc["acc"]
-        for (bench, lang), rows in bench_rows.items():
-            m = multiple_choice_accuracy(model, tok, rows, a.progress)[lang]
-            res[f"{bench}_{lang}"] = m["acc"]
-            details.setdefault(name, {}).setdefault(bench, {})[lang] = m
-        results[name] = res
-        del model
-    if not dist.main:
+    for name, path in a.specs.items():
+        results[name], answers[name], decoding[name], scores = evaluate_model(path, a, inputs, langs, dist)
+        details.update({name: scores} if scores else {})
+    if not dist.is_main:
         torch.distributed.destroy_process_group()
         return None
     judged = {}
-    if a.judge and len(specs) >= 2:
-        ask = (local_judge(a.judge[6:], M.DTYPES[a.dtype], a.device) if a.judge.startswith("local:") else
+    if a.judge and len(a.specs) >= 2:
+        ask = (local_judge(a.local_judge, M.DTYPES[a.dtype], a.device) if a.local_judge else
                http_judge(a.judge, a.judge_model, a.judge_key_env))
-        base = list(specs)[0]
-        for other in list(specs)[1:]:
+        base, *others = a.specs
+        for other in others:
             for lang in langs:  # per language, as the paper's table reports it
                 mine = [i for i, r in enumerate(prompts) if r["lang"] == lang]
                 w = judged.setdefault(f"{other} vs {base}", {})[lang] = win_rate(
@@ -696,16 +686,15 @@ def main(argv=None):
                                        w["tie_rate"], f"winhalf_vs_{base}_{lang}": w["win_rate"]})
     table = markdown_table(results, langs)
     print(table)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"results": results, "benchmarks": details, "judge": judged, "answers": answers,
-                   "prompts": prompts, "date": a.date, "decoding": decoding}, f, ensure_ascii=False, indent=2)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    plot(results, specs, a.out)
+    D.save_json(os.path.join(a.out, "results.json"), {"results": results, "benchmarks": details, "judge": judged,
+                                                      "answers": answers, "prompts": prompts, "date": a.date,
+                                                      "decoding": decoding})
+    D.write_text(os.path.join(a.out, "results.md"), table + "\n")
+    plot(results, a.specs, a.out)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return results
 
 
 if __name__ == "__main__":
-    clo.exit_on_error(main, JudgeError)
+    D.exit_on_error(main, JudgeError)

@@ -3,20 +3,18 @@
 1. A Llama-family decoder-only chat model (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM), the model CLO adapts.
 2. The M2M100 / NLLB-200 encoder-decoder network and its decoding (greedy, beam search); the text side of translation
    (language codes, sentence splitting, batching, retries) is data.py's Translator.
-
 Plus what both need: safetensors loading from a folder or a Hugging Face hub id (never pickle), the tokenizer and a
 sandboxed chat template, KV-cached generation, and LoRA adapters written by hand.
 
 Parameter names follow the Hugging Face checkpoints exactly (model.layers.0.self_attn.q_proj.weight, ...), so a
 checkpoint loads with no renaming and what we save loads back into transformers and peft.
 
-Read top to bottom: config -> layers -> model -> LoRA -> loading -> tokenizer -> generation -> translator network.
+Read top to bottom: config -> layers -> model -> LoRA -> PEFT adapter folders -> loading (load_model, the folder
+rule, hub files, safetensors, dtype and device) -> tokenizer and template -> generation -> translator network.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
-import glob
 import json
 import math
 import os
@@ -30,20 +28,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Llama-family config
-
-
-def hf_config_fields(cls, cfg: dict, source: str, model_types, refusal: str, act_key: str, acts) -> dict:
-    """What both config readers share: checks a transformers config.json dict and returns its entries that are fields
-    of the dataclass `cls` (None values left out: the field's default applies). ValueError (one line naming `source`)
-    when model_type is not one of model_types (the message goes on with `refusal`), or when the activation
-    cfg[act_key] (default acts[0]) is not one of acts."""
-    if cfg.get("model_type") not in model_types:
-        raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} {refusal}")
-    act = cfg.get(act_key, acts[0])
-    if act not in acts:
-        raise ValueError(f"{source}: {act_key} {act!r} is not supported ({', '.join(acts)}).")
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in cfg.items() if k in names and v is not None}
 
 SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
 
@@ -73,11 +57,15 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "LlamaConfig":
-        """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`)."""
-        kwargs = hf_config_fields(cls, cfg, source, SUPPORTED_DECODERS, "is not supported. Supported decoder types: "
-                                  f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).",
-                                  "hidden_act", ("silu",))
-        model_type = cfg["model_type"]
+        """Reads a transformers config.json dict (both the v4 `rope_theta`/`rope_scaling` and v5 `rope_parameters`).
+        ValueError (one line naming `source`) on a model_type, activation or rope scaling this file does not build."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_DECODERS:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported decoder types: "
+                             f"{', '.join(SUPPORTED_DECODERS)} (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM).")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (silu).")
+        kwargs = {f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None}
         rope = dict(cfg.get("rope_parameters") or {})  # transformers v5 keeps theta and scaling together here
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
@@ -86,14 +74,11 @@ class LlamaConfig:
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (llama3, linear).")
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
-        sliding = None
-        if model_type == "mistral":
-            sliding = cfg.get("sliding_window")
         if model_type == "qwen2" and cfg.get("use_sliding_window"):
             raise ValueError(f"{source}: Qwen2 with use_sliding_window=true is not supported (Qwen2.5 releases "
                              "ship it off).")
-        kwargs.update(rope_scaling=scaling, sliding_window=sliding,
-                      rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        kwargs.update(rope_scaling=scaling, sliding_window=cfg.get("sliding_window") if model_type == "mistral"
+                      else None, rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                       qkv_bias=model_type == "qwen2", head_dim=cfg.get("head_dim") or 0)
         kwargs.setdefault("num_key_value_heads", kwargs.get("num_attention_heads", cls.num_attention_heads))
         return cls(**kwargs)
@@ -142,15 +127,11 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x):
-    """The rotate-half layout of HF checkpoints: pairs are (x_i, x_{i+d/2}), not adjacent elements."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    # x: (B, n_heads, T, head_dim); cos, sin: (B, 1, T, head_dim)
-    return x * cos + rotate_half(x) * sin
+    """x (B, n_heads, T, head_dim) rotated by cos, sin (B, 1, T, head_dim), in the rotate-half layout of HF
+    checkpoints: the pairs are (x_i, x_{i+d/2}), not adjacent elements."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache:
@@ -228,14 +209,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaBody(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 def visible_keys(query_seq, key_seq, start: int, window: int | None):
     """The attention rule, for every layout: (B, 1, T, S) bool, True where the query at slot start + t may attend to
     the key at slot s. query_seq (B, T) and key_seq (B, S) give the sequence each slot belongs to (-1: padding);
@@ -261,7 +234,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaBody(cfg)
+        self.model = nn.Module()  # model.embed_tokens, model.layers, model.norm: the checkpoint's names
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~30% more compute
@@ -276,8 +252,7 @@ class LlamaForCausalLM(nn.Module):
         self.inv_freq = rope_inverse_frequencies(self.config).to(self.model.embed_tokens.weight.device)
 
     def new_kv_cache(self, batch: int, length: int) -> list[KVCache]:
-        w = self.model.embed_tokens.weight
-        c = self.config
+        w, c = self.model.embed_tokens.weight, self.config
         return [KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
                 for _ in range(c.num_hidden_layers)]
 
@@ -302,10 +277,8 @@ class LlamaForCausalLM(nn.Module):
         Packed rows (training, no cache): positions (B, T) and segments (B, T) give each token's position in its own
         sequence and that sequence's id (-1 for padding); a token attends only to earlier tokens of its sequence.
         """
-        B, T = input_ids.shape
-        device = input_ids.device
-        end = start + T
-        window = self.config.sliding_window
+        (B, T), device = input_ids.shape, input_ids.device
+        end, window = start + T, self.config.sliding_window
         if segments is not None:  # packed rows: sequences as given
             mask = visible_keys(segments, segments, 0, window)
         else:  # one sequence per row (0), padding keys -1; every query, padding too, counts as the row's sequence
@@ -320,7 +293,7 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, hd)
         # the residual stream in the norms' dtype: fp32 under mixed precision, whose embedding is held in bf16
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # (B, T, d_model)
-        if mask is not None:  # SDPA would turn a bool mask into this additive one in every layer, each kept for backward
+        if mask is not None:  # SDPA would make a bool mask additive in every layer, each copy kept for backward
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_fill_(~mask, float("-inf"))
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -342,7 +315,7 @@ class LoRALinear(nn.Module):
 
     A starts random (Kaiming-uniform, as peft does) and B at zero, so a fresh adapter changes nothing: the model at
     step 0 is exactly the base model, which is what makes pi_ref = pi at the start of CLO training.
-    merge() folds the update into W (W += scaling B A) for inference at the base model's speed.
+    merged_linear() folds the update into W (W + scaling B A) for inference at the base model's speed.
     Parameter names (lora_A.weight, lora_B.weight) are peft's, so the saved adapter loads in peft and vLLM.
     `scaling` overrides alpha / r for adapters trained elsewhere (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)).
     `dtype`: A's and B's (default W's; clo trains fp32 adapters on a bf16 W, see clo.float32_weights).
@@ -352,24 +325,20 @@ class LoRALinear(nn.Module):
                  dtype=None):
         super().__init__()
         self.base = base
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r if scaling is None else scaling
+        self.r, self.scaling = r, alpha / r if scaling is None else scaling
         w = base.weight
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype or w.dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype or w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True
 
     @property
     def weight(self):
         return self.base.weight
 
     def forward(self, x):
-        y = self.base(x)
-        if self.enabled:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-        return y
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def delta(self) -> torch.Tensor:
         """scaling B A (out, in), in fp32: what merging adds to the base weight."""
@@ -390,10 +359,8 @@ class LoRALinear(nn.Module):
 def wrap_linear(model: nn.Module, name: str, r: int, alpha: float, dropout: float = 0.0,
                 scaling: float | None = None, dtype=None) -> LoRALinear:
     """Replaces the nn.Linear at `name` (e.g. model.layers.0.self_attn.q_proj) by a LoRALinear around it."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    layer = LoRALinear(getattr(parent, child), r, alpha, dropout, scaling, dtype)
-    setattr(parent, child, layer)
+    layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, scaling, dtype)
+    model.set_submodule(name, layer)
     return layer
 
 
@@ -416,15 +383,10 @@ def check_lora_targets(model: nn.Module, targets):
 def apply_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 16,
                alpha: float = 32.0, dropout: float = 0.0, dtype=None) -> list[str]:
     """Wraps every nn.Linear whose attribute name is in `targets` (A and B in dtype, default their base's); freezes
-    everything else. Returns wrapped names.
-
-    Errors: a target that names no layer of the model, or names one that is not an nn.Linear (embed_tokens is an
-    nn.Embedding: LoRA on embeddings is not implemented), is refused, so that no target is silently left untrained.
-    lm_head is allowed on models with tied embeddings: the adapter then changes the output projection only, and
-    merge_lora unties it (see there)."""
+    everything else. Returns wrapped names. Errors: check_lora_targets'. lm_head is allowed on models with tied
+    embeddings: the adapter then changes the output projection only, and merge_lora unties it (see there)."""
     check_lora_targets(model, targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     wrapped = [name for name, module in model.named_modules()
                if name.rpartition(".")[2] in targets and type(module) is nn.Linear]
     for name in wrapped:
@@ -438,20 +400,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    """Within the block the model is the base model (adapters bypassed); e.g. for reference log-probs."""
-    mods = lora_modules(model).values()
-    states = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m, s in zip(mods, states):
-            m.enabled = s
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base weight and puts the plain nn.Linear back (in place).
 
@@ -459,16 +407,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     weight W + scaling B A, the embedding keeps W, and model.config.tie_word_embeddings becomes False, so that the
     merged model (and the checkpoint save_merged writes from it) computes the adapter's logits. Folding the update
     into the shared matrix instead would also shift every input embedding."""
-    owners = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
     untied = False
     for name, m in lora_modules(model).items():
-        shared = len(owners[id(m.base.weight)]) > 1
+        shared = sum(p is m.base.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1
         untied |= shared
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.merged_linear(untie=shared))
+        model.set_submodule(name, m.merged_linear(untie=shared))
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False
     return model
@@ -476,10 +419,57 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights under peft's names: base_model.model.<module>.lora_A.weight (no adapter name in the key)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+            for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PEFT adapter folders (adapter_config.json + adapter_model.safetensors), ours or anyone's: plain LoRA only
+
+ADAPTER_INFO_FIELDS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                       "inference_mode", "lora_dropout", "megatron_core", "runtime_config", "qalora_group_size",
+                       "loftq_config", "eva_config", "corda_config", "lora_ga_config"}  # training, provenance
+ADAPTER_FIELDS = {"peft_type": ("LORA",), "r": None, "lora_alpha": None, "use_rslora": None, "target_modules": None,
+                  "bias": ("none",), "init_lora_weights": (True, "gaussian", "eva")}  # field -> allowed (None: any)
+
+
+def adapter_config(folder: str) -> dict:
+    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict. Plain LoRA is applied:
+    r, lora_alpha, use_rslora (scaling alpha / sqrt(r)), target_modules (names or name suffixes, a regex, "all-linear");
+    fields of training and provenance are ignored. Any other field that is set (use_dora, rank_pattern,
+    layers_to_transform, exclude_modules, an init that rewrites the base weights, ...): ValueError, one line."""
+    path = os.path.join(folder, "adapter_config.json")
+    cfg = read_json(path)
+    for key, value in cfg.items():
+        if key in ADAPTER_INFO_FIELDS or value is False or value in (None, "", [], {}) or (  # 0 is a layer index
+                key in ADAPTER_FIELDS and (ADAPTER_FIELDS[key] is None or value in ADAPTER_FIELDS[key])):
+            continue
+        raise ValueError(f"{path}: {key} = {json.dumps(value)} is not supported: clo applies plain LoRA adapters only "
+                         "(r, lora_alpha, use_rslora, target_modules, bias \"none\"); merge this one into its base "
+                         "model with peft (merge_and_unload) and pass the merged model instead.")
+    if not cfg.get("target_modules"):
+        raise ValueError(f"{path}: target_modules is missing or empty.")
+    return cfg
+
+
+def adapter_targets(model: nn.Module, targets, path: str) -> list[str]:
+    """Module names a peft target_modules selects (peft.tuners.tuners_utils.check_target_module_exists): a string is
+    a regex that must match the whole name, "all-linear" every linear layer but the output projection; list entries
+    match the name or its last dotted parts. ValueError (one line, naming `path`) when one is not an nn.Linear."""
+    out = []
+    for name, module in model.named_modules():
+        if targets == "all-linear":
+            hit = isinstance(module, nn.Linear) and name != "lm_head"
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith(f".{t}") for t in targets)
+        if hit and name and type(module) is not nn.Linear:
+            raise ValueError(f"{path}: target_modules selects {name} ({type(module).__name__}); clo applies LoRA "
+                             "to nn.Linear layers only.")
+        out += [name] if hit and name else []
+    if not out:
+        raise ValueError(f"{path}: target_modules {targets!r} matches no linear layer of the base model.")
     return out
 
 
@@ -513,141 +503,23 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
         raise ValueError(f"{source}: the adapter lacks {len(missing)} tensors its config targets, e.g. {missing[:2]}.")
 
 
-# Reading PEFT adapter folders (adapter_config.json + adapter_model.safetensors), ours or anyone's.
-# Each LoraConfig field that changes what the adapter computes is either honoured below or refused with one line;
-# fields that only describe training or provenance are ignored.
-ADAPTER_INFO_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-                       "revision", "inference_mode", "lora_dropout", "megatron_core", "runtime_config",
-                       "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
-ADAPTER_HONOURED_FIELDS = {"r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "rank_pattern",
-                           "alpha_pattern", "layers_to_transform", "layers_pattern", "init_lora_weights", "bias",
-                           "ensure_weight_tying"}
-ADAPTER_REFUSED = {  # field -> why; refused when its value is set (not None / False / empty)
-    "use_dora": "DoRA (weight-decomposed LoRA) is not implemented",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights, GPT-2) does not apply to Llama-family layers",
-    "modules_to_save": "modules_to_save (fully trained extra modules) is not implemented",
-    "lora_bias": "lora_bias (a bias on lora_B) is not implemented",
-    "layer_replication": "layer_replication changes the model's layers and is not implemented",
-    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not implemented",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not implemented",
-    "use_qalora": "QA-LoRA is not implemented",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not implemented",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not implemented",
-    "arrow_config": "Arrow routing (arrow_config) is not implemented",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not implemented",
-    "velora_config": "VeLoRA (velora_config) is not implemented",
-    "kasa_config": "KaSA (kasa_config) is not implemented",
-    "megatron_config": "Megatron parallel layers (megatron_config) are not implemented",
-}
-
-
-def adapter_config(folder: str) -> dict:
-    """Reads and checks FOLDER/adapter_config.json (peft's LoraConfig as JSON) -> the dict.
-
-    Honoured: r, lora_alpha, use_rslora (scale alpha / sqrt(r) instead of alpha / r), rank_pattern and alpha_pattern
-    (per-module r and alpha), target_modules (a list of names or a regex string, "all-linear"), exclude_modules,
-    layers_to_transform and layers_pattern. Refused with one line naming the field (ValueError): any field of
-    ADAPTER_REFUSED that is set, a bias other than "none", an init_lora_weights that rewrites the base weights
-    (pissa, olora, corda, loftq, ...: convert such adapters to plain LoRA with peft first), a peft_type other than
-    LORA, and any field this code does not know whose value is set."""
-    path = os.path.join(folder, "adapter_config.json")
-    cfg = read_json(path)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not supported; only LORA adapters are.")
-    for key, value in cfg.items():
-        if key in ADAPTER_INFO_FIELDS or key in ADAPTER_HONOURED_FIELDS or value in (None, False, "", [], {}):
-            continue
-        why = ADAPTER_REFUSED.get(key, "clo does not know this field, so it cannot apply it faithfully")
-        raise ValueError(f"{path}: {key} = {json.dumps(value)} is not supported: {why}.")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias = {json.dumps(cfg['bias'])} is not supported (trained base biases); only "
-                         "\"none\" is.")
-    init = cfg.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian", "eva"):
-        raise ValueError(f"{path}: init_lora_weights = {json.dumps(init)} is not supported: that initialisation "
-                         "rewrites the base weights; convert the adapter to plain LoRA with peft "
-                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first.")
-    if not cfg.get("target_modules"):
-        raise ValueError(f"{path}: target_modules is missing or empty.")
-    return cfg
-
-
-def _peft_targets(model: nn.Module, cfg: dict, path: str) -> list[str]:
-    """Module names the adapter wraps, by peft's matching rules (peft.tuners.tuners_utils.check_target_module_exists):
-    a string target_modules is a regex that must match the whole name; list entries match the name or its last
-    dotted parts; layers_to_transform keeps only the given layer indices (list form only, as in peft)."""
-    targets, exclude = cfg["target_modules"], cfg.get("exclude_modules")
-    layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
-    out = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str) else
-                        (name in exclude or any(name.endswith(f".{e}") for e in exclude))):
-            continue
-        if targets == "all-linear":  # peft: every linear layer except the output projection
-            hit = isinstance(module, nn.Linear) and name != "lm_head"
-        elif isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        else:
-            hit = name in targets or any(name.endswith(f".{t}") for t in targets)
-            if hit and name not in targets and layers is not None and layers != []:  # peft: a full name is exempt
-                if pattern:
-                    pats = [pattern] if isinstance(pattern, str) else pattern
-                    found = next((m for p in pats if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))),
-                                 None)
-                else:
-                    found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-                idx = int(found.group("idx")) if found else None
-                hit = idx is not None and (idx == layers if isinstance(layers, int) else idx in layers)
-        if not hit:
-            continue
-        if type(module) is not nn.Linear:
-            raise ValueError(f"{path}: target_modules selects {name} ({type(module).__name__}); clo applies LoRA "
-                             "to nn.Linear layers only.")
-        out.append(name)
-    if not out:
-        raise ValueError(f"{path}: target_modules {targets!r} matches no linear layer of the base model.")
-    return out
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """peft's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key K, in the
-    file's order, such that the module name matches the regex (.*\\.)?(K)$."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def load_adapter(model: nn.Module, folder: str) -> list[str]:
     """Applies the PEFT LoRA adapter in `folder` (adapter_config.json + adapter_model.safetensors) to `model` in
-    place, computing what peft computes on the same base model; returns the wrapped module names. Each wrapped layer
-    gets r = rank_pattern or r, alpha = alpha_pattern or lora_alpha, and scaling alpha / r (alpha / sqrt(r) with
-    use_rslora). Errors: see adapter_config(); a pickle-only adapter (adapter_model.bin) is refused."""
+    place, computing what peft computes on the same base model; returns the wrapped module names. Errors: see
+    adapter_config(); a pickle-only adapter (adapter_model.bin) is refused."""
     from safetensors.torch import load_file
     cfg = adapter_config(folder)
-    path = os.path.join(folder, "adapter_config.json")
     weights = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.exists(weights):
         other = "adapter_model.bin is a pickle, which clo never loads; " if os.path.exists(
             os.path.join(folder, "adapter_model.bin")) else ""
         raise FileNotFoundError(f"{folder}: no adapter_model.safetensors; {other}save the adapter with peft's "
                                 "save_pretrained(..., safe_serialization=True).")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = _peft_targets(model, cfg, path)
-    owners = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(n)
+    model.requires_grad_(False)
+    names = adapter_targets(model, cfg["target_modules"], os.path.join(folder, "adapter_config.json"))
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     for name in names:
-        if cfg.get("ensure_weight_tying") and len(owners[id(model.get_submodule(name).weight)]) > 1:
-            raise ValueError(f"{path}: ensure_weight_tying = true on the tied layer {name} is not supported (it "
-                             "adapts the embedding too); clo adapts the output projection alone.")
-        r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        wrap_linear(model, name, r, alpha, scaling=scaling)
+        wrap_linear(model, name, r, alpha, scaling=alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
     load_lora_state_dict(model, load_file(weights), weights)
     return names
 
@@ -661,76 +533,82 @@ SENTENCEPIECE_FILES = ["sentencepiece.bpe.model", "vocab.json"]  # M2M100's toke
 HUB_INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py, eval.py and this file's CLI
+DTYPE_CHOICES = ["auto"] + sorted(DTYPES)  # --dtype of clo.py and eval.py
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware, from /proc/cpuinfo's flags (or the given text).
-
-    x86: avx512_bf16 (AVX512-BF16: Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16 (AMX tiles: Sapphire Rapids
-    and later). AArch64: the "bf16" feature (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/V2). Anything else (no
-    /proc/cpuinfo, e.g. macOS) counts as no. Why not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it answers True on
-    any AVX512-F CPU, where oneDNN emulates bf16 by converting to fp32; on such a CPU (this repository's test machine,
-    a Xeon with avx512f and neither flag) a 2048 x 2048 bf16 matmul ran 5x slower than fp32 and batch-1 decoding read
-    bf16 weights at 8.8 GB/s against fp32's 15.6 (bench/dtype.py)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # x86 says flags, AArch64 says Features
-            flags.update(value.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None, layout: str = "train"):
+    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
+    `dtype` (or a DTYPES name), but those float32(name, parameter) picks in fp32 (clo.float32_weights). layout
+    "decode", for callers that only generate or score: on CPU, wide projections column-major (see
+    column_major_wide_weights); "train": row-major, as FSDP expects. Errors: check_checkpoint_folder, before loading."""
+    folder = resolve_checkpoint(path_or_id)
+    raw = check_checkpoint_folder(folder)
+    tok = Tokenizer(folder, raw)
+    model = build_on_meta(LlamaForCausalLM, LlamaConfig.from_hf(raw, os.path.join(folder, "config.json")),
+                          DTYPES.get(dtype, dtype), device, column_major=layout == "decode", float32=float32)
+    load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
+    model.reset_rope()
+    model.source = folder
+    return model.eval(), tok
 
 
-def default_dtype(device, cpuinfo: str | None = None) -> tuple[str, str]:
-    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason).
-
-    bf16 where the hardware computes it natively, since it then halves the bytes every matmul and every decoding step
-    reads: CUDA GPUs with bf16 (Ampere and later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 elsewhere,
-    where bf16 is emulated and slower than fp32, and on other devices (mps)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bfloat16", "CUDA"
-        return "float32", "this GPU has no native bf16"
-    if kind == "cpu":
-        if cpu_has_native_bf16(cpuinfo):
-            return "bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16"
-        return "float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"
-    return "float32", f"bf16 is not chosen automatically on {kind}"
+def is_local_path(path: str) -> bool:
+    """The one rule for "a local path, not a hub id": it exists, starts with ".", "/" or "~", has more than one "/",
+    or its parent folder is here (models/smol when models/ exists). Anything else is a hub id (owner/name)."""
+    local = os.path.expanduser(path)
+    return (os.path.exists(local) or path.startswith((".", "/", "~")) or local.count("/") > 1
+            or ("/" in local and os.path.isdir(os.path.dirname(local))))
 
 
-def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
-    """--dtype as given ("auto"/None: default_dtype) -> (a DTYPES name, reason), e.g. ("float32", "--dtype float32").
-    Raises ValueError (one line) on a name DTYPES does not know."""
-    if requested in (None, "auto"):
-        return default_dtype(device)
-    if requested not in DTYPES:
-        raise ValueError(f"--dtype {requested}: unknown dtype; use auto, float32 or bfloat16 (or {', '.join(DTYPES)}).")
-    name = str(DTYPES[requested]).removeprefix("torch.")
-    return name, f"--dtype {requested}"
+def check_checkpoint_folder(path: str, flag: str = "--model", chat: bool = True) -> dict:
+    """The one "what is this folder" rule, of clo's and eval's argument checks and of the loaders, before any weights
+    load: a folder with config.json and safetensors weights; chat=True: of a chat model (no translator) whose
+    tokenizer and chat template work (Tokenizer). Returns config.json's dict. ValueError, one line "FLAG PATH: ..." (a
+    flag ending in "=" is joined: "--models c=runs/x: ..."): no such folder, an adapter or clo run folder, no config."""
+    at, local = flag + path if flag.endswith("=") else f"{flag} {path}", os.path.expanduser(path)
+    get = "`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir models/smollm2`, say"
+    if not os.path.isdir(local):
+        raise ValueError(f"{at}: no such folder. Give a local checkpoint folder (config.json, *.safetensors, "
+                         f"tokenizer.json; {get}) or a hub id.")
+    config = os.path.join(local, "config.json")
+    if not os.path.exists(config):
+        if os.path.exists(os.path.join(local, "adapter_config.json")):
+            raise ValueError(f"{at}: holds a LoRA adapter, not a model; pass the model it was trained on "
+                             "(base_model_name_or_path in its adapter_config.json), or the merged/ folder of a run "
+                             "trained with --merge.")
+        if os.path.exists(os.path.join(local, "args.json")):
+            raise ValueError(f"{at}: a clo run folder without a model in it; pass its merged/ folder (a run trained "
+                             "with --merge), or the model it was trained on.")
+        raise ValueError(f"{at}: no config.json there; give a Hugging Face checkpoint folder (config.json, "
+                         f"*.safetensors, tokenizer.json; {get}).")
+    raw = read_json(config)
+    if chat and raw.get("model_type") in ("m2m_100", "nllb", "nllb-moe"):
+        hint = f"; pass it as --translator {path}, and the chat model to adapt as --model" if flag == "--model" else ""
+        raise ValueError(f"{at}: an M2M100/NLLB translator, not a chat model{hint}.")
+    safetensors_files(local)  # refuses a folder without safetensors weights, or with pickles only
+    if chat:
+        Tokenizer(local, raw)  # no tokenizer.json, no chat template, or one that fails
+    return raw
+
+
+def weight_files(names: list[str], read_index) -> list[str]:
+    """The safetensors files holding a checkpoint's weights, from its file names (a folder's or a hub repository's):
+    the shards the index names (read_index() -> its parsed JSON), or model.safetensors, or else the top-level
+    *.safetensors but adapter_* and consolidated* (Mistral's native copy, as large as all the shards); or []."""
+    if HUB_INDEX in names:
+        return sorted(set(read_index()["weight_map"].values()))
+    if "model.safetensors" in names:
+        return ["model.safetensors"]
+    return sorted(f for f in names if f.endswith(".safetensors") and "/" not in f
+                  and not f.startswith(("consolidated", "adapter_")))
 
 
 def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
-    """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, and the weights
-    safetensors_files() will read: the index and the shards it names, or model.safetensors, or (neither present)
-    the top-level *.safetensors; SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Nothing else: Mistral
-    repos also hold a native consolidated.safetensors as large as all the shards, and many hold pickles and original/
-    folders. read_index() -> the index's parsed JSON."""
+    """The files of a hub repository that loading needs, given its file list: HUB_FILES that exist, the index if any
+    and weight_files(); SENTENCEPIECE_FILES where there is no tokenizer.json (M2M100). Not pickles nor original/."""
     spm = SENTENCEPIECE_FILES if "tokenizer.json" not in listing else []
-    wanted = [f for f in HUB_FILES + spm if f in listing]
-    if HUB_INDEX in listing:
-        return wanted + [HUB_INDEX] + sorted(set(read_index()["weight_map"].values()))
-    if "model.safetensors" in listing:
-        return wanted + ["model.safetensors"]
-    weights = sorted(f for f in listing if f.endswith(".safetensors") and "/" not in f
-                     and not f.startswith(("consolidated", "adapter_")))
-    if not weights:  # refuse before downloading anything, naming what the repository has instead
+    wanted = [f for f in HUB_FILES + spm + [HUB_INDEX] if f in listing]
+    if not (weights := weight_files(listing, read_index)):  # refused before any download, naming what there is
         other = sorted(f for f in listing if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")))
         raise ValueError(f"the repository has no Hugging Face-layout safetensors weights (it has: "
                          f"{', '.join(other[:6]) or 'no weight files'}{', ...' if len(other) > 6 else ''}). clo "
@@ -740,15 +618,12 @@ def hub_files_to_fetch(listing: list[str], read_index) -> list[str]:
 
 
 def resolve_checkpoint(path_or_id: str) -> str:
-    """A local folder as is; anything else is taken as a hub id: lists the repository and fetches exactly
+    """A local path (is_local_path) as is; anything else is a hub id: lists the repository and fetches exactly
     hub_files_to_fetch() into the Hugging Face cache, returning the snapshot folder (pickle-only main: the weights from
     safetensors_pr()). Listing failed (offline, HF_HUB_OFFLINE=1): the cached snapshot if it holds those files."""
     path = os.path.expanduser(str(path_or_id))
-    if os.path.isdir(path):
+    if is_local_path(str(path_or_id)):  # check_checkpoint_folder says what is wrong with it, if anything
         return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"{path_or_id}: not a checkpoint folder. Give a folder holding config.json and "
-                                "*.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
     import huggingface_hub as hub
     try:
         listing = hub.list_repo_files(path)
@@ -811,25 +686,15 @@ def read_json(path: str) -> dict:
 
 
 def safetensors_files(folder: str) -> list[str]:
-    """The weight files of a checkpoint folder: the shards an index names, or model.safetensors, or else the
-    top-level *.safetensors but adapter_* and consolidated* (Mistral's native format); pickles only: refuse."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
-        if missing:
-            raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}.")
-        return [os.path.join(folder, s) for s in shards]
-    if os.path.exists(os.path.join(folder, "model.safetensors")):  # not a stray consolidated.safetensors next to it
-        return [os.path.join(folder, "model.safetensors")]
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    files = [f for f in files if not os.path.basename(f).startswith(("adapter_", "consolidated"))]
+    """The paths of a checkpoint folder's weight_files(); refused: a shard the index names is missing, pickles only."""
+    names, index = os.listdir(folder), os.path.join(folder, HUB_INDEX)
+    files = weight_files(names, lambda: read_json(index))
+    if missing := [f for f in files if not os.path.exists(os.path.join(folder, f))]:
+        raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}.")
     if files:
-        return files
-    pickles = [os.path.basename(f) for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt")
-               for f in glob.glob(os.path.join(folder, pat))]
-    if pickles:
-        raise ValueError(f"{folder}: has only pickle weights ({', '.join(sorted(pickles))}). clo never unpickles: "
+        return [os.path.join(folder, f) for f in files]
+    if pickles := sorted(f for f in names if f.endswith((".bin", ".pt", ".pth", ".ckpt"))):
+        raise ValueError(f"{folder}: has only pickle weights ({', '.join(pickles)}). clo never unpickles: "
                          "a pickle file can run arbitrary code when loaded. Convert it once, in an environment you "
                          "trust, to safetensors (e.g. `AutoModel.from_pretrained(folder).save_pretrained(out, "
                          "safe_serialization=True)` in transformers), or use a hub release that has .safetensors.")
@@ -881,49 +746,71 @@ def build_on_meta(cls, cfg, dtype, device, column_major: bool = False, float32=N
 
 def column_major_wide_weights(model: nn.Module):
     """Stores every projection with out_features >= in_features as the transpose of a contiguous (in, out) matrix:
-    same shape and values, another memory order. For decoding (one row of activations) the CPU matmul kernel then
-    streams the weights in order; on the 2-core test machine that made SmolLM2 batch-1 decoding 1.35x faster
-    (bench/generate.py). Not for the translator, whose batched beam search is compute-bound: there row-major was 5-10%
-    faster. Call it on empty weights, before loading: it allocates, it does not copy."""
+    same shape and values, another memory order, in which the CPU matmul kernel streams the weights of one row of
+    activations in order: for batch-1 decoding (load_model(layout="decode")), not for compute-bound batched work
+    such as training or the translator's beam search (README, *Measured*). Call it on empty weights, before loading."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
             w = module.weight
             w.data = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).t()
 
 
-def open_checkpoint(path_or_id: str, dtype) -> tuple[str, torch.dtype, str, dict]:
-    """What both loaders read first: (folder, torch dtype, path of config.json, its parsed dict). dtype may be a
-    DTYPES name. Errors: no config.json in the folder (FileNotFoundError); see resolve_checkpoint, read_json."""
-    folder = resolve_checkpoint(path_or_id)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
-    return folder, dtype, cfg_path, read_json(cfg_path)
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware, from /proc/cpuinfo's flags (or the given text).
+
+    x86: avx512_bf16 (Cooper Lake, Sapphire Rapids, AMD Zen 4/5) or amx_bf16; AArch64: bf16 (Armv8.6: Graviton3,
+    Neoverse V1/V2); no /proc/cpuinfo (macOS): no. Not torch.ops.mkldnn._is_mkldnn_bf16_supported(), which says True
+    on any AVX512-F CPU, where oneDNN emulates bf16, slower than fp32 (README, *Measured*)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {flag for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())
+             if key.strip().lower() in ("flags", "features") for flag in value.split()}  # x86, AArch64
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def load_model(path_or_id: str, dtype=torch.float32, device="cpu", float32=None):
-    """Loads a Llama-family chat model and its tokenizer: returns (model, tokenizer), model in eval mode. Weights in
-    `dtype`, but those float32(name, parameter) picks in fp32 (mixed-precision training: clo.float32_weights)."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
-    if raw.get("model_type") == "m2m_100":
-        raise ValueError(f"{cfg_path}: this is an M2M100/NLLB translator; load it with data.load_translator().")
-    tok = Tokenizer(folder, raw)  # first: a chat template that fails does so before the weights load
-    cfg = LlamaConfig.from_hf(raw, cfg_path)
-    model = build_on_meta(LlamaForCausalLM, cfg, dtype, device, column_major=True, float32=float32)
-    load_weights(model, folder, ignore=(r"rotary_emb\.inv_freq$",))
-    model.reset_rope()
-    model.source = folder
-    return model.eval(), tok
+def default_dtype(device, cpuinfo: str | None = None) -> tuple[str, str]:
+    """The dtype --dtype auto picks on `device`, and why: ("bfloat16" | "float32", reason). bf16 where the hardware
+    computes it natively (then every matmul and decoding step reads half the bytes): CUDA GPUs with bf16 (Ampere and
+    later), CPUs with native bf16 matmul (cpu_has_native_bf16). fp32 where bf16 is emulated, and on other devices."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        native = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bfloat16", "CUDA") if native else ("float32", "this GPU has no native bf16")
+    if kind == "cpu":
+        return (("bfloat16", "this CPU has native bf16 matmul: avx512_bf16/amx_bf16/bf16") if cpu_has_native_bf16(
+            cpuinfo) else ("float32", "this CPU has no native bf16 matmul: avx512_bf16/amx absent"))
+    return "float32", f"bf16 is not chosen automatically on {kind}"
+
+
+def resolve_dtype(requested: str | None, device) -> tuple[str, str]:
+    """--dtype as given ("auto"/None: default_dtype) -> (a DTYPES name, reason), e.g. ("float32", "--dtype float32").
+    Raises ValueError (one line) on a name DTYPES does not know."""
+    if requested in (None, "auto"):
+        return default_dtype(device)
+    if requested not in DTYPES:
+        raise ValueError(f"--dtype {requested}: unknown dtype; use auto, float32 or bfloat16 (or {', '.join(DTYPES)}).")
+    return str(DTYPES[requested]).removeprefix("torch."), f"--dtype {requested}"
+
+
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device; one line for a name torch does not know, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install a CUDA "
+                         "build of torch on a machine with a GPU.")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer and chat template
-
-
-def _token_str(value):
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
 
 
 def today() -> str:
@@ -981,31 +868,28 @@ class Tokenizer:
             raise FileNotFoundError(f"{folder}: no tokenizer.json. clo reads fast-tokenizer files only; save one with "
                                     "transformers' `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`.")
         self.tok = HFTokenizer.from_file(path)
-        tcfg_path = os.path.join(folder, "tokenizer_config.json")
-        tcfg = read_json(tcfg_path) if os.path.exists(tcfg_path) else {}
-        gen_path = os.path.join(folder, "generation_config.json")
-        gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+        tcfg_path, gen_path = (os.path.join(folder, f) for f in ("tokenizer_config.json", "generation_config.json"))
+        tcfg, gen = (read_json(p) if os.path.exists(p) else {} for p in (tcfg_path, gen_path))
         model_config = model_config or {}
-        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (
-            _token_str(tcfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad"))
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (  # a string or {"content": ...}
+            t.get("content") if isinstance(t := tcfg.get(f"{k}_token"), dict) else t
+            for k in ("bos", "eos", "unk", "pad"))
         # Generation stops on any of these: chat models often end turns with a token other than the tokenizer's eos
         # (Llama 3: <|eot_id|>), which generation_config.json lists.
-        eos_ids = []
-        for source in (gen.get("eos_token_id"), model_config.get("eos_token_id"),
-                       self.token_to_id(self.eos_token)):
-            for i in source if isinstance(source, list) else [source]:
-                if i is not None and i not in eos_ids:
-                    eos_ids.append(int(i))
-        self.eos_ids = eos_ids
+        sources = (gen.get("eos_token_id"), model_config.get("eos_token_id"), self.token_to_id(self.eos_token))
+        self.eos_ids = list(dict.fromkeys(int(i) for s in sources for i in (s if isinstance(s, list) else [s])
+                                          if i is not None))
         self.bos_id = self.token_to_id(self.bos_token)
         pad = self.token_to_id(self.pad_token)
-        if pad is None:
-            pad = gen.get("pad_token_id", model_config.get("pad_token_id"))
-        self.pad_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+        pad = gen.get("pad_token_id", model_config.get("pad_token_id")) if pad is None else pad
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.chat_template, self.template_file = self._find_template(folder, tcfg, tcfg_path)
+        if not self.chat_template:  # transformers (v5) has no default template either: a base model, not a chat one
+            raise ValueError(f"{folder}: its tokenizer has no chat template (chat_template.jinja, chat_template.json "
+                             "or tokenizer_config.json 'chat_template'); clo needs a chat model, such as the -Instruct "
+                             "release of this one.")
         self.date, self.dated = today(), False
-        if self.chat_template:
-            self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
+        self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
 
     @staticmethod
     def _find_template(folder, tcfg, tcfg_path):
@@ -1041,9 +925,6 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
-                             "chat_template.jinja); clo needs a chat model.")
         try:
             if not hasattr(self, "_template"):
                 self._template = _chat_environment(self).from_string(self.chat_template)
@@ -1063,16 +944,15 @@ class Tokenizer:
 # Generation: prefill the prompt into a static KV cache, then decode one token at a time
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", device="cpu"):
+def pad_batch(sequences: list[list[int]], pad_id: int, device="cpu"):
     """Id lists -> (input_ids (B, longest) with pad_id in the padding, attention_mask (B, longest): 1 real, 0 pad),
-    both long, on `device`. side "left" (generation: every row's last token in the last column) or "right"."""
+    both long, on `device`, left-padded: every row's last token in the last column, where generation continues."""
     S = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), S), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), S, dtype=torch.long)
     for i, s in enumerate(sequences):
-        at = slice(S - len(s), S) if side == "left" else slice(0, len(s))
-        ids[i, at] = torch.tensor(s, dtype=torch.long)
-        mask[i, at] = 1
+        ids[i, S - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, S - len(s):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -1114,7 +994,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token.")
-    ids, prompt_mask = pad_batch(prompts, tokenizer.pad_id, "left", device)
+    ids, prompt_mask = pad_batch(prompts, tokenizer.pad_id, device)
     valid = torch.cat((prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)), 1)
     mask = None if bool(valid.all()) else valid  # no padding: the mask-free fast path (generated slots are real)
     cache = model.new_kv_cache(B, P + max_new_tokens)
@@ -1161,9 +1041,12 @@ class M2M100Config:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "M2M100Config":
-        return cls(**hf_config_fields(cls, cfg, source, ("m2m_100",), "is not a translator; clo translates with "
-                                      "M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').",
-                                      "activation_function", tuple(ACTIVATIONS)))
+        if cfg.get("model_type") != "m2m_100":
+            raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not a translator; clo translates "
+                             "with M2M100 / NLLB-200 checkpoints (model_type 'm2m_100').")
+        if (act := cfg.get("activation_function", "relu")) not in ACTIVATIONS:
+            raise ValueError(f"{source}: activation_function {act!r} is not supported ({', '.join(ACTIVATIONS)}).")
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None})
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
@@ -1206,12 +1089,12 @@ class M2M100Attention(nn.Module):
 
 
 class M2M100EncoderLayer(nn.Module):
-    def __init__(self, cfg: M2M100Config):
+    def __init__(self, cfg: M2M100Config, n_heads: int | None = None, ffn_dim: int | None = None):
         super().__init__()
-        self.self_attn = M2M100Attention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn = M2M100Attention(cfg.d_model, n_heads or cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, ffn_dim or cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim or cfg.encoder_ffn_dim, cfg.d_model)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
         self.act = ACTIVATIONS[cfg.activation_function]
 
@@ -1221,19 +1104,13 @@ class M2M100EncoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class M2M100DecoderLayer(nn.Module):
+class M2M100DecoderLayer(M2M100EncoderLayer):
     """Decoder layer: causal self-attention (KV cached), cross-attention to the encoder, feed-forward."""
 
     def __init__(self, cfg: M2M100Config):
-        super().__init__()
-        self.self_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        super().__init__(cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
         self.encoder_attn = M2M100Attention(cfg.d_model, cfg.decoder_attention_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.decoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x, self_kv, cross_kv, cross_mask, start):
         h = self.self_attn_layer_norm(x)
@@ -1244,30 +1121,14 @@ class M2M100DecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-class M2M100Encoder(nn.Module):
-    """The encoder's layers and final norm. Its embed_tokens is the shared matrix (see tie_weights); embedding and
-    positions are applied in M2M100ForConditionalGeneration.encode."""
-
-    def __init__(self, cfg: M2M100Config, n_layers: int | None = None, layer_cls=M2M100EncoderLayer):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers or cfg.encoder_layers))
-        self.layer_norm = nn.LayerNorm(cfg.d_model)
-
-
-class M2M100Decoder(M2M100Encoder):
-    """The decoder's layers and final norm: the encoder's layout with decoder layers."""
-
-    def __init__(self, cfg: M2M100Config):
-        super().__init__(cfg, cfg.decoder_layers, M2M100DecoderLayer)
-
-
-class M2M100Model(nn.Module):
-    def __init__(self, cfg: M2M100Config):
-        super().__init__()
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.encoder = M2M100Encoder(cfg)
-        self.decoder = M2M100Decoder(cfg)
+def m2m100_stack(cfg: M2M100Config, n_layers: int, layer_cls) -> nn.Module:
+    """The encoder's or decoder's layers and final norm, under transformers' names. Its embed_tokens is the shared
+    matrix (see tie_weights); embedding and positions are applied in M2M100ForConditionalGeneration.encode/decode."""
+    stack = nn.Module()
+    stack.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+    stack.layers = nn.ModuleList(layer_cls(cfg) for _ in range(n_layers))
+    stack.layer_norm = nn.LayerNorm(cfg.d_model)
+    return stack
 
 
 class M2M100ForConditionalGeneration(nn.Module):
@@ -1276,7 +1137,10 @@ class M2M100ForConditionalGeneration(nn.Module):
     def __init__(self, cfg: M2M100Config):
         super().__init__()
         self.config = cfg
-        self.model = M2M100Model(cfg)
+        self.model = nn.Module()  # model.shared, model.encoder, model.decoder: the checkpoint's names
+        self.model.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.model.encoder = m2m100_stack(cfg, cfg.encoder_layers, M2M100EncoderLayer)
+        self.model.decoder = m2m100_stack(cfg, cfg.decoder_layers, M2M100DecoderLayer)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
@@ -1314,14 +1178,13 @@ class M2M100ForConditionalGeneration(nn.Module):
         return [layer.encoder_attn.project_kv(enc) for layer in self.model.decoder.layers]
 
     def new_cache(self, batch, length):
-        w = self.model.shared.weight
-        c = self.config
+        w, c = self.model.shared.weight, self.config
         hd = c.d_model // c.decoder_attention_heads
         return [KVCache(batch, c.decoder_attention_heads, length, hd, w.dtype, w.device)
                 for _ in range(c.decoder_layers)]
 
     def decode(self, tokens, start, cache, cross, cross_mask, last_only=True):
-        """tokens (B, T) at decoder positions [start, start+T) -> logits (B, vocab) of the last one, or (B, T, vocab)."""
+        """tokens (B, T) at decoder positions [start, start+T) -> logits (B, vocab) of the last, or (B, T, vocab)."""
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device) + self.config.pad_token_id + 1
         x = self.model.shared(tokens) * self.embed_scale + self.position_table(start + tokens.shape[1])[pos]
         for layer, kv, ckv in zip(self.model.decoder.layers, cache, cross):
@@ -1339,8 +1202,7 @@ class M2M100ForConditionalGeneration(nn.Module):
 @torch.inference_mode()
 def seq2seq_greedy(model, input_ids, attention_mask, forced_id: int, max_new_tokens: int) -> list[list[int]]:
     """Greedy decoding from [decoder_start, forced_id]; returns the tokens after forced_id, without eos."""
-    cfg = model.config
-    B = input_ids.shape[0]
+    cfg, B = model.config, input_ids.shape[0]
     cross = model.cross_kv(model.encode(input_ids, attention_mask))
     cross_mask = attention_mask.bool()[:, None, None, :]
     cache = model.new_cache(B, max_new_tokens + 2)
@@ -1358,9 +1220,9 @@ def seq2seq_greedy(model, input_ids, attention_mask, forced_id: int, max_new_tok
     return _strip(torch.stack(out, 1).tolist() if out else [[]] * B, cfg)
 
 
-def _strip(rows, cfg):
-    return [[t for t in row[:row.index(cfg.eos_token_id)] if t != cfg.pad_token_id] if cfg.eos_token_id in row
-            else [t for t in row if t != cfg.pad_token_id] for row in rows]
+def _strip(rows, cfg):  # each row up to its first eos, without padding
+    eos, pad = cfg.eos_token_id, cfg.pad_token_id
+    return [[t for t in (row[:row.index(eos)] if eos in row else row) if t != pad] for row in rows]
 
 
 @torch.inference_mode()
@@ -1374,8 +1236,7 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
     sum_logprob / generated_length; the best num_beams candidates that did not end go on running. A source is done
     when its best running beam, scored at the current length, cannot beat its worst kept hypothesis.
     """
-    cfg = model.config
-    device = input_ids.device
+    cfg, device = model.config, input_ids.device
     B, K = input_ids.shape[0], num_beams
     NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
     enc = model.encode(input_ids, attention_mask).repeat_interleave(K, 0)     # (B*K, S, d_model)
@@ -1428,8 +1289,11 @@ def seq2seq_beam_search(model, input_ids, attention_mask, forced_id: int, num_be
 def load_m2m100(path_or_id: str, dtype=torch.float32, device="cpu") -> M2M100ForConditionalGeneration:
     """Loads an M2M100 / NLLB-200 network (same loader rules as load_model), in eval mode. Its tokenizer and the
     Translator around both: data.load_translator."""
-    folder, dtype, cfg_path, raw = open_checkpoint(path_or_id, dtype)
-    model = build_on_meta(M2M100ForConditionalGeneration, M2M100Config.from_hf(raw, cfg_path), dtype, device)
+    folder = resolve_checkpoint(path_or_id)
+    cfg = M2M100Config.from_hf(check_checkpoint_folder(folder, "--translator", chat=False),
+                               os.path.join(folder, "config.json"))
+    model = build_on_meta(M2M100ForConditionalGeneration, cfg, DTYPES.get(dtype, dtype), device)
     load_weights(model, folder, ignore=(r"embed_positions",))
     model.positions = torch.zeros(0, device=device)
     return model.eval()
+

@@ -435,7 +435,7 @@ def eval_run(name, path, material, a, log, ref=None, base_answers=None):
     result = score_answers({"run": name, "settings": material_settings(a), "source": eval_source(name, a),
                             "metrics": metrics, "answers": answers, "alpaca_answers": alpaca, "logps": logps,
                             "seconds": time.time() - t}, material)
-    clo.save_json(dest, result)
+    D.save_json(dest, result)
     log(f"{name}: evaluated in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
                                                                         if not k.startswith("pref_margin")))
     return result
@@ -469,7 +469,7 @@ def head_to_head(evals, runs, a, material, ask=None):
                 w = dict(E.win_rate(ask, material["alpaca"], [a.lang] * len(mine), mine, theirs, a.judge_language_rule),
                          digest=digest, clo=name, rival=rival)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                clo.save_json(path, w)
+                D.save_json(path, w)
             evals[name]["metrics"].update({f"win_vs_{other}_{a.lang}": w["win_rate_ties_apart"],
                                            f"tie_vs_{other}_{a.lang}": w["tie_rate"],
                                            f"winhalf_vs_{other}_{a.lang}": w["win_rate"]})
@@ -655,7 +655,7 @@ def parse_args(argv=None):
             raise ValueError(f"--data {a.data}: no {a.lang}_instruction/{a.lang}_response columns; the file has "
                              f"{sorted(k for k in rows[0] if k.endswith('_response'))}.")
     if a.data != "oasst1":  # oasst1: counted by main() once fetched
-        refuse_sizes(a, D.items_from_translations(a.data) if a.parallel else D.load_sft(a.data))
+        refuse_sizes(a, D.read_parallel(a.data, [a.lang]) if a.parallel else D.load_sft(a.data))
     return a
 
 
@@ -694,7 +694,7 @@ def main(argv=None):
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
     if not a.report_only:
-        clo.save_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
+        D.save_json(os.path.join(a.out, "config.json"), {k: v for k, v in vars(a).items()})
     runs = plan(a)
     material = heldout_material(a)
     if a.report_only:
@@ -822,9 +822,9 @@ def report(evals, runs, a, material, ask=None):
     h2h = head_to_head(evals, runs, a, material, ask) if a.alpaca else []
     table = aggregate(evals, runs, a)
     audit = audit_file(evals, material)
-    clo.save_json(os.path.join(a.out, "answers.json"), audit)
+    D.save_json(os.path.join(a.out, "answers.json"), audit)
     comparisons = paired(audit, runs, a)
-    clo.save_json(os.path.join(a.out, "results.json"),
+    D.save_json(os.path.join(a.out, "results.json"),
                {"primary_metric": f"fidelity_{a.lang}", "config": {k: v for k, v in vars(a).items()},
                 "table": table, "paired": comparisons, "runs": {n: e["metrics"] for n, e in evals.items()},
                 "run_args": {n: run_args(a, n) for n in evals if n != "base"},
@@ -847,4 +847,4 @@ def report(evals, runs, a, material, ask=None):
 
 
 if __name__ == "__main__":
-    clo.exit_on_error(main)
+    D.exit_on_error(main)

@@ -29,7 +29,7 @@ def main():
     a = p.parse_args()
     from transformers import AutoModelForCausalLM
     dtype = M.DTYPES[a.dtype]
-    ours, tok = M.load_model(a.model, dtype)
+    ours, tok = M.load_model(a.model, dtype, layout="decode")
     ref = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval()
     never = type("NoEos", (), {"eos_ids": [], "pad_id": tok.pad_id})()  # same work for both: no early stop
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, {a.new_tokens} new tokens")

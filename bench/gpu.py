@@ -114,7 +114,7 @@ def peak_gib(device):
 def train_clo(cfg, device, pairs, steps, dtype, tune="lora"):
     """clo's training step as clo.train runs it: reference pass, then steps; (tokens/s, peak GiB, last loss)."""
     reset_peak(device)  # the peak includes the weights
-    model = random_llama(cfg, device, M.DTYPES[clo.training_precision(dtype)])
+    model = random_llama(cfg, device, M.DTYPES[dtype])
     with torch.no_grad():  # held as clo.load_policy holds it: frozen weights in --dtype, trained and 1-D ones in fp32
         for name, p in model.named_parameters():
             if clo.float32_weights(tune, dtype)(name, p):
@@ -134,8 +134,8 @@ def train_clo(cfg, device, pairs, steps, dtype, tune="lora"):
 
     def step():
         with clo.autocast(device, dtype):
-            logp, _ = clo.sequence_logps(model, batch, 2 * B)
-            parts = clo.clo_loss(logp[:B], logp[B:], r[:, 0], r[:, 1], lengths, in_nll, 0.1, 0.5)
+            chosen, rejected = clo.sequence_logps(model, batch, 2 * B)[0].chunk(2)  # collate: chosen first
+            parts = clo.clo_loss(chosen, rejected, r[:, clo.CHOSEN], r[:, clo.REJECTED], lengths, in_nll, 0.1, 0.5)
         opt.zero_grad(set_to_none=True)
         parts.loss.backward()
         opt.step()

@@ -66,8 +66,9 @@ def run_ours(model_path, n, batch, steps, max_len, grad_checkpoint):
         for step in range(steps):
             idx = [(step * batch + i) % n for i in range(batch)]
             B = len(idx)
-            logp, _ = clo.sequence_logps(model, D.collate([pairs[i] for i in idx], tok.pad_id, max_len), 2 * B)
-            parts = clo.clo_loss(logp[:B], logp[B:], ref[idx, 0], ref[idx, 1],
+            batch = D.collate([pairs[i] for i in idx], tok.pad_id, max_len)
+            chosen, rejected = clo.sequence_logps(model, batch, 2 * B)[0].chunk(2)  # collate: chosen first
+            parts = clo.clo_loss(chosen, rejected, ref[idx, clo.CHOSEN], ref[idx, clo.REJECTED],
                                  torch.tensor([float(len(pairs[i].chosen)) for i in idx]),
                                  torch.tensor([float(pairs[i].in_target_lang) for i in idx]), BETA, LAM)
             opt.zero_grad()

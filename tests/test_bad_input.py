@@ -128,8 +128,8 @@ CASES = [
                                       f"{__import__('model').today()}."),
     (EVAL + ["--batch-size", "0"], "error: --batch-size 0: must be at least 1."),
     (EVAL + ["--max-new-tokens", "0"], "error: --max-new-tokens 0: must be at least 1."),
-    (EVAL + ["b={llama}", "c=runs/x"], "error: --models c: runs/x: no such folder. Give a checkpoint folder, a clo run "
-                                       "folder or a hub id."),
+    (EVAL + ["b={llama}", "c=runs/x"], "error: --models c=runs/x: no such folder. Give a local checkpoint folder "
+                                       f"(config.json, *.safetensors, tokenizer.json; {GET}) or a hub id."),
     (EVAL + ["b={d}/unfinished"], "error: --models b: {d}/unfinished is a clo run that has not finished (no "
                                   "adapter_config.json or merged/ yet): let it finish, or continue it with `python "
                                   "clo.py ... --out {d}/unfinished --resume`."),
@@ -179,8 +179,8 @@ def test_a_hub_model_whose_template_fails_stops_before_translation(inputs, tmp_p
     for module, name in ((D, "load_translator"), (D, "translate_items"), (clo, "reference_logps"), (M, "load_weights")):
         monkeypatch.setattr(module, name, never)
     with pytest.raises(SystemExit) as e:
-        clo.exit_on_error(lambda: clo.main(["--model", "someone/misspelt", "--lang", "de", "--no-progress", "--out",
-                                            str(tmp_path / "run")]))
+        D.exit_on_error(lambda: clo.main(["--model", "someone/misspelt", "--lang", "de", "--no-progress", "--out",
+                                          str(tmp_path / "run")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {folder}/tokenizer_config.json: its chat template fails (line 2"
                                                 ) and err.count("\n") == 1, err
@@ -217,14 +217,6 @@ def test_final_message_names_outputs_that_exist_and_commands_that_work(llama_dir
         base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()(ids).logits
     assert torch.allclose(a_logits, b_logits, atol=1e-4)
     assert not torch.allclose(a_logits, base, atol=1e-6)  # the adapter is there: one step moved the model
-
-
-def test_final_message_of_a_stopped_run_says_how_to_resume(llama_dir, tmp_path):
-    import clo
-    args = clo.parse_args(["--model", llama_dir, "--lang", "de", "--translations", PARALLEL])
-    text = clo.final_message(args, "runs/x", {"step": 3, "stopped": True})
-    assert text == ("stopped after step 3 (--stop-after): checkpoint in runs/x/checkpoint; continue with: python "
-                    "clo.py ... --out runs/x --resume (the same options)")
 
 
 def test_help_gives_every_option_a_description_and_default():

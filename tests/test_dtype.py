@@ -163,7 +163,9 @@ def test_bf16_pair_loss_starts_at_log2_only_with_a_bf16_reference(runs):
     in_target = torch.tensor([float(p.in_target_lang) for p in pairs])
 
     def pair_loss(ref):
-        return clo.clo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], n[:B].float(), in_target, lam=0.0).loss.item()
+        (chosen, rejected), chosen_lengths = logp.chunk(2), n.chunk(2)[0].float()  # collate: chosen first
+        return clo.clo_loss(chosen, rejected, ref[:, clo.CHOSEN], ref[:, clo.REJECTED], chosen_lengths, in_target,
+                            lam=0.0).loss.item()
     assert pair_loss(ref16) == pytest.approx(math.log(2), abs=1e-3)
     assert abs(pair_loss(ref32) - math.log(2)) > 1e-3
 

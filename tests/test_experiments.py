@@ -190,7 +190,7 @@ def test_end_to_end_and_rerun_after_kill(tmp_path, llama_dir):
     # an evaluation of a run that was since retrained with other options is not reused
     evaluation = json.load(open(out / "eval" / "clo-n4-s0.json"))
     evaluation["source"] = evaluation["source"].replace("--max-len 128", "--max-len 64")
-    X.clo.save_json(str(out / "eval" / "clo-n4-s0.json"), evaluation)
+    X.D.save_json(str(out / "eval" / "clo-n4-s0.json"), evaluation)
     with pytest.raises(ValueError, match="delete the evaluation"):
         X.main(argv)
 

@@ -81,7 +81,7 @@ def test_offline_hub_ids_load_from_a_snapshot_of_only_clos_files(hub_cache, llam
 def test_offline_cache_without_the_weights_says_so_in_one_line(hub_cache, llama_dir, tmp_path):
     snapshot = hub_cache("org/tiny-llama", llama_dir)
     os.remove(os.path.realpath(os.path.join(snapshot, "model.safetensors")))  # its blob: the symlink dangles
-    r = offline(tmp_path, "import clo, model as M; clo.exit_on_error(lambda: M.load_model('org/tiny-llama'))")
+    r = offline(tmp_path, "import data as D, model as M; D.exit_on_error(lambda: M.load_model('org/tiny-llama'))")
     assert "Traceback" not in r.stderr and r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: org/tiny-llama: the hub is unreachable (OfflineModeIsEnabled) and its cached snapshot {snapshot} "

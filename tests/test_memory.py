@@ -59,9 +59,8 @@ def one_step(model, tok, dtype):
 def load_as_clo(folder, tune, dtype, out):
     """clo.load_policy and set_trainable, as clo.main calls them; returns (model, tokenizer, the lines logged)."""
     args = clo.parse_args(["--model", folder, "--lang", "ko", "--tune", tune, "--dtype", dtype, "--out", out])
-    args.model_folder = folder
     lines = []
-    run = clo.Run(out, clo.Dist(), lines.append, {}, None)
+    run = clo.Run(out, clo.Dist(), lines.append, {}, model_folder=folder)
     model, tok = clo.load_policy(args, run)
     clo.set_trainable(model, tune, args.lora_targets, args.lora_r, args.lora_alpha, 0.0)
     return model, tok, lines
@@ -214,8 +213,8 @@ def test_bf16_reference_is_the_policys_step0_forward_bitwise(qwen_tied, tmp_path
     (Across differently shaped batches bf16 rounding moves it by < 1e-3: tests/test_dtype.py.)"""
     args = clo.parse_args(["--model", qwen_tied, "--lang", "ko", "--tune", tune, "--dtype", "bfloat16",
                            "--out", str(tmp_path)])
-    args.model_folder = qwen_tied
-    model, tok = clo.load_policy(args, clo.Run(str(tmp_path), clo.Dist(), lambda *a: None, {}, None))
+    run = clo.Run(str(tmp_path), clo.Dist(), lambda *a: None, {}, model_folder=qwen_tied)
+    model, tok = clo.load_policy(args, run)
     pairs, _ = D.tokenize_pairs(D.build_pairs(PARALLEL, ["ko"]), tok, 256)
     ref = clo.reference_logps(model, pairs, len(pairs), tok.pad_id, "cpu", False, pack_to=256, dtype="bfloat16")
     clo.set_trainable(model, tune, args.lora_targets, args.lora_r, args.lora_alpha, 0.0)

@@ -277,14 +277,14 @@ def _copy(src, dst, skip=()):
 
 
 def test_loader_errors(llama_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(ValueError, match=f"^--model {tmp_path}/nowhere: no such folder"):
         M.load_model(str(tmp_path / "nowhere"))
     pickled = _copy(llama_dir, str(tmp_path / "pickled"), skip=("model.safetensors",))
     torch.save({}, os.path.join(pickled, "pytorch_model.bin"))
     with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*never unpickles"):
         M.load_model(pickled)
     noconfig = _copy(llama_dir, str(tmp_path / "noconfig"), skip=("config.json",))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ValueError, match="no config.json there"):
         M.load_model(noconfig)
     gpt2 = _copy(llama_dir, str(tmp_path / "gpt2"))
     cfg = json.load(open(os.path.join(gpt2, "config.json")))
@@ -306,6 +306,50 @@ def test_loader_errors(llama_dir, tmp_path):
     notok = _copy(llama_dir, str(tmp_path / "notok"), skip=("tokenizer.json",))
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         M.load_model(notok)
+
+
+def test_a_folder_without_chat_template_is_refused_before_the_weights(llama_dir, tmp_path, monkeypatch):
+    """A base model's tokenizer has no chat template, and transformers v5 renders none by default (it raises
+    "tokenizer.chat_template is not set"): refused in one line naming the folder, before any weights load (it
+    used to fail after translation, at the first render)."""
+    base = _copy(llama_dir, str(tmp_path / "base"))
+    cfg = json.load(open(os.path.join(base, "tokenizer_config.json")))
+    del cfg["chat_template"]
+    json.dump(cfg, open(os.path.join(base, "tokenizer_config.json"), "w"))
+    with pytest.raises(ValueError, match="chat_template is not set"):
+        transformers.AutoTokenizer.from_pretrained(base).apply_chat_template([{"role": "user", "content": "Hi"}])
+    monkeypatch.setattr(M, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    line = (f"{base}: its tokenizer has no chat template (chat_template.jinja, chat_template.json or "
+            "tokenizer_config.json 'chat_template'); clo needs a chat model, such as the -Instruct release of this "
+            "one.")
+    for check in (lambda: M.load_model(base), lambda: M.check_checkpoint_folder(base)):
+        with pytest.raises(ValueError) as e:
+            check()
+        assert str(e.value) == line
+    assert M.check_checkpoint_folder(llama_dir)["model_type"] == "llama"
+
+
+def test_local_path_rule_and_folder_messages(llama_dir, m2m_dir, tmp_path, monkeypatch):
+    """is_local_path: the one rule clo, eval and resolve_checkpoint share (an owner/name that is no path here is a hub
+    id); check_checkpoint_folder names the flag and the value as the user gave them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for local in ("./x", "/abs", "~/x", "a/b/c", "models/smol", "models"):
+        assert M.is_local_path(local), local
+    for hub in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):
+        assert not M.is_local_path(hub), hub
+    with pytest.raises(ValueError, match=r"^--models c=runs/x: no such folder\."):
+        M.check_checkpoint_folder("runs/x", "--models c=")
+    with pytest.raises(ValueError, match=r"^--models c runs/x: no such folder\."):
+        M.check_checkpoint_folder("runs/x", "--models c")
+    with pytest.raises(ValueError) as e:
+        M.load_model(m2m_dir)
+    assert str(e.value) == (f"--model {m2m_dir}: an M2M100/NLLB translator, not a chat model; pass it as --translator "
+                            f"{m2m_dir}, and the chat model to adapt as --model.")
+    assert M.check_checkpoint_folder(m2m_dir, "--translator", chat=False)["model_type"] == "m2m_100"
+    with pytest.raises(ValueError, match="^--device tpu9: not a device"):
+        M.check_device("tpu9")
+    assert M.check_device("cpu") == torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +452,16 @@ def test_packed_training_forward_keeps_one_mask_and_not_the_silu_output(llama_di
         model(input_ids, score_mask=labels != -100, positions=positions, segments=segments).sum().backward()
     assert len({ptr for _, shape, ptr in kept if shape == (R, 1, T, T)}) == 1
     assert model.config.num_hidden_layers > 1 and not [k for k in kept if k[0] == "SiluBackward0"]
+
+
+def test_decode_layout_is_the_callers_choice(llama_dir):
+    """load_model(layout="decode") stores the wide projections column-major on CPU (batch-1 decoding streams them);
+    the default, which training loads, is plain row-major, as FSDP and optimizers expect. Same logits either way."""
+    (train, tok), (decode, _) = M.load_model(llama_dir), M.load_model(llama_dir, layout="decode")
+    assert all(p.is_contiguous() for p in train.parameters())
+    up, down = decode.model.layers[0].mlp.up_proj.weight, decode.model.layers[0].mlp.down_proj.weight
+    assert up.shape == (128, 64) and up.stride() == (1, 128) and down.is_contiguous()  # out >= in: transposed
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hi"}])])
+    with torch.no_grad():
+        assert torch.allclose(train(ids), decode(ids), atol=1e-5)
+    assert M.generate(train, tok, [ids[0].tolist()], 8) == M.generate(decode, tok, [ids[0].tolist()], 8)

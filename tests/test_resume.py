@@ -46,7 +46,7 @@ def run(capsys, *argv):
     """clo.py's command line, in this process: (exit code, stdout, stderr)."""
     code = 0
     try:
-        clo.exit_on_error(lambda: clo.main(list(argv)), FloatingPointError, kept=clo.kept)
+        D.exit_on_error(lambda: clo.main(list(argv)), FloatingPointError, kept=clo.stopped_run_note)
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
@@ -69,6 +69,8 @@ def stopped_run(capsys, setup, name, after, *extra):
     out = str(tmp / name)
     code, stdout, err = run(capsys, *common, *extra, "--out", out, "--stop-after", str(after))
     assert code == 0 and f"stopped after step {after} of {STEPS}" in stdout, err
+    assert (f"checkpoint in {out}/checkpoint; continue with: python clo.py ... --out {out} --resume (the same "
+            "options)") in stdout  # the command to continue (clo.final_message's, before: never printed)
     return out
 
 
@@ -99,14 +101,14 @@ def test_default_cadence_checkpoints_a_short_run_killed_after_its_middle_step(se
     (["--batch-size", "3"], "--batch-size 1, now 3"),
     (["--grad-accum", "2"], "--grad-accum 1, now 2"),
     (["--lr", "2e-3"], "--lr 0.001, now 0.002"),
-    (["--method", "sft"], "--method clo, now sft"),
+    (["--method", "sft"], "--method clo, now sft; --lam 0.5, now 1.0"),  # sft fixes lam
     (["--beta", "0.2"], "--beta 0.1, now 0.2"),
     (["--lam", "0.3"], "--lam 0.5, now 0.3"),
     (["--tune", "attn"], "--tune lora, now attn"),
     (["--lora-r", "8"], "--lora-r 16, now 8"),
     (["--epochs", "2"], "--epochs 3, now 2"),
     (["--seed", "1"], "--seed 0, now 1"),
-    (["--method", "sft-target"], "--method clo, now sft-target"),
+    (["--method", "sft-target"], "--method clo, now sft-target; --lam 0.5, now 1.0"),
     (["--pairing", "pairs"], "--pairing items, now pairs"),
 ])
 def test_resume_with_another_setting_is_refused_naming_it(setup, capsys, change, said):
@@ -294,7 +296,7 @@ def test_translations_file_without_final_newline_keeps_all_rows(setup, capsys, t
     tmp, common, _ = setup
     path = tmp_path / "no-newline.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in PARALLEL))  # no final newline
-    assert len(D.items_from_translations(str(path))) == 3
+    assert len(D.read_parallel(str(path), ["ko"])) == 3
     assert len(D.read_translations(str(path))) == 3
     argv = [a if not a.endswith("parallel.jsonl") else str(path) for a in common]
     code, stdout, err = run(capsys, *argv, "--out", str(tmp_path / "run"), "--max-steps", "1")
@@ -314,6 +316,52 @@ def test_translations_file_without_final_newline_keeps_all_rows(setup, capsys, t
     assert len(D.read_translations(str(cache), own=True, log=said.append)) == 3
     assert said == [f"{cache}: line 4 was cut short by a kill (no final newline, not valid JSON): dropped; what it "
                     "held is redone"]
+
+
+def test_rows_holding_line_separators_read_back_whole(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; str.splitlines() cut such a
+    row in two, so a --data/--translations file holding one was "not valid JSON" at a valid line, and the run's own
+    translation cache, which clo writes itself, could not be read back on --resume. Lines are split at "\\n" only."""
+    rows = [dict(PARALLEL[0], en_response="Hello\u2028there!"), dict(PARALLEL[1], ko_response="파란\u0085색."),
+            dict(PARALLEL[2], en_instruction="Count\u2029to three.")]
+    user = tmp_path / "user.jsonl"
+    user.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r for r in D.read_translations(str(user)).values()] == rows
+    cache = tmp_path / "cache.jsonl"  # the run's own cache, written as translate_items writes it
+    D._append_lines(str(cache), rows[:2])
+    D._append_lines(str(cache), rows[2:])
+    said = []
+    assert list(D.read_translations(str(cache), own=True, log=said.append).values()) == rows and not said
+    # an Alpaca JSON array (--data) with one inside a string
+    alpaca = tmp_path / "alpaca.json"
+    items = [{"instruction": "Say\u2028hi.", "input": "", "output": "Hi\u0085!"}]
+    alpaca.write_text(json.dumps(items, ensure_ascii=False, indent=2), encoding="utf-8")
+    assert [{k: v for k, v in r.items() if k != "_line"} for r in D.read_jsonl(str(alpaca))] == items
+    # line numbers and the torn-last-line rule are unchanged
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps(rows[0], ensure_ascii=False) + "\r\n\n" + json.dumps(rows[1], ensure_ascii=False)
+                    + "\n" + '{"en_instruction": "cu', encoding="utf-8")
+    assert [n for n, _ in D.read_lines(str(torn), own=True, log=said.append)] == [1, 3]
+    assert said == [f"{torn}: line 4 was cut short by a kill (no final newline, not valid JSON): dropped; what it "
+                    "held is redone"]
+
+
+def test_resume_without_a_checkpoint_records_the_settings_it_trains_with(tmp_path, capsys):
+    """--resume in a folder whose run was killed before its first checkpoint starts at step 0 with whatever settings
+    it is given (nothing saved depends on the old ones), yet kept the old args.json: the finished folder said
+    --lr 0.001 in args.json and 0.002 in summary.json. args.json is now this run's."""
+    par = tmp_path / "parallel.jsonl"
+    par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
+    common = ["--model", tiny.make_llama(str(tmp_path / "llama")), "--translations", str(par), "--lang", "ko",
+              "--batch-size", "2", "--grad-accum", "1", "--no-progress", "--max-steps", "2", "--out",
+              str(tmp_path / "run")]
+    clo.main([*common, "--lr", "1e-3", "--stop-after", "1"])
+    shutil.rmtree(tmp_path / "run" / "checkpoint")  # killed before its first checkpoint
+    clo.main([*common, "--lr", "2e-3", "--resume"])
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    args = json.load(open(tmp_path / "run" / "args.json"))
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert args["lr"] == summary["settings"]["lr"] == 2e-3
 
 
 def test_readme_says_what_resume_checks():
@@ -391,7 +439,7 @@ def test_a_template_that_writes_the_date_resumes_the_next_day(tmp_path, capsys, 
     par = tmp_path / "parallel.jsonl"
     par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
     common = ["--model", llama, "--translations", str(par), "--lang", "ko", "--batch-size", "2", "--grad-accum", "1",
-              "--lr", "1e-3", "--max-steps", "3", "--no-progress"]
+              "--lr", "1e-3", "--max-steps", "3", "--no-progress", "--tune", "lora"]  # compared: the adapters
     set_clock(monkeypatch, "2025-01-31")
     clo.main([*common, "--out", str(tmp_path / "straight")])
     for name in ("older", "stopped"):
