@@ -41,11 +41,8 @@ DEFAULT_HELDOUT = os.path.join(HERE, "samples", "mtbench_heldout_en_de_ko.jsonl"
 def load_for_eval(path: str, dtype=torch.float32, device="cpu"):
     """A checkpoint (folder or hub id), or a clo run folder: its adapter on the base model it names, merged."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")):
-        cfg = M.adapter_config(path)  # refuses an adapter we cannot apply faithfully before loading the base
-        if not cfg.get("base_model_name_or_path"):
-            raise ValueError(f"{path}/adapter_config.json: base_model_name_or_path is not set; it names the model "
-                             "the adapter belongs to.")
-        model, tok = M.load_model(cfg["base_model_name_or_path"], dtype, device, layout="decode")
+        check_model_path("--models", path)  # refuses an unfaithful adapter, or one naming no base, before loading it
+        model, tok = M.load_model(M.adapter_config(path)["base_model_name_or_path"], dtype, device, layout="decode")
         M.load_adapter(model, path)
         return M.merge_lora(model).eval(), tok
     folder = os.path.join(path, "merged") if os.path.exists(os.path.join(path, "merged", "config.json")) else path
@@ -76,18 +73,26 @@ def switches_language(text: str, min_chars: int = 20) -> bool:
 
 
 GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+# What transformers' generate acts on and model.generate lacks, at the values that do nothing (the second: sampling's)
+UNSUPPORTED = ({"num_beams": 1, "no_repeat_ngram_size": 0, "penalty_alpha": None, "min_new_tokens": None,
+                "min_length": 0, "encoder_repetition_penalty": 1.0},
+               {"typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0})
 
 
 def decoding_settings(model, mode: str = "greedy") -> dict:
     """model.generate's keywords: "greedy" (argmax, no repetition penalty; reproducible), or "checkpoint": the model's
     generation_config.json as transformers' generate applies it (unset fields: its defaults, GENERATION_DEFAULTS;
-    without do_sample, greedy with the repetition penalty; sampling seeded 0). ValueError: a value not above 0."""
+    without do_sample, greedy with the penalty; sampling seeded 0). ValueError: a value not above 0, or UNSUPPORTED."""
     path = os.path.join(model.source, "generation_config.json")
     gen = M.read_json(path) if mode == "checkpoint" and os.path.exists(path) else {}
     s = {k: v if gen.get(k) is None else gen[k] for k, v in GENERATION_DEFAULTS.items()}
     if not (s["repetition_penalty"] > 0 and (s["temperature"] > 0 or not s["do_sample"])):
         raise ValueError(f"{path}: repetition_penalty {s['repetition_penalty']} and, with do_sample, temperature "
                          f"{s['temperature']} must be above 0; fix the file or use --decoding greedy.")
+    if off := [f"{k} {gen[k]}" for k, v in {**UNSUPPORTED[0], **(UNSUPPORTED[1] if s["do_sample"] else {})}.items()
+               if gen.get(k) not in (None, v)]:
+        raise ValueError(f"{path}: {', '.join(off)}: transformers' generate would act on this and clo's decoding does "
+                         "not; remove it from the file or use --decoding greedy.")
     return {**s, "seed": 0} if s.pop("do_sample") else dict(temperature=0.0, repetition_penalty=s["repetition_penalty"])
 
 
@@ -137,9 +142,8 @@ def response_nll(model, tok, rows, lang, batch_size=4, progress=True):
     return total / max(count, 1)
 
 
-# Multiple choice, scored exactly as lm-evaluation-harness 0.4.13 scores it (zero-shot, its HF backend): per choice,
-# log p(" " + choice | context) summed over the choice's tokens; acc = argmax of those, acc_norm = argmax of each
-# divided by the choice's length in characters (api/task.py). Prompts are copied from the harness's task files.
+# Multiple choice as lm-evaluation-harness 0.4.13 scores it (zero-shot, HF backend; prompts from its task files): per
+# choice, log p(" " + choice | context) summed over its tokens; acc: their argmax; acc_norm: of each / its characters.
 
 # XCOPA's (cause, effect) connectors, from the harness's tasks/xcopa/utils.py; "en" (XCOPA's English translations,
 # which no harness task scores) takes copa's connectors in xcopa's template (copa's own choices carry one more space).
@@ -288,10 +292,9 @@ def choice_logprobs(model, tok, rows, batch_tokens: int | None = None, progress=
     moves the context's trailing whitespace into the continuation; BPE may merge across the boundary), the last
     token of context + continuation dropped and the rest left-truncated to the model's max_position_embeddings.
     Where a token spans the boundary and that leaves no continuation (the harness then fails an assert), the
-    continuation is encoded alone. Speed: identical inputs run once (choices that are one token each, as BELEBELE's
-    and MMMLU's letters, share one pass over the context), and inputs run in length-sorted batches of about
-    batch_tokens tokens (default: 2048 on CPU, where small batches keep attention in cache, 16384 on GPUs; timings:
-    README, *Evaluation: the paper's benchmarks*), each position projected onto the vocabulary only if scored."""
+    continuation is encoded alone. Speed: identical inputs run once (one-token choices share one pass), in
+    length-sorted batches of about batch_tokens tokens (2048 on CPU, 16384 on GPUs; README, *Evaluation: the
+    paper's benchmarks*), each position projected onto the vocabulary only if scored."""
     from tqdm import tqdm
     enc = (lambda s: tok.tok.encode(s, add_special_tokens=True).ids) if hasattr(tok, "tok") else tok.encode
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
@@ -356,9 +359,8 @@ class JudgeError(RuntimeError):
     pass
 
 
-# AlpacaEval's annotator's structure (tatsu-lab/alpaca_eval, alpaca_eval_clf_gpt4_turbo) in our words, plus a tie (the
-# paper reports ties apart). No word on language unless --judge-language-rule adds JUDGE_RULE, which favours by
-# construction the answer in the user's language.
+# AlpacaEval's annotator (tatsu-lab/alpaca_eval, alpaca_eval_clf_gpt4_turbo) in our words, plus a tie (the paper reports
+# ties apart). No word on language unless --judge-language-rule adds JUDGE_RULE, favouring the user's language.
 JUDGE_PROMPT = """You are an impartial evaluator ranking AI assistants by the quality of their answers. Below are a
 user's instruction and two assistants' answers to it, in no particular order. Decide which answer a person who gave
 this instruction would prefer: judge how helpful, accurate, relevant and complete it is for the instruction.
@@ -377,10 +379,9 @@ JUDGE_RULE = "The user wrote in {language}; an answer in another language is a p
 
 
 def parse_verdict(text: str) -> str:
+    """"A", "B" or "tie"; "invalid" for any other reply (win_rate counts it apart: one bad reply loses no run)."""
     m = re.fullmatch(r"\W*(A|B|tie)\W*", text.strip(), flags=re.IGNORECASE)
-    if m is None:
-        raise JudgeError(f"the judge's reply {text[:200]!r} is not one of A, B, tie.")
-    return {"a": "A", "b": "B"}.get(m.group(1).lower(), "tie")
+    return "invalid" if m is None else {"a": "A", "b": "B"}.get(m.group(1).lower(), "tie")
 
 
 def http_judge(url: str, model_name: str, key_env: str = "OPENAI_API_KEY", timeout: float = 120.0):
@@ -419,18 +420,19 @@ def local_judge(path: str, dtype=torch.float32, device="cpu"):
 
 def win_rate(ask, questions, langs, answers_a, answers_b, language_rule=False):
     """A against B, head to head: each question judged twice, A/B then B/A, so that a judge's position bias cancels;
-    each order is one verdict. Returns A's wins, ties and losses over the 2 * len(questions) verdicts; win_rate: ties
-    as half (AlpacaEval's); win_rate_ties_apart: wins / verdicts, with tie_rate beside it (the paper's, as far as its
-    numbers show); verdicts: per question, A's results in the (A/B, B/A) orders, each win, tie or loss."""
-    verdicts = []
+    each order is one verdict. Returns A's wins, ties, losses and invalid (unreadable replies, left out of the rates);
+    over the other verdicts, win_rate: ties as half (AlpacaEval's); win_rate_ties_apart: wins / verdicts, with tie_rate
+    beside it (the paper's, as far as its numbers show); verdicts: per question, A's (A/B, B/A) results."""
+    verdicts, as_a = [], ({"A": "win", "B": "loss", "tie": "tie"}, {"A": "loss", "B": "win", "tie": "tie"})
     for q, lang, a, b in zip(questions, langs, answers_a, answers_b):
         rule = JUDGE_RULE.format(language=BENCH_LANGS.get(lang, (0, 0, lang))[2] or lang) if language_rule else ""
         first, second = (parse_verdict(ask(JUDGE_PROMPT.format(rule=rule, question=q, a=x, b=y))) for x, y in
                          ((a, b), (b, a)))
-        verdicts.append(({"A": "win", "B": "loss"}.get(first, "tie"), {"A": "loss", "B": "win"}.get(second, "tie")))
-    n, count = max(1, 2 * len(verdicts)), [v for pair in verdicts for v in pair].count
-    wins, ties, losses = count("win"), count("tie"), count("loss")
-    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n,
+        verdicts.append((as_a[0].get(first, "invalid"), as_a[1].get(second, "invalid")))
+    count = [v for pair in verdicts for v in pair].count
+    wins, ties, losses, bad = count("win"), count("tie"), count("loss"), count("invalid")
+    n = max(1, wins + ties + losses)
+    return {"wins": wins, "ties": ties, "losses": losses, "invalid": bad, "win_rate": (wins + ties / 2) / n,
             "win_rate_ties_apart": wins / n, "tie_rate": ties / n, "verdicts": verdicts}
 
 
@@ -473,8 +475,7 @@ def plot(results: dict, runs: dict, out: str):
     fig.tight_layout()
     written = [os.path.join(out, "results.png")]
     fig.savefig(written[0])
-    curves = {n: p for n, p in runs.items() if os.path.exists(os.path.join(p, "metrics.jsonl"))}
-    if curves:
+    if curves := {n: p for n, p in runs.items() if os.path.exists(os.path.join(p, "metrics.jsonl"))}:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for name, path in curves.items():
             rows = D.read_jsonl(os.path.join(path, "metrics.jsonl"), own=True)
@@ -489,10 +490,9 @@ def plot(results: dict, runs: dict, out: str):
 
 
 def read_prompts(a, langs) -> list[dict]:
-    """--prompts: a JSONL {lang, prompt} file as is; or AlpacaEval's 805 English instructions (the hub's
-    tatsu-lab/alpaca_eval, or a local alpaca_eval.json: a JSON list of {instruction, ...}), the first --num-prompts
-    translated into each target language by --translator, cached and resumable in OUT/alpaca_eval.translations.jsonl
-    (data.translate_items)."""
+    """--prompts: a JSONL {lang, prompt} file as is; or AlpacaEval's 805 English instructions (tatsu-lab/alpaca_eval,
+    or a local alpaca_eval.json list of {instruction, ...}), the first --num-prompts translated into each target
+    language by --translator, cached and resumable in OUT/alpaca_eval.translations.jsonl (data.translate_items)."""
     path = a.prompts
     if path == "alpaca_eval":
         from huggingface_hub import hf_hub_download

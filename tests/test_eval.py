@@ -113,9 +113,9 @@ def test_judge_win_rate_both_orders(judge_url):
     StubJudge.mode = "garbage"
     with pytest.raises(E.JudgeError, match="not an OpenAI chat completion"):
         E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
-    StubJudge.mode = "chatty"
-    with pytest.raises(E.JudgeError, match="is not one of A, B, tie"):
-        E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
+    StubJudge.mode = "chatty"  # an unreadable reply is its own outcome, out of the rates, not an abort
+    w = E.win_rate(ask, qs, langs, ["x", "y"], ["z", "w"])
+    assert (w["invalid"], w["wins"], w["ties"], w["losses"], w["win_rate"]) == (4, 0, 0, 0, 0.0)
     with pytest.raises(E.JudgeError, match="cannot connect"):
         E.http_judge("http://127.0.0.1:9", "stub")("hi")
 
@@ -145,6 +145,45 @@ def test_win_rate_counts_by_hand():
     assert w["verdicts"] == [("win", "win"), ("tie", "tie"), ("loss", "loss"), ("win", "loss")]
     assert (w["wins"], w["ties"], w["losses"]) == (3, 2, 3)
     assert (w["win_rate_ties_apart"], w["tie_rate"], w["win_rate"]) == (3 / 8, 2 / 8, 4 / 8)
+
+
+def test_unreadable_verdict_is_counted_apart_not_fatal():
+    """One reply 'ParogWh' (of 8) aborted the whole evaluation with JudgeError. Now it is an "invalid" verdict: kept
+    in the counts and verdicts, out of the rates. By hand: q1 (win, invalid), q2 (tie, tie), q3 (loss, loss),
+    q4 (win, win): 7 readable verdicts, 3 wins, 2 ties, 2 losses; ties apart 3/7, ties as half 4/7."""
+    def ask(prompt):
+        a = prompt.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        b = prompt.split("[Answer B]\n")[1].split("\n\nReply with")[0]
+        if "q1" in prompt and a == "short":
+            return "ParogWh"
+        return "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+    assert E.parse_verdict("ParogWh") == "invalid" and E.parse_verdict(" b.") == "B"
+    w = E.win_rate(ask, ["q1", "q2", "q3", "q4"], ["de"] * 4, ["longer", "same", "s", "longest"],
+                   ["short", "same", "longer", "x"])
+    assert w["verdicts"] == [("win", "invalid"), ("tie", "tie"), ("loss", "loss"), ("win", "win")]
+    assert (w["wins"], w["ties"], w["losses"], w["invalid"]) == (3, 2, 2, 1)
+    assert (w["win_rate_ties_apart"], w["tie_rate"], w["win_rate"]) == (3 / 7, 2 / 7, 4 / 7)
+
+
+def test_checkpoint_decoding_refuses_what_it_does_not_implement(tmp_path):
+    """--decoding checkpoint decoded num_beams 4 greedily (transformers beam-searches). Now a setting transformers
+    acts on and model.generate lacks is refused in one line naming the file and the keys; sampling-only keys are
+    refused only with do_sample (transformers ignores them without); the no-op values pass."""
+    llama = tiny.make_llama(str(tmp_path / "llama"))
+    gen_path = os.path.join(llama, "generation_config.json")
+    gen = json.load(open(gen_path))
+    model, _ = M.load_model(llama)
+    json.dump({**gen, "num_beams": 4, "no_repeat_ngram_size": 3, "length_penalty": 2.0}, open(gen_path, "w"))
+    with pytest.raises(ValueError, match=r"generation_config.json: num_beams 4, no_repeat_ngram_size 3: transformers"):
+        E.decoding_settings(model, "checkpoint")
+    assert E.decoding_settings(model, "greedy")["temperature"] == 0.0  # greedy reads no file
+    json.dump({**gen, "typical_p": 0.9}, open(gen_path, "w"))
+    assert E.decoding_settings(model, "checkpoint") == {"temperature": 0.0, "repetition_penalty": 1.0}
+    json.dump({**gen, "do_sample": True, "typical_p": 0.9}, open(gen_path, "w"))
+    with pytest.raises(ValueError, match=r"generation_config.json: typical_p 0.9: "):
+        E.decoding_settings(model, "checkpoint")
+    json.dump({**gen, "num_beams": 1, "no_repeat_ngram_size": 0, "min_length": 0, "typical_p": 1.0}, open(gen_path, "w"))
+    assert E.decoding_settings(model, "checkpoint") == {"temperature": 0.0, "repetition_penalty": 1.0}
 
 
 def test_eval_cli_keeps_head_to_head_counts(tmp_path, llama_dir, judge_url):
