@@ -187,10 +187,11 @@ def check_languages(langs: list[str], have: list[str] | None = None, path: str |
     (the translator's vocabulary is checked as it loads: language_token)."""
     if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
         raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
-    for lang in langs:
+    codes = [FLORES_CODES.get(lang.strip("_"), lang.strip("_")) for lang in langs]  # ko, kor_Hang, __ko__: one
+    for lang, code in zip(langs, codes):
         if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
             raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
-        if langs.count(lang) > 1:
+        if codes.count(code) > 1:
             raise ValueError(f"--lang {','.join(langs)}: {lang} is given twice; each language's pairs would train "
                              "twice per epoch.")
     for lang in langs:
