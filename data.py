@@ -218,6 +218,9 @@ def language_token(vocab: dict, code: str, name: str = "this translator") -> tup
     for token in (FLORES_CODES.get(code, code), f"__{iso}__"):
         if LANGUAGE_TOKEN.fullmatch(token) and token in vocab:
             return token, vocab[token]
+    tried = [t for t in (FLORES_CODES.get(code, code), f"__{iso}__") if LANGUAGE_TOKEN.fullmatch(t)]
+    if LANGUAGE_TOKEN.fullmatch(FLORES_CODES.get(code, code)):  # a known code: the hint below would mislead
+        raise ValueError(f"language {code!r} is not supported by {name}: it has no {' or '.join(tried)} token.")
     names = {t for t in vocab if LANGUAGE_TOKEN.fullmatch(t)} | {i for i, fl in FLORES_CODES.items() if fl in vocab}
     raise ValueError(f"language {code!r} is not supported by {name}.{close_codes(code, sorted(names))} Use an ISO "
                      f"639-1 code ({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")
