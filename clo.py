@@ -17,8 +17,7 @@ The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 4-5, baselines and ablations: the equation, other settings  METHODS (lam and the NLL mask)
     Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
     The recipe, checked first and saved last                         main
-Below the banner "Plumbing": torchrun, precision, the run folder (--resume checks), checkpoints, export, the CLI.
-"""
+Below the banner "Plumbing": torchrun, precision, the run folder (--resume checks), checkpoints, export, the CLI."""
 from __future__ import annotations
 
 import argparse
@@ -80,8 +79,7 @@ def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 # --method -> (lam, whose chosen answers enter the NLL term): the paper's baselines and ablations (Sec. 4-5) as settings
-# of the one equation above. lam None: --lam (default 0.5); a number: fixed, and --lam is refused. dpo's NLL term has
-# weight 0: the target-language NLL is only logged.
+# of the one equation above. lam None: --lam (default 0.5); a number: fixed, --lam refused. dpo: NLL weight 0, logged.
 METHODS = {"clo": (None, "target"),        # the paper's CLO: NLL on target-language answers only
            "clo-en-nll": (None, "both"),   # its ablation "target + English NLL": NLL on every chosen answer
            "sft": (1.0, "both"),           # SFT on both languages' answers
@@ -579,8 +577,10 @@ def check_run_folder(args, items) -> Run:
         run.finished = done.get("final", {})
     elif args.resume and (found := find_checkpoint(args.out, log, fix=False)):
         refuse_if_changed(args.out, found[1].get("settings"), run.settings, checked + ["items"])
-        run.checkpoint = found[1]
-        RUN["checkpoint"] = (os.path.join(args.out, "checkpoint"), found[1]["step"])
+        if 0 < args.stop_after <= found[1]["step"]:  # else it would run one more step and stop there
+            raise ValueError(f"--stop-after {args.stop_after}: the checkpoint is already at step {found[1]['step']}; "
+                             "give a later step, or drop --stop-after.")
+        run.checkpoint, RUN["checkpoint"] = found[1], (os.path.join(args.out, "checkpoint"), found[1]["step"])
     return run
 
 

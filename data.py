@@ -187,10 +187,11 @@ def check_languages(langs: list[str], have: list[str] | None = None, path: str |
     (the translator's vocabulary is checked as it loads: language_token)."""
     if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
         raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
-    for lang in langs:
+    codes = [FLORES_CODES.get(lang.strip("_"), lang.strip("_")) for lang in langs]  # ko, kor_Hang, __ko__: one
+    for lang, code in zip(langs, codes):
         if lang.lower().startswith("en"):  # en, EN, en_US, eng_Latn, english: no other language code starts so
             raise ValueError(f"--lang {lang}: English is the source language; give the target language(s), e.g. ko.")
-        if langs.count(lang) > 1:
+        if codes.count(code) > 1:
             raise ValueError(f"--lang {','.join(langs)}: {lang} is given twice; each language's pairs would train "
                              "twice per epoch.")
     for lang in langs:
@@ -217,6 +218,9 @@ def language_token(vocab: dict, code: str, name: str = "this translator") -> tup
     for token in (FLORES_CODES.get(code, code), f"__{iso}__"):
         if LANGUAGE_TOKEN.fullmatch(token) and token in vocab:
             return token, vocab[token]
+    tried = [t for t in (FLORES_CODES.get(code, code), f"__{iso}__") if LANGUAGE_TOKEN.fullmatch(t)]
+    if LANGUAGE_TOKEN.fullmatch(FLORES_CODES.get(code, code)):  # a known code: the hint below would mislead
+        raise ValueError(f"language {code!r} is not supported by {name}: it has no {' or '.join(tried)} token.")
     names = {t for t in vocab if LANGUAGE_TOKEN.fullmatch(t)} | {i for i, fl in FLORES_CODES.items() if fl in vocab}
     raise ValueError(f"language {code!r} is not supported by {name}.{close_codes(code, sorted(names))} Use an ISO "
                      f"639-1 code ({', '.join(sorted(FLORES_CODES)[:12])}, ...) or a FLORES-200 code such as kor_Hang.")

@@ -107,8 +107,7 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
     linear (position interpolation): every frequency divided by `factor`.
     llama3 (Llama 3.1/3.2): long wavelengths (> original_ctx / low_freq_factor) divided by `factor`, short ones
-    (< original_ctx / high_freq_factor) kept, and a smooth blend between the two.
-    """
+    (< original_ctx / high_freq_factor) kept, and a smooth blend between the two."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     s = cfg.rope_scaling
@@ -856,10 +855,9 @@ class Tokenizer:
     """The checkpoint's tokenizer.json through `tokenizers`, plus its special tokens and chat template.
 
     encode(text) returns the text's tokens only (no BOS/EOS): chat formatting, including any BOS, is the template's
-    job, exactly as transformers' apply_chat_template tokenizes the rendered text. A template that fails does so here
-    (a probe render), as a ValueError naming template_file. strftime_now writes `date` (YYYY-MM-DD; set it to the
-    run's): `dated` says whether the template called it.
-    """
+    job, exactly as transformers' apply_chat_template tokenizes the rendered text. A template that fails, or renders
+    no message content, does so here (a probe render), as a ValueError naming template_file. strftime_now writes
+    `date` (YYYY-MM-DD; set it to the run's): `dated` says whether the template called it."""
 
     def __init__(self, folder: str, model_config: dict | None = None):
         from tokenizers import Tokenizer as HFTokenizer
@@ -889,7 +887,10 @@ class Tokenizer:
                              "or tokenizer_config.json 'chat_template'); clo needs a chat model, such as the -Instruct "
                              "release of this one.")
         self.date, self.dated = today(), False
-        self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
+        text = self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)
+        if "Hi" not in text or "Hello" not in text:  # e.g. "   \n": every pair would train an empty response
+            raise ValueError(f"{self.template_file}: its chat template renders no message content ({text!r} for a user "
+                             "'Hi', assistant 'Hello' exchange); fix the template there, or use another checkpoint.")
 
     @staticmethod
     def _find_template(folder, tcfg, tcfg_path):

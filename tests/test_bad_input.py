@@ -40,10 +40,13 @@ def inputs(tmp_path_factory, llama_dir, m2m_dir):
     (d / "models").mkdir()  # so that models/smol and runs/x are local paths, as in the README's layout
     for name, template in {"misspelt": "{% for m in messages %}{{ m['content'] }}\n{% endfro %}",  # chat templates
                            "unnamed": [{"name": "tool_use", "template": "{{ messages }}"}],
-                           "strict": "{{ raise_exception('System message required') }}"}.items():
+                           "strict": "{{ raise_exception('System message required') }}",
+                           "blank": "   \n", "nulltemplate": None, "emptytemplate": ""}.items():
         shutil.copytree(llama_dir, d / name)
         cfg = json.load(open(d / name / "tokenizer_config.json"))
         json.dump(dict(cfg, chat_template=template), open(d / name / "tokenizer_config.json", "w"))
+    shutil.copytree(llama_dir, d / "emptyjinja")
+    (d / "emptyjinja" / "chat_template.jinja").write_text("")  # found first, so the config's template is not used
     (d / "runs").mkdir()
     return {"d": str(d), "llama": llama_dir, "m2m": m2m_dir}
 
@@ -122,6 +125,13 @@ CASES = [
     (CLO[:3] + ["{d}/unnamed"] + CLO[4:], "error: {d}/unnamed/tokenizer_config.json: 'chat_template' is a list of "
      "named templates (tool_use) without a 'default' one, so which to use is not said; name the one to use 'default', "
      "or save it as chat_template.jinja beside it."),
+    (CLO[:3] + ["{d}/blank"] + CLO[4:], "error: {d}/blank/tokenizer_config.json: its chat template renders no "
+     "message content ('   ' for a user 'Hi', assistant 'Hello' exchange); fix the template there, or use another "
+     "checkpoint."),
+    *[(CLO[:3] + [f"{{d}}/{name}"] + CLO[4:6] + ["--translator", "{d}/no-such-translator"], f"error: {{d}}/{name}: "
+       "its tokenizer has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json "
+       "'chat_template'); clo needs a chat model, such as the -Instruct release of this one.")
+      for name in ("nulltemplate", "emptytemplate", "emptyjinja")],
     (EVAL + ["b={d}/strict"], "error: {d}/strict/tokenizer_config.json: its chat template fails: System message "
                               "required; fix the template there, or use another checkpoint."),
     (EVAL + ["--date", "2025-02-30"], "error: --date 2025-02-30: not a date; give YYYY-MM-DD, e.g. "

@@ -498,3 +498,19 @@ def test_resumed_bf16_run_continues_bit_identically(setup, capsys, tune):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(l)["loss"] for l in open(os.path.join(straight, "metrics.jsonl"))] == [
         json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_resume_with_stop_after_at_or_below_the_checkpoint_is_refused(setup, capsys, after):
+    """Before: --resume --stop-after 1 on a checkpoint at step 3 ran step 4 and said "stopped after step 4 of 9
+    (--stop-after 1)". Now one line as soon as the checkpoint is found, and the folder is left as it was."""
+    tmp, common, _ = setup
+    out = str(tmp / "stopped-for-stop-after")
+    if not os.path.exists(out):
+        stopped_run(capsys, setup, "stopped-for-stop-after", 3)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in ("checkpoint/progress.json", "metrics.jsonl")}
+    code, stdout, err = run(capsys, *common, "--out", out, "--resume", "--stop-after", str(after))
+    assert (code, err) == (2, f"error: --stop-after {after}: the checkpoint is already at step 3; give a later step, "
+                              "or drop --stop-after.\n"), err
+    assert "training" not in stdout and "stopped after" not in stdout
+    assert before == {n: open(os.path.join(out, n), "rb").read() for n in before}

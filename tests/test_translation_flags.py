@@ -83,6 +83,8 @@ def test_translations_file_trains_any_language_it_has(setup, tmp_path):
     ("EN", "--lang EN: English is the source language"),
     ("en_US", "--lang en_US: English is the source language"),
     ("ko,ko", "--lang ko,ko: ko is given twice"),
+    ("ko,kor_Hang", "--lang ko,kor_Hang: ko is given twice"),  # one language under two codes: the same token
+    ("de,sw,__sw__", "--lang de,sw,__sw__: sw is given twice"),
     ("KO", "--lang KO: unknown language code. Did you mean ko?"),
     ("korean", "--lang korean: unknown language code. Did you mean ko?"),
     ("ko_KR", "--lang ko_KR: unknown language code. Did you mean ko?"),
