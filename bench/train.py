@@ -66,8 +66,8 @@ def run_ours(model_path, n, batch, steps, max_len, grad_checkpoint):
         for step in range(steps):
             idx = [(step * batch + i) % n for i in range(batch)]
             B = len(idx)
-            batch = D.collate([pairs[i] for i in idx], tok.pad_id, max_len)
-            chosen, rejected = clo.sequence_logps(model, batch, 2 * B)[0].chunk(2)  # collate: chosen first
+            rows = D.collate([pairs[i] for i in idx], tok.pad_id, max_len)
+            chosen, rejected = clo.sequence_logps(model, rows, 2 * B)[0].chunk(2)  # collate: chosen first
             parts = clo.clo_loss(chosen, rejected, ref[idx, clo.CHOSEN], ref[idx, clo.REJECTED],
                                  torch.tensor([float(len(pairs[i].chosen)) for i in idx]),
                                  torch.tensor([float(pairs[i].in_target_lang) for i in idx]), BETA, LAM)
