@@ -11,6 +11,7 @@ Every bad input raises one ValueError naming the file and line (or the value) an
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import difflib
 import errno
@@ -67,11 +68,9 @@ def load_oasst1() -> list[dict]:
 
 
 def oasst1_pairs(trees_path: str) -> list[dict]:
-    """oasst1 message trees (JSONL, gzip too; one tree a line, {"prompt": message}, each message with role, lang,
-    text, rank, deleted, review_result, labels {name: {value}}, emojis {name: count}, replies) -> SFT items, best first.
-    Our reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant": an English root
-    prompt and its rank-0 assistant reply (not deleted, not failing review), ranked by the reply's human quality label
-    (0-1; 0 when absent), then its +1 votes (the paper names no criterion)."""
+    """oasst1 message trees (JSONL, gzip too; a tree a line, {"prompt": message}, each message with role, lang, text,
+    rank, deleted, review_result, labels {name: {value}}, emojis {name: count}, replies) -> SFT items, best first: the
+    README's reading of the paper's "top 6,400 highly-ranked single-turn data entries from OpenAssistant"."""
     def kept(m):
         return not m.get("deleted") and m.get("review_result") is not False and m.get("text")
     scored = []
@@ -106,65 +105,10 @@ def load_sft(source: str | None = None, num_samples: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parallel files (--translations, the run's cache): a row per English item, en_*, ko_instruction, ko_response, ko_flags
+# Language codes: ISO 639-1 (ko) -> FLORES-200 (kor_Hang: NLLB's language tokens). M2M100's tokens are __xx__ with these
+# ISO-like codes, numbered after vocab.json in M2M100_CODES' order (fairseq's list; its WMT21 models use their own 8).
 
 
-def read_translations(path: str, own: bool = False, log=print, lines: dict | None = None) -> dict[tuple, dict]:
-    """A parallel JSONL file -> {(english instruction, english response): row}; a later line of an item adds to its
-    earlier ones (`lines`, if given, gets each item's first line number). `own`: the run's cache (see read_lines)."""
-    table = {}
-    if not os.path.exists(path):
-        return table
-    for row in read_jsonl(path, own, log):
-        number = row.pop("_line")
-        missing = [k for k in ("en_instruction", "en_response") if k not in row]
-        if missing:
-            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
-                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
-        key = (row["en_instruction"], row["en_response"])
-        earlier = dict(table.get(key, {}))
-        for field in row:  # a later translation of a language replaces its flags too (absent: no longer flagged)
-            if field.endswith("_response") and field != "en_response":
-                earlier.pop(field[:-len("_response")] + "_flags", None)
-        table[key] = {**earlier, **row}
-        if lines is not None:
-            lines.setdefault(key, number)
-    return table
-
-
-def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
-                  items: list[dict] | None = None) -> list[dict]:
-    """--translations, read once and checked whole before any model loads -> the rows of `items` (--data's), else of
-    the file's first num_samples items, with en_* and <lang>_* strings for each of langs; ValueError names the line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--translations {path}: no such file.")
-    lines = {}
-    table = read_translations(path, lines=lines)
-    if not table:
-        raise ValueError(f"--translations {path}: no rows; the file is empty.")
-    check_languages(langs, sorted({k[:-len("_response")] for row in table.values() for k in row
-                                   if k.endswith("_response") and k != "en_response"}), path)
-    keys = first_items(list(table), num_samples, path) if items is None else [
-        (it["instruction"], it["response"]) for it in items]
-    for key in keys:
-        if key not in table:
-            raise ValueError(f"{path}: has no row for the English item {key[0][:60]!r}; with --translations, --data "
-                             "must hold the same English items (or leave --data out to train on the translations "
-                             "file's own English side).")
-        lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response")
-                   if not isinstance(table[key].get(f"{l}_{f}"), str)]
-        if lacking:
-            raise ValueError(f"{path}: line {lines[key]}: lacks {', '.join(lacking)} (a string each); fill it in, or "
-                             "drop the row.")
-    return [table[key] for key in keys]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Language codes: ISO 639-1 (ko), FLORES-200 (kor_Hang, NLLB's tokens), M2M100's __ko__
-
-
-# ISO 639-1 -> FLORES-200 code (NLLB's language tokens, kor_Hang). M2M100's tokens are __xx__ with these ISO-like
-# codes, numbered after vocab.json in this order (fairseq's M2M100 language list; its WMT21 models use their own 8).
 FLORES_CODES = {
     "en": "eng_Latn", "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn", "sw": "swh_Latn",
     "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "pt": "por_Latn", "it": "ita_Latn", "nl": "nld_Latn",
@@ -175,16 +119,15 @@ FLORES_CODES = {
     "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "ca": "cat_Latn",
 }
 M2M100_CODES = {"m2m100": "af am ar ast az ba be bg bn br bs ca ceb cs cy da de el en es et fa ff fi fr fy ga gd gl "
-                "gu ha he hi hr ht hu hy id ig ilo is it ja jv ka kk km kn ko lb lg ln lo lt lv mg mk ml mn mr ms my ne "
-                "nl no ns oc or pa pl ps pt ro ru sd si sk sl so sq sr ss su sv sw ta th tl tn tr uk ur uz vi wo xh yi "
-                "yo zh zu".split(), "wmt21": "en ha is ja cs ru zh de".split()}
+                "gu ha he hi hr ht hu hy id ig ilo is it ja jv ka kk km kn ko lb lg ln lo lt lv mg mk ml mn mr ms my "
+                "ne nl no ns oc or pa pl ps pt ro ru sd si sk sl so sq sr ss su sv sw ta th tl tn tr uk ur uz vi wo xh "
+                "yi yo zh zu".split(), "wmt21": "en ha is ja cs ru zh de".split()}
 LANGUAGE_TOKEN = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__")
 
 
 def check_languages(langs: list[str], have: list[str] | None = None, path: str | None = None):
-    """--lang, before any work: ValueError on a language the run cannot train. With a parallel file (`have`: the
-    languages whose columns `path` has) any of those; otherwise a code the tables know or a FLORES-200/__xx__ token
-    (the translator's vocabulary is checked as it loads: language_token)."""
+    """--lang, before any work: ValueError on a language the run cannot train: one `path` has no columns for (`have`:
+    its languages), else one neither the tables nor a FLORES-200/__xx__ token know (a translator's: language_token)."""
     if not langs:  # --lang "" or ",": nothing to train, and translate_items would fail on an empty language list
         raise ValueError("--lang is empty; give the target language(s), e.g. ko or ko,sw.")
     codes = [FLORES_CODES.get(lang.strip("_"), lang.strip("_")) for lang in langs]  # ko, kor_Hang, __ko__: one
@@ -237,18 +180,17 @@ INLINE_CODE = re.compile(r"`[^`\n]+`")
 
 
 def split_for_translation(text: str):
-    """A text -> (plan, sentences): the sentences a sentence-level MT model should see, and the plan that
-    join_translation puts back together: per line a verbatim string (fenced code, no words) or (markdown prefix,
-    [(sentence_index, code_spans), ...]), inline code spans replaced by placeholders <0>, <1>, ... that MT copies."""
+    """A text -> (plan, sentences): the sentences a sentence-level MT model should see, inline code spans replaced by
+    placeholders <0>, <1>, ... that MT copies, and the plan join_translation puts back together: per line (markdown
+    prefix, [(sentence_index, code_spans), ...]); a line kept verbatim (fenced code, no words) is (line, [])."""
     plan, sentences, in_fence = [], [], False
     for line in text.split("\n"):
         fence = FENCE.match(line)
-        if fence:
-            in_fence = not in_fence
+        in_fence ^= bool(fence)  # a fence line opens or closes a code block
         prefix = LINE_PREFIX.match(line).group(1)
         body = line[len(prefix):]
         if fence or in_fence or not re.search(r"[^\W\d_]", body):  # code, or nothing to translate (blank, numbers)
-            plan.append(line)
+            plan.append((line, []))
             continue
         parts = []
         for sentence in (piece for s in SENTENCE_END.split(body) for piece in split_long(s)):
@@ -269,29 +211,21 @@ def split_long(sentence: str, max_chars: int = 400) -> list[str]:
     pieces, current = [], ""
     for chunk in re.split(r"(?<=[,;:])\s+", sentence):
         for word in chunk.split(" ") if len(chunk) > max_chars else [chunk]:
-            joiner = " " if current else ""
-            if current and len(current) + len(joiner) + len(word) > max_chars:
+            if current and len(current) + 1 + len(word) > max_chars:
                 pieces.append(current)
-                current, joiner = "", ""
-            current += joiner + word
+                current = ""
+            current += (" " if current else "") + word
     return pieces + ([current] if current else [])
 
 
 def join_translation(plan, translated: list[str]) -> str:
     lines = []
-    for entry in plan:
-        if isinstance(entry, str):
-            lines.append(entry)
-            continue
-        prefix, parts = entry
+    for prefix, parts in plan:
         out = []
         for index, spans in parts:
             sentence = translated[index]
-            for i, span in enumerate(spans):
-                if f"<{i}>" in sentence:
-                    sentence = sentence.replace(f"<{i}>", span, 1)
-                else:  # the model dropped the placeholder: keep the code span, at the end, rather than lose it
-                    sentence = f"{sentence} {span}"
+            for i, span in enumerate(spans):  # a placeholder the model dropped: its code span goes at the end, not lost
+                sentence = sentence.replace(f"<{i}>", span, 1) if f"<{i}>" in sentence else f"{sentence} {span}"
             out.append(sentence)
         lines.append(prefix + " ".join(out))
     return "\n".join(lines)
@@ -299,20 +233,14 @@ def join_translation(plan, translated: list[str]) -> str:
 
 def is_degenerate(source_ids: list[int], output_ids: list[int]) -> bool:
     """An MT output gone wrong: far longer than its source, or a phrase (1 to 8 tokens) repeated 4+ times in a row."""
-    if len(output_ids) > 3 * len(source_ids) + 10:
-        return True
-    for size in range(1, 9):
-        for start in range(0, len(output_ids) - 4 * size + 1):
-            unit = output_ids[start:start + size]
-            if all(output_ids[start + k * size:start + (k + 1) * size] == unit for k in range(1, 4)):
-                return True
-    return False
+    return len(output_ids) > 3 * len(source_ids) + 10 or any(
+        output_ids[start:start + size] * 4 == output_ids[start:start + 4 * size]
+        for size in range(1, 9) for start in range(len(output_ids) - 4 * size + 1))
 
 
 class SentencePieceTokenizer:
-    """M2M100's tokenizer as released (sentencepiece.bpe.model + vocab.json) with the tokenizers.Tokenizer methods the
-    Translator uses. As fairseq's: pieces -> ids through vocab.json (a piece it lacks -> <unk>, transformers#11336),
-    then tokens __xx__ numbered after it in M2M100_CODES' order. Text that spells a special token (</s>) stays text."""
+    """M2M100's released tokenizer (Translator's tokenizers.Tokenizer methods) as fairseq's: pieces -> vocab.json ids
+    (a missing piece: <unk>, transformers#11336), then __xx__ in M2M100_CODES' order; text spelling </s> stays text."""
 
     def __init__(self, folder: str):
         import sentencepiece
@@ -362,19 +290,12 @@ class Translator:
             return M.seq2seq_greedy(self.model, input_ids, attention_mask, forced, max_new_tokens)
         return M.seq2seq_beam_search(self.model, input_ids, attention_mask, forced, num_beams, max_new_tokens)
 
-    def _translate_sentences(self, sentences, src, tgt, num_beams, batch_size, max_input_tokens, progress, room=2):
-        """Length-sorted batches of up to room x the longest source + 10 new tokens -> the sources' and outputs' ids,
-        and the indices of sources cut to max_input_tokens and of outputs that reached the cap without the end token."""
+    def _decode(self, sources, src, tgt, num_beams, batch_size, progress, room=2) -> tuple[list[list[int]], set]:
+        """Laid-out sources in length-sorted batches, each with room for room x its longest source + 10 new tokens ->
+        the outputs' ids, and the indices of the outputs that reached that cap without the end token."""
         from tqdm import tqdm
-        sources, cut, capped = [], set(), set()
-        for i, s in enumerate(sentences):
-            ids = self.encode_source(s, src)
-            if len(ids) > max_input_tokens:  # after split_long only a word-less blob gets here: cut it, flag it
-                ids = ids[:max_input_tokens - 1] + [ids[-1]]
-                cut.add(i)
-            sources.append(ids)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        out: list[list[int]] = [[] for _ in sources]
+        out, capped = [[] for _ in sources], set()
         bar = tqdm(total=len(sources), desc=f"translate {src}->{tgt}", unit="sent", disable=not progress)
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
@@ -386,54 +307,43 @@ class Translator:
                     capped.add(i)
             bar.update(len(idx))
         bar.close()
-        return sources, out, cut, capped
+        return out, capped
 
-    def translate(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
-                  batch_size: int = 16, max_input_tokens: int = 256, progress: bool = True) -> list[str]:
-        """Translates real texts (see translate_flagged); returns the translations only."""
-        return self.translate_flagged(texts, src, tgt, num_beams, batch_size, max_input_tokens, progress)[0]
+    def translate(self, texts: list[str], *args, **kwargs) -> list[str]:
+        """translate_flagged's translations only (the same arguments)."""
+        return self.translate_flagged(texts, *args, **kwargs)[0]
 
     def translate_flagged(self, texts: list[str], src: str = "en", tgt: str = "ko", num_beams: int = 4,
                           batch_size: int = 16, max_input_tokens: int = 256,
                           progress: bool = True) -> tuple[list[str], list[list[str]]]:
-        """Translates real texts (markdown, lists and code survive); an output degenerate or at the cap is retried once
-        with the other decoding (beam <-> greedy) and room up to 3 x the source + 10. Returns the translations and, per
-        text, its problems: "cut" (a sentence over max_input_tokens was cut, or its translation still ends at the cap),
-        "degenerate" (still, after the retry)."""
+        """Real texts (README, Python API: splitting, caps, the retry) -> the translations and, per text, its problems:
+        "cut" (a sentence over max_input_tokens, or output still at the cap), "degenerate" (still, after the retry)."""
         self.lang_id(src), self.lang_id(tgt)  # fail early on an unknown language
-        plans, sentences, owner = [], [], []
-        for t_index, text in enumerate(texts):
-            plan, sents = split_for_translation(text)
-            plans.append((plan, len(sentences)))  # its sentence indices count from there
-            sentences += sents
-            owner += [t_index] * len(sents)
-        self.sentences += len(sentences)
-        unique = list(dict.fromkeys(sentences))  # each distinct sentence is translated once
-        sources, outputs, cut, capped = self._translate_sentences(unique, src, tgt, num_beams, batch_size,
-                                                                  max_input_tokens, progress)
+        split = [split_for_translation(text) for text in texts]  # per text: (plan, sentences)
+        self.sentences += sum(len(sents) for _, sents in split)
+        unique = list(dict.fromkeys(s for _, sents in split for s in sents))  # each distinct sentence translated once
+        sources = [self.encode_source(s, src) for s in unique]
+        cut = {i for i, ids in enumerate(sources) if len(ids) > max_input_tokens}  # after split_long: word-less blobs
+        sources = [ids[:max_input_tokens - 1] + ids[-1:] if i in cut else ids for i, ids in enumerate(sources)]
+        outputs, capped = self._decode(sources, src, tgt, num_beams, batch_size, progress)
         bad = [i for i, (s, o) in enumerate(zip(sources, outputs)) if i in capped or is_degenerate(s, o)]
-        if bad:
-            _, retried, _, recapped = self._translate_sentences([unique[i] for i in bad], src, tgt,
-                                                                1 if num_beams > 1 else 4, batch_size,
-                                                                max_input_tokens, False, room=3)
-            for k, (i, r) in enumerate(zip(bad, retried)):
-                if k not in recapped and not is_degenerate(sources[i], r):
-                    outputs[i] = r
-                    capped.discard(i)
-        by_text = dict(zip(unique, (self.tok.decode(o, skip_special_tokens=True) for o in outputs)))
+        retried, recapped = self._decode([sources[i] for i in bad], src, tgt, 1 if num_beams > 1 else 4, batch_size,
+                                         False, room=3)
+        for k, (i, r) in enumerate(zip(bad, retried)):
+            if k not in recapped and not is_degenerate(sources[i], r):
+                outputs[i] = r
+                capped.discard(i)
+        by_text = {s: self.tok.decode(o, skip_special_tokens=True) for s, o in zip(unique, outputs)}
         problems = {"cut": {unique[i] for i in cut | capped},
                     "degenerate": {unique[i] for i, (s, o) in enumerate(zip(sources, outputs)) if is_degenerate(s, o)}}
-        flags = [[] for _ in texts]
-        for t, sent in zip(owner, sentences):
-            flags[t] += [name for name, bad_set in problems.items() if sent in bad_set and name not in flags[t]]
-        translated = [by_text[sent] for sent in sentences]
-        return [join_translation(plan, translated[start:]) for plan, start in plans], flags
+        flags = [list(dict.fromkeys(name for s in sents for name, found in problems.items() if s in found))
+                 for _, sents in split]
+        return [join_translation(plan, [by_text[s] for s in sents]) for plan, sents in split], flags
 
 
 def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=torch.float32, device="cpu"):
-    """An M2M100 / NLLB-200 checkpoint (model.load_m2m100) with its tokenizer.json (NLLB), else sentencepiece.bpe.model
-    + vocab.json (M2M100) -> Translator. Before the weights load, raises ValueError for a folder that is not a
-    checkpoint, FileNotFoundError when it has neither tokenizer."""
+    """An M2M100/NLLB-200 checkpoint (model.load_m2m100) and its tokenizer.json (NLLB) or M.SENTENCEPIECE_FILES (M2M100)
+    -> Translator; before the weights load, ValueError: not a checkpoint folder, FileNotFoundError: no tokenizer."""
     from tokenizers import Tokenizer
     folder = M.resolve_checkpoint(path_or_id)
     M.check_checkpoint_folder(folder, "--translator", chat=False)
@@ -448,7 +358,56 @@ def load_translator(path_or_id: str = "facebook/nllb-200-distilled-600M", dtype=
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The translation cache: translated once, chunk by chunk, resumable (the parallel files' format)
+# Parallel files (--translations; the run's cache, translated once, chunk by chunk, resumable): a row per English
+# item with en_instruction, en_response and, per language, e.g. ko_instruction, ko_response, ko_flags
+
+
+def read_translations(path: str, own: bool = False, log=print, lines: dict | None = None) -> dict[tuple, dict]:
+    """A parallel JSONL file -> {(english instruction, english response): row}; a later line of an item adds to its
+    earlier ones (`lines`, if given, gets each item's first line number). `own`: the run's cache (see read_jsonl)."""
+    table = {}
+    if not os.path.exists(path):
+        return table
+    for row in read_jsonl(path, own, log):
+        number = row.pop("_line")
+        missing = [k for k in ("en_instruction", "en_response") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {number}: missing field(s) {missing}; a translations file has "
+                             "en_instruction, en_response and, per language, e.g. ko_instruction, ko_response.")
+        key = (row["en_instruction"], row["en_response"])
+        # a later translation of a language replaces its flags too (absent: no longer flagged)
+        stale = {f[:-len("_response")] + "_flags" for f in row if f.endswith("_response") and f != "en_response"}
+        table[key] = {**{k: v for k, v in table.get(key, {}).items() if k not in stale}, **row}
+        if lines is not None:
+            lines.setdefault(key, number)
+    return table
+
+
+def read_parallel(path: str, langs: list[str], num_samples: int | None = None,
+                  items: list[dict] | None = None) -> list[dict]:
+    """--translations, read once and checked whole before any model loads -> the rows of `items` (--data's), else of
+    the file's first num_samples items, with en_* and <lang>_* strings for each of langs; ValueError names the line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--translations {path}: no such file.")
+    lines = {}
+    table = read_translations(path, lines=lines)
+    if not table:
+        raise ValueError(f"--translations {path}: no rows; the file is empty.")
+    check_languages(langs, sorted({k[:-len("_response")] for row in table.values() for k in row
+                                   if k.endswith("_response") and k != "en_response"}), path)
+    keys = first_items(list(table), num_samples, path) if items is None else [
+        (it["instruction"], it["response"]) for it in items]
+    for key in keys:
+        if key not in table:
+            raise ValueError(f"{path}: has no row for the English item {key[0][:60]!r}; with --translations, --data "
+                             "must hold the same English items (or leave --data out to train on the translations "
+                             "file's own English side).")
+        lacking = [f"{l}_{f}" for l in langs for f in ("instruction", "response")
+                   if not isinstance(table[key].get(f"{l}_{f}"), str)]
+        if lacking:
+            raise ValueError(f"{path}: line {lines[key]}: lacks {', '.join(lacking)} (a string each); fill it in, or "
+                             "drop the row.")
+    return [table[key] for key in keys]
 
 
 def item_key(item: dict, lang: str) -> str:
@@ -459,9 +418,8 @@ def item_key(item: dict, lang: str) -> str:
 
 def translate_items(items: list[dict], langs: list[str], cache_path: str, translator=None, chunk: int = 8,
                     log=print, progress: bool = True, **translate_kwargs) -> list[dict]:
-    """One row per item with en_* and <lang>_* fields for each of langs: from the run's cache, else from `translator`
-    (or a zero-argument function loading one, called only if needed), each chunk appended to the cache when done: a
-    killed run loses at most one chunk and a rerun translates only what is missing."""
+    """One row per item, with en_* and <lang>_* for each of langs: the cache's, else `translator`'s (or a function's
+    that loads one, if needed), appended chunk by chunk: a kill loses one chunk at most, a rerun translates the rest."""
     from tqdm import tqdm
     cached = read_translations(cache_path, own=True, log=log)
     for lang in langs:
@@ -497,13 +455,12 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Cross-lingual pairs (CLO, Sec. 3)
+# Cross-lingual pairs (CLO, Sec. 3), their tokens and batches
 
 
 def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) -> list[dict]:
-    """Two pairs per item and language, each with its row's number (`item`). `in_target_lang` marks the pair whose
-    chosen answer is in the target language: only those responses enter CLO's NLL term. A translation flagged
-    (`<lang>_flags`, see translate_flagged) gives no pairs unless keep_flagged: a half-translated answer misleads."""
+    """Two pairs per item and language, with the row's number (`item`); `in_target_lang`: the chosen answer is in the
+    target language (only those enter CLO's NLL term). A flagged translation misleads: none unless keep_flagged."""
     pairs = []
     for item, row in enumerate(rows):
         x_en, y_en = row["en_instruction"], row["en_response"]
@@ -520,18 +477,9 @@ def build_pairs(rows: list[dict], langs: list[str], keep_flagged: bool = False) 
 
 def translation_flags(rows: list[dict], langs: list[str]) -> dict[str, int]:
     """How many (item, language) translations carry each flag, and how many are flagged at all."""
-    counts = {"flagged": 0, "cut": 0, "degenerate": 0}
-    for row in rows:
-        for lang in langs:
-            flags = row.get(f"{lang}_flags") or []
-            counts["flagged"] += bool(flags)
-            for f in flags:
-                counts[f] = counts.get(f, 0) + 1
-    return counts
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tokenization and batching
+    flags = [row.get(f"{lang}_flags") or [] for row in rows for lang in langs]
+    return {"flagged": sum(map(bool, flags)), "cut": 0, "degenerate": 0,
+            **collections.Counter(f for found in flags for f in found)}
 
 
 @dataclass
@@ -546,11 +494,8 @@ class TokenizedPair:
 
 def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]], bool]:
     """Each whole conversation (user turn `prompt`, assistant turn `response`) encoded at once, as the model sees it,
-    split into the shared prompt and each response up to and including its last end-of-turn token (what a template
-    writes after it, such as ChatML's newline, is dropped). Encoding prompt and response apart is wrong for
-    sentencepiece-style tokenizers (Llama 2: a normalizer prepends "▁" to the response). Where a token straddles the
-    boundary, TRL's DPOTrainer cuts at len(prompt tokens); we cut at the longest common prefix, so the straddling
-    token, which carries response text, is scored as response. Returns (prompt ids, [response ids], boundary moved)."""
+    split at the longest common prefix into the prompt and each response through its last end-of-turn token (README,
+    Tokenization: why). Returns (prompt ids, [response ids], whether a token straddled the boundary)."""
     user = [{"role": "user", "content": prompt}]
     prompt_text = tok.render_chat(user, add_generation_prompt=True)
     prompt_ids = tok.encode(prompt_text)
@@ -568,20 +513,13 @@ def conversation_tokens(tok, prompt: str, responses: list[str]) -> tuple[list[in
     if shared == 0:
         raise ValueError("the chat template's prompt and the whole conversation share no tokens (prompt "
                          f"{prompt[:40]!r}); check the tokenizer and chat template.")
-    out = []
-    for ids in fulls:
-        response = ids[shared:]
-        ends = [i for i, t in enumerate(response) if t in tok.eos_ids]
-        out.append(response[:ends[-1] + 1] if ends else response)
-    return prompt_ids[:shared], out, shared < len(prompt_ids)
+    ends = [max((i + 1 for i in range(shared, len(ids)) if ids[i] in tok.eos_ids), default=len(ids)) for ids in fulls]
+    return prompt_ids[:shared], [ids[shared:end] for ids, end in zip(fulls, ends)], shared < len(prompt_ids)
 
 
 def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[TokenizedPair], dict]:
-    """Tokens of each pair (conversation_tokens), and the truncation policy (--max-len, tokens of prompt + response):
-    a pair with an empty prompt or response is dropped; so is one whose prompt alone takes more than half of max_len
-    (cutting a prompt changes the task); otherwise each response is cut to max_len - len(prompt) tokens, as TRL's DPO
-    does (losing its end-of-turn token, as a length-limited answer does). Returns the kept pairs and counts of what
-    was dropped or cut ("boundary_moved": pairs where a token straddled the prompt/response boundary)."""
+    """Tokens of each pair (conversation_tokens) under the README's truncation policy (max_len: tokens of prompt +
+    response) -> the kept pairs, and counts of those dropped or cut ("boundary_moved": conversation_tokens' moved)."""
     kept, report = [], {"pairs": len(pairs), "dropped_empty": 0, "dropped_long_prompt": 0, "truncated": 0,
                         "boundary_moved": 0}
     for index, p in enumerate(pairs):
@@ -594,10 +532,8 @@ def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[To
             continue
         report["boundary_moved"] += moved
         room = max_len - len(prompt_ids)
-        for k, ids in enumerate(responses):
-            if len(ids) > room:
-                report["truncated"] += 1
-                responses[k] = ids[:room]
+        report["truncated"] += sum(len(ids) > room for ids in responses)
+        responses = [ids[:room] for ids in responses]
         kept.append(TokenizedPair(prompt_ids, responses[0], responses[1], p["in_target_lang"], index,
                                   p.get("item", index)))
     report["kept"] = len(kept)
@@ -606,9 +542,8 @@ def tokenize_pairs(pairs: list[dict], tok, max_len: int = 1024) -> tuple[list[To
 
 def length_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int,
                            by_item: bool = True) -> list[list[list[int]]]:
-    """Batches of batch_size groups of pair indices, groups of similar length in a batch (little padding). A group is
-    one item's pairs (by_item: each update sees x_en: y_en > y_l beside x_l: y_l > y_en) or one pair. The batch order
-    is shuffled per epoch with a seed: a rerun, or a resumed run, sees exactly the same batches."""
+    """Batches of batch_size groups of pair indices, similar lengths together; a group is one item's pairs (by_item;
+    README, Item-paired batches) or one pair. Shuffled per epoch by seed: a rerun or resume sees the same batches."""
     groups = {}
     for i, p in enumerate(pairs):
         groups.setdefault(p.item if by_item and p.item is not None else -1 - i, []).append(i)
@@ -632,17 +567,15 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
     pack_to None: one sequence per row (R = N), right-padded. pack_to L: first-fit-decreasing into rows of at most
     max(L, longest) tokens; attention stays within a sequence (model.hidden_states), so the result is as unpacked."""
     seqs = [prompt + response for prompt, response in sequences]
-    resp = [len(response) for _, response in sequences]
     if pack_to is None:
         rows = [[s] for s in range(len(seqs))]
     else:
         capacity = max(pack_to, max(map(len, seqs)))
         rows, room = [], []
         for s in sorted(range(len(seqs)), key=lambda s: -len(seqs[s])):
-            fit = next((r for r, free in enumerate(room) if free >= len(seqs[s])), None)
-            if fit is None:
+            fit = next((r for r, free in enumerate(room) if free >= len(seqs[s])), len(rows))
+            if fit == len(rows):  # no row has room: a new one
                 rows.append([]), room.append(capacity)
-                fit = len(rows) - 1
             rows[fit].append(s)
             room[fit] -= len(seqs[s])
     T = max(sum(len(seqs[s]) for s in row) for row in rows)
@@ -651,7 +584,7 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
     for r, row in enumerate(rows):
         at = 0
         for s in row:
-            seq, n = seqs[s], resp[s]
+            seq, n = seqs[s], len(sequences[s][1])
             end = at + len(seq)
             input_ids[r, at:end] = torch.tensor(seq)
             # position t predicts token t+1: the response tokens seq[-n:] are predicted at len(seq)-n-1 .. len(seq)-2
@@ -666,37 +599,19 @@ def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int,
 # Files that survive a kill: read whole, appended whole lines (the cache, metrics.jsonl), or replaced atomically
 
 
-def read_lines(path: str, own: bool = False, log=print) -> list[tuple[int, str]]:
-    """A JSONL file's non-empty lines as (line number, text), read whole. A last line without its final newline is
-    kept when it is valid JSON; when not, in the run's own append-only files (`own`: the translation cache,
-    metrics.jsonl) it is what a kill mid-append leaves: dropped and said; in a user's file its parser reports it."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    # at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085, which JSON strings may hold raw
-    lines = data.decode("utf-8", errors="replace" if own else "strict").split("\n")
-    if lines[-1] == "":  # what follows the final newline
-        lines.pop()
-    if own and lines and not data.endswith(b"\n") and not _is_json(lines[-1]):
-        log(f"{path}: line {len(lines)} was cut short by a kill (no final newline, not valid JSON): dropped; what it "
-            "held is redone")
-        lines = lines[:-1]
-    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-
-
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
 def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
-    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file -> dicts, each with its line number (in an
-    array: its position) as `_line`. ValueError names the line that is not valid JSON, or not an object."""
+    """The one JSONL reader: a JSONL file (gzip too), or a JSON array file, read whole -> dicts, each with its line
+    number (in an array: its position) as `_line`. ValueError names the line that is not valid JSON, or not an object;
+    but in the run's own append-only files (`own`: the translation cache, metrics.jsonl) an invalid last line without
+    its final newline is what a kill mid-append leaves: dropped and said."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file.")
-    lines = read_lines(path, own, log)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-8", errors="replace" if own else "strict")
+    torn = text.count("\n") + 1 if own and data and not data.endswith(b"\n") else None  # a kill may have cut it
+    # at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085, which JSON strings may hold raw
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip() or number == torn]
     if lines and lines[0][1].lstrip().startswith("["):  # Alpaca's own release is one JSON array
         try:
             rows = json.loads("\n".join(line for _, line in lines))
@@ -709,6 +624,10 @@ def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
             try:
                 numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as e:
+                if number == torn:
+                    log(f"{path}: line {number} was cut short by a kill (no final newline, not valid JSON): dropped; "
+                        "what it held is redone")
+                    break
                 raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg}); each line must be one JSON "
                                  "object.") from e
     for number, row in numbered:
@@ -720,28 +639,30 @@ def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
 def _append_lines(path: str, rows: list[dict]):
     """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
     given its newline when it is complete JSON (the kill fell just before the newline)."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                start = data.rfind(b"\n") + 1
-                if _is_json(data[start:].decode("utf-8", errors="replace")):
-                    f.write(b"\n")
-                else:
-                    f.truncate(start)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(path, "ab+") as f:  # appends, whatever the position; truncate works at any
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            start = data.rfind(b"\n") + 1
+            try:  # a whole row the kill left without its newline gets it; a partial one is cut off
+                json.loads(data[start:].decode("utf-8", errors="replace"))
+                f.write(b"\n")
+            except json.JSONDecodeError:
+                f.truncate(start)
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
 
 def write_atomic(path: str, write):
-    """write(tmp) then rename tmp -> path: a kill leaves the old file or the new one, never half of one. A write that
-    fails (disk full) removes its tmp file and raises OSError naming `path` (safetensors raises its own error type)."""
+    """write(tmp) (a str: that UTF-8 text), then tmp renamed to path: a kill leaves the old file or the new one, never
+    half of one. A failed write (disk full) removes tmp and raises OSError naming `path` (safetensors: its own type)."""
     tmp = path + ".tmp"
     try:
-        write(tmp)
+        if isinstance(write, str):
+            pathlib.Path(tmp).write_text(write, encoding="utf-8")
+        else:
+            write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -755,19 +676,14 @@ def write_atomic(path: str, write):
         raise error from e
 
 
-def write_text(path: str, text: str):
-    """UTF-8 text, written atomically (write_atomic)."""
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def save_json(path: str, obj):
     """JSON, written atomically; UTF-8 text as itself (a Korean answer stays readable), read back by model.read_json."""
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def write_jsonl(path: str, rows: list[dict]):
     """JSONL (pairs.jsonl, metrics.jsonl rewritten on resume), written atomically."""
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -775,8 +691,7 @@ def write_jsonl(path: str, rows: list[dict]):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with "(default: X)" after each option's help, except for on/off flags, required options and None
-    defaults (their help says it)."""
+    """--help with "(default: X)" after each option's help but on/off flags', required options' and None defaults'."""
 
     def _get_help_string(self, action):
         if action.required or action.default is None or action.nargs == 0:
@@ -785,12 +700,10 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def exit_on_error(main_fn, *errors, kept=None):
-    """Runs a script's main(): bad input (and the given error types) prints one line `error: ...` and exits 2, with
-    no traceback; Ctrl-C prints one line and exits 130. `kept`: a function saying what a stopped run leaves (clo: the
-    last good checkpoint), added to the line of Ctrl-C and of a full disk."""
+    """Runs a script's main(): bad input (and `errors`) prints one line `error: ...`, no traceback, and exits 2; Ctrl-C
+    one line, exit 130. `kept()`: what a stopped run leaves (clo: its last checkpoint), said on Ctrl-C and full disk."""
     def note():
-        said = kept() if kept else ""
-        return f"; {said}" if said else ""
+        return f"; {said}" if kept and (said := kept()) else ""
     try:
         main_fn()
     except KeyboardInterrupt:

@@ -689,7 +689,7 @@ def main(argv=None):
     D.save_json(os.path.join(a.out, "results.json"), {"results": results, "benchmarks": details, "judge": judged,
                                                       "answers": answers, "prompts": prompts, "date": a.date,
                                                       "decoding": decoding})
-    D.write_text(os.path.join(a.out, "results.md"), table + "\n")
+    D.write_atomic(os.path.join(a.out, "results.md"), table + "\n")
     plot(results, a.specs, a.out)
     if dist.world > 1:
         torch.distributed.destroy_process_group()

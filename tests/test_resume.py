@@ -341,7 +341,7 @@ def test_rows_holding_line_separators_read_back_whole(tmp_path):
     torn = tmp_path / "torn.jsonl"
     torn.write_text(json.dumps(rows[0], ensure_ascii=False) + "\r\n\n" + json.dumps(rows[1], ensure_ascii=False)
                     + "\n" + '{"en_instruction": "cu', encoding="utf-8")
-    assert [n for n, _ in D.read_lines(str(torn), own=True, log=said.append)] == [1, 3]
+    assert [r["_line"] for r in D.read_jsonl(str(torn), own=True, log=said.append)] == [1, 3]
     assert said == [f"{torn}: line 4 was cut short by a kill (no final newline, not valid JSON): dropped; what it "
                     "held is redone"]
 
