@@ -59,6 +59,7 @@ def run_ours(model_path, n, batch, steps, max_len, grad_checkpoint):
     t0 = time.perf_counter()
     with FlopCounterMode(display=False) as flops:  # counts each matmul's FLOPs from its shapes; negligible overhead
         ref = clo.reference_logps(model, pairs, batch, tok.pad_id, "cpu", progress=False, pack_to=max_len)
+        clo.return_freed_memory_to_os()  # where clo.train sets it on CPU: after the reference pass
         M.apply_lora(model, clo.ATTENTION_PROJECTIONS, 16, 32.0)
         model.gradient_checkpointing = grad_checkpoint
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

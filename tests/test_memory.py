@@ -2,6 +2,7 @@
 weight loads, is the storage a training step really allocates (parameters, gradients, AdamW state); merged/ is
 written in the checkpoint's own dtype; the README's memory table is the function's."""
 import copy
+import ctypes
 import json
 import os
 import re
@@ -224,3 +225,51 @@ def test_bf16_reference_is_the_policys_step0_forward_bitwise(qwen_tied, tmp_path
         logp, _ = clo.sequence_logps(model, D.collate([pairs[i] for i in order], tok.pad_id, 256), 2 * len(pairs))
     assert logp.requires_grad
     assert torch.equal(logp[:len(pairs)], ref[order, 0]) and torch.equal(logp[len(pairs):], ref[order, 1])
+
+
+HEAP_PROBE = """
+import ctypes, sys
+import torch
+sys.path.insert(0, {root!r})
+import clo
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "set":
+    clo.return_freed_memory_to_os()
+big = torch.empty(16 << 20, dtype=torch.uint8)
+del big                     # a large free: glibc's own threshold rises past 16 MiB
+mapped = libc.mallinfo2().hblkhd
+kept = torch.empty(2 << 20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd - mapped)  # bytes of the 2 MiB tensor that got their own mapping
+"""
+
+
+def heap_probe(mode, env=None):
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33 (no mallinfo2 to read the heap with)")
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE.format(root=ROOT), mode], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_cpu_training_returns_freed_tensors_to_the_os():
+    """glibc's default: after a 16 MiB free, a 2 MiB tensor comes from the heap (0 bytes mapped), where its memory stays
+    when it is freed: the fragmentation that doubled clo's peak RSS. return_freed_memory_to_os maps it on its own
+    (>= 2 MiB mapped), so freeing it returns it. MALLOC_MMAP_THRESHOLD_ set by the user is left as the user set it."""
+    assert heap_probe("default") == 0
+    assert heap_probe("set") >= 2 << 20
+    assert heap_probe("set", {"MALLOC_MMAP_THRESHOLD_": str(64 << 20)}) == 0
+
+
+def test_a_cpu_training_run_sets_the_heap_rule(llama_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(clo, "return_freed_memory_to_os", lambda: calls.append(True))
+    par = tmp_path / "par.jsonl"
+    par.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PARALLEL))
+    clo.main(["--model", llama_dir, "--translations", str(par), "--lang", "ko", "--max-steps", "1", "--device", "cpu",
+              "--no-progress", "--out", str(tmp_path / "run")])
+    assert calls == [True]
