@@ -76,13 +76,15 @@ def oasst1_pairs(trees_path: str) -> list[dict]:
     scored = []
     for tree in read_jsonl(trees_path):
         prompt = tree.get("prompt") or {}
-        reply = next((r for r in prompt.get("replies") or [] if r.get("role") == "assistant" and r.get("rank") == 0
-                      and kept(r)), None)
-        if prompt.get("lang") == "en" and prompt.get("role") == "prompter" and kept(prompt) and reply:
-            quality = ((reply.get("labels") or {}).get("quality") or {}).get("value") or 0.0
-            votes = (reply.get("emojis") or {}).get("+1") or 0
-            scored.append(((quality, votes), {"instruction": prompt["text"], "response": reply["text"]}))
-    scored.sort(key=lambda s: s[0], reverse=True)  # stable: ties keep the release's order
+        if prompt.get("lang") != "en" or prompt.get("role") != "prompter" or not kept(prompt):
+            continue
+        for reply in prompt.get("replies") or []:
+            if reply.get("role") == "assistant" and reply.get("rank") is not None and kept(reply):
+                quality = ((reply.get("labels") or {}).get("quality") or {}).get("value") or 0.0
+                votes = (reply.get("emojis") or {}).get("+1") or 0
+                scored.append(((-reply["rank"], quality, votes), {"instruction": prompt["text"],
+                                                                   "response": reply["text"]}))
+    scored.sort(key=lambda s: s[0], reverse=True)  # every rank-0 reply first; stable: ties keep the release's order
     return [item for _, item in scored]
 
 
@@ -99,7 +101,7 @@ def first_items(items: list, num_samples: int | None, source: str) -> list:
 def load_sft(source: str | None = None, num_samples: int | None = None) -> list[dict]:
     """--data (an Alpaca JSON/JSONL file, a chat JSONL file, 'oasst1', None: the shipped sample) -> first_items."""
     if source == "oasst1":
-        return first_items(load_oasst1(), num_samples, "oasst1 (English root prompts with a rank-0 reply)")
+        return first_items(load_oasst1(), num_samples, "oasst1 (ranked replies to English root prompts)")
     path = source or DEFAULT_DATA
     return first_items([sft_item(row, path) for row in read_jsonl(path)], num_samples, path)
 

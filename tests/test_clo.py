@@ -290,9 +290,10 @@ def test_translation_cache_resumes_with_every_item_once(tmp_path):
     assert D.translate_items(items, ["ko", "sw"], cache, again, log=lambda *_: None) == rows
 
 
-def test_oasst1_selection_english_rank0_single_turn_best_first(tmp_path, monkeypatch):
+def test_oasst1_selection_english_single_turn_best_ranked_first(tmp_path, monkeypatch):
     """The paper's "top highly-ranked single-turn entries" as data.oasst1_pairs reads them, on trees in the release's
-    layout; which items are picked, worked by hand. Deleted messages and failed reviews were taken before."""
+    layout; which items are picked, worked by hand: every rank-0 reply (by quality, then votes) before any rank-1
+    reply, whatever its quality; first turns only; non-English, unranked, deleted and review-failed messages never."""
     def msg(role, text, rank=None, quality=None, votes=None, replies=(), lang="en", **extra):
         m = {"message_id": text, "role": role, "lang": lang, "text": text, "rank": rank, "deleted": False,
              "review_result": True, "replies": list(replies), **extra}
@@ -318,12 +319,12 @@ def test_oasst1_selection_english_rank0_single_turn_best_first(tmp_path, monkeyp
                         + "\n" for t in trees))
     picked = D.oasst1_pairs(str(path))
     assert [(i["instruction"], i["response"]) for i in picked] == [("Q2", "A2"), ("Q3", "A3"), ("Q1", "A1"),
-                                                                    ("Q4", "A4")]
+                                                                    ("Q4", "A4"), ("Q1", "worse")]
     monkeypatch.setattr(D, "load_oasst1", lambda: picked)
-    assert D.load_sft("oasst1", 4) == picked
-    with pytest.raises(ValueError, match=r"^--num-samples 5: oasst1 \(English root prompts with a rank-0 reply\) has "
-                                         r"only 4 items; ask for at most 4"):
-        D.load_sft("oasst1", 5)
+    assert D.load_sft("oasst1", 4) == picked[:4] and D.load_sft("oasst1", 5) == picked
+    with pytest.raises(ValueError, match=r"^--num-samples 6: oasst1 \(ranked replies to English root prompts\) has "
+                                         r"only 5 items; ask for at most 5"):
+        D.load_sft("oasst1", 6)
 
 
 def test_chat_format_and_alpaca_input(tmp_path):
