@@ -402,8 +402,8 @@ def return_freed_memory_to_os(threshold=1 << 20):
     to the OS when the tensor is freed. glibc's own threshold rises after each large free (up to 32 MiB), so a training
     step's per-layer activations and temporaries (1-20 MiB each) come from its heap, which keeps what they free and
     cannot reuse it for other sizes: peak RSS about twice the live tensors (README, Measured: Training). Left alone
-    where MALLOC_MMAP_THRESHOLD_ is set (the user's own choice) and off glibc (no mallopt)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    where MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES' mmap_threshold is set (the user's) and off glibc (no mallopt)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:

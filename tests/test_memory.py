@@ -265,6 +265,12 @@ def test_cpu_training_returns_freed_tensors_to_the_os():
     assert heap_probe("set", {"MALLOC_MMAP_THRESHOLD_": str(64 << 20)}) == 0
 
 
+def test_the_heap_rule_keeps_a_glibc_tunables_mmap_threshold():
+    """GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N is glibc's documented form of MALLOC_MMAP_THRESHOLD_ (the older
+    alias): the user's own choice as well, so clo leaves it as set (the old code overrode it with 1 MiB)."""
+    assert heap_probe("set", {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={64 << 20}"}) == 0
+
+
 def test_a_cpu_training_run_sets_the_heap_rule(llama_dir, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(clo, "return_freed_memory_to_os", lambda: calls.append(True))
