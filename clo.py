@@ -323,7 +323,7 @@ def save_outputs(args, model, last, run: Run):
         if args.tune == "lora":
             save_adapter(run.out, model, args)
         if args.merge or args.tune != "lora":
-            save_merged(os.path.join(run.out, "merged"), model, model.source)
+            save_merged(os.path.join(run.out, "merged"), model, model.source, args.dtype)
         mark_finished(args, run, last)                       # summary.json; then the checkpoint goes
 
 
@@ -999,12 +999,12 @@ def save_adapter(out, model, args):
     D.save_json(os.path.join(out, "adapter_config.json"), config)
 
 
-def save_merged(folder, model, source):
+def save_merged(folder, model, source, dtype=None):
     """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files. Each
-    tensor in the dtype the checkpoint `source` stores it in (a bf16 release gives a bf16 merged/, config saying so):
-    a frozen one is the source's, bit for bit (not mixed precision's bf16 copy); a trained one, or a base weight plus
-    its adapter (W + scaling B A in fp32), is rounded to it once. The model is merged in place (as eval.py merges in
-    memory). An adapted lm_head of a model with tied embeddings is written untied (see M.merge_lora)."""
+    tensor in the dtype `source` stores it in (bf16 release: bf16 merged/, config saying so), in fp32 for dtype float32
+    (a float32 run's update is kept): a frozen one is the source's, bit for bit (not mixed precision's bf16 copy); a
+    trained one, or a base weight plus its adapter (W + scaling B A in fp32), is rounded to it once. Merged in place (as
+    eval.py merges in memory). An adapted lm_head of a model with tied embeddings is written untied (M.merge_lora)."""
     from safetensors import safe_open
     os.makedirs(folder, exist_ok=True)
     deltas = {f"{n}.weight": m.delta() for n, m in M.lora_modules(model).items()}
@@ -1013,7 +1013,7 @@ def save_merged(folder, model, source):
     state = {}
     for path in M.safetensors_files(source):
         with safe_open(path, framework="pt") as st:
-            state.update({key: st.get_tensor(key) for key in st.keys()})
+            state.update({k: st.get_tensor(k).to(torch.float32 if dtype == "float32" else None) for k in st.keys()})
     if "lm_head.weight" in deltas:  # a tied checkpoint has no lm_head of its own: the embedding is its base
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     for key, t in trained.items():
