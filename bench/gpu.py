@@ -7,7 +7,7 @@ downloads (random weights in the real shapes).
 1. The device: bf16 matmul rate (8192^3, TFLOP/s) and memory bandwidth (a 1 GiB copy, bytes read + written).
 2. Training: a randomly initialised ~0.5B Llama-shaped model (Qwen2.5-0.5B's shape without its biases: 24 layers,
    d 896, 14 heads / 2 KV heads, MLP 4864, vocabulary 151,936, tied), LoRA r=16 on q,k,v,o, CLO's loss on packed
-   pairs, AdamW; clo in bf16 mixed precision (--dtype bfloat16: fp32 weights and AdamW state, bf16 autocast) and in
+   pairs, AdamW; clo in bf16 mixed precision (--dtype bfloat16: frozen weights bf16, trained ones and AdamW fp32) and in
    fp32 (TF32 off), and transformers + PEFT in bf16 autocast on padded rows (TRL's DPOTrainer runs the same padded
    chosen/rejected forward; TRL itself is not driven here: it needs a dataset and tokenizer pipeline). --tune picks
    the trained weights on both sides: lora (PEFT's LoRA; its base held in bf16, adapters fp32, as TRL + PEFT load it)
