@@ -2,10 +2,6 @@
 
     python clo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --lang ko --out runs/ko
 
-English SFT data -> translated by an NLLB/M2M100 model -> cross-lingual preference pairs, an item's pairs in one
-micro-batch -> the CLO loss on the attention projections Q/K/V/O (the paper's setting; or LoRA on them, for small GPUs)
--> a full checkpoint in merged/ (LoRA: a PEFT adapter, and merged/ with --merge).
-
 The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 3, the data: (x_en, y_en) translated into (x_l, y_l)      translated_rows -> data.translate_items
     Sec. 3, the two preference pairs per item                       cross_lingual_pairs -> data.build_pairs
@@ -16,13 +12,13 @@ The paper, in code (section numbers of arXiv 2505.14297):
     Sec. 4, trained parameters: attention Q/K/V/O (or LoRA on them)  set_trainable
     Sec. 4-5, baselines and ablations: the equation, other settings  METHODS (lam and the NLL mask)
     Sec. 4, training (AdamW, warmup + cosine, accumulation)          train
-    The recipe, checked first and saved last                         main
-Below the banner "Plumbing": torchrun, precision, the run folder (--resume checks), checkpoints, export, the CLI."""
+    The recipe, checked first and saved last                         main"""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import ctypes
+import datetime
 import hashlib
 import json
 import math
@@ -32,15 +28,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import safetensors.torch  # called as safetensors.torch.save_file etc.: looked up at each call
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data as D
 import model as M
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The CLO loss (Sec. 3)
+# Sec. 3: the CLO loss; sequence log-probs pi(y|x), summed over response tokens; pi_ref, computed once
 
 
 @dataclass
@@ -57,17 +55,15 @@ def clo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              n_nll_tokens=None) -> LossParts:
     """The CLO objective (paper Sec. 3), over B preference pairs:
 
-        L    = lam * NLL(y_l | x_l) + (1 - lam) * L_CL
-        L_CL = -mean_pairs log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
-        NLL  = -sum_{i in mask} log pi(y_c,i | x_i) / sum_{i in mask} |y_c,i|      (a per-token mean)
+      L    = lam * NLL(y_l | x_l) + (1 - lam) * L_CL
+      L_CL = -mean_pairs log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+      NLL  = -sum_{i in mask} log pi(y_c,i | x_i) / sum_{i in mask} |y_c,i|      (a per-token mean)
 
     The four *_logps (B,) are sequence log-probs, summed over response tokens (sequence_logps). L_CL runs over both
     kinds of pair (x_en: y_en > y_l and x_l: y_l > y_en). The NLL term is the chosen log-probs of the pairs in
     nll_mask (B,) 1.0/0.0 (CLO: the target-language pairs), per token: chosen_lengths (B,) are their token counts.
-    The paper's baselines and ablations are this equation with other settings: METHODS, below.
-    n_pairs and n_nll_tokens are the means' denominators, by default this batch's own counts; the loop passes the
-    whole optimizer step's (all micro-batches and ranks), so the micro-batches' losses (and gradients) sum to the
-    step's. Returns LossParts of scalars; reward_acc and margin are shares too."""
+    n_pairs and n_nll_tokens are the means' denominators, by default this batch's; the loop passes the whole
+    optimizer step's (all micro-batches and ranks), so the micro-batches' losses and gradients sum to the step's."""
     margin = beta * ((policy_chosen_logps - reference_chosen_logps)
                      - (policy_rejected_logps - reference_rejected_logps))                          # (B,)
     n_pairs = len(margin) if n_pairs is None else n_pairs
@@ -95,20 +91,13 @@ def in_nll_term(pair, method: str) -> bool:
     return nll_on == "both" or pair.in_target_lang == (nll_on == "target")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sequence log-probs and the reference table (Sec. 3): pi(y|x) summed over response tokens; pi_ref computed once
-
-
-# The reference table's two columns: log pi_ref(y_c|x) and log pi_ref(y_r|x) of each pair (reference_logps)
-CHOSEN, REJECTED = 0, 1
+CHOSEN, REJECTED = 0, 1  # the reference table's columns: log pi_ref(y_c|x), log pi_ref(y_r|x) (reference_logps)
 
 
 def sequence_logps(model, batch, n_sequences: int):
-    """Summed log pi(response | prompt) of each of the batch's sequences, and its token count: (n,), (n,).
-
-    batch is data.collate's (input_ids, labels, positions, segments). Only response positions are projected onto
-    the vocabulary. Rows holding one right-padded sequence each need no attention mask (a causal model never looks
-    ahead to the padding); packed rows attend within each sequence."""
+    """Summed log pi(response | prompt) of each of the batch's sequences, and its token count: (n,), (n,). batch is
+    data.collate's (input_ids, labels, positions, segments); only response positions are projected onto the vocabulary.
+    Rows of one right-padded sequence need no mask (causal: nothing looks ahead); packed rows attend within each."""
     input_ids, labels, positions, segments = batch
     one_per_row = bool(((segments == segments[:, :1]) | (segments < 0)).all())
     scored = labels != -100                                                # (R, T)
@@ -124,17 +113,15 @@ def sequence_logps(model, batch, n_sequences: int):
 @torch.no_grad()
 def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dist: Dist | None = None, pack_to=None,
                     dtype="float32"):
-    """log pi_ref of every chosen and rejected response, computed once by the initial model before any update: no
-    second copy of the model is ever held. Each rank scores its shard (pairs i with i % world == rank); the table is
-    summed across ranks. In --dtype's precision (bf16: under the policy's autocast), so that policy = reference at
-    step 0 and the pair loss starts at log 2. Returns (P, 2): [chosen, rejected], float32."""
-    from tqdm import tqdm
+    """log pi_ref of every chosen and rejected response, once, by the initial model before any update (no second copy
+    is held); rank r scores pairs r, r + world, ..., summed across ranks. Under --dtype's autocast, so policy equals
+    reference at step 0 (pair loss log 2). Returns (P, 2): [chosen, rejected], float32."""
     dist = dist or Dist()
     model.eval()
     out = torch.zeros(len(pairs), 2, device=device)
-    mine = [i for i in range(len(pairs)) if i % dist.world == dist.rank]
-    order = sorted(mine, key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
-    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not (progress and dist.is_main)):
+    order = sorted(range(dist.rank, len(pairs), dist.world), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
+    for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs",
+                  disable=not (progress and dist.is_main)):
         idx = order[b:b + batch_size]
         batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], pad_id, pack_to)]
         with autocast(device, dtype):
@@ -144,8 +131,7 @@ def reference_logps(model, pairs, batch_size, pad_id, device, progress=True, dis
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What is trained (Sec. 4): the attention projections, or LoRA on them
-
+# Sec. 4: what is trained (attention Q/K/V/O, or LoRA on them); the loop (AdamW, warmup + cosine, accumulation)
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -163,10 +149,6 @@ def set_trainable(model, tune: str, targets, r: int, alpha: float, dropout: floa
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The loop (Sec. 4): AdamW, warmup + cosine, accumulation over micro-batches and ranks, clipping
-
-
 def lr_at(step, total, warmup, peak):
     """Linear warmup to `peak`, then cosine decay to zero."""
     if step < warmup:
@@ -177,7 +159,7 @@ def lr_at(step, total, warmup, peak):
 
 def global_batches(pairs, args, dist, epoch: int) -> list[list[list[int]]]:
     """Length-grouped batches of batch_size x world groups (--pairing items: an item's pairs; pairs: one pair each),
-    as pair indices, for rank_share; a last batch with fewer groups than ranks is dropped (all ranks take every step)."""
+    as pair indices; a last batch with fewer groups than ranks is dropped (all ranks take every step)."""
     batches = D.length_grouped_batches(pairs, args.batch_size * dist.world, args.seed, epoch, args.pairing == "items")
     return [b for b in batches if len(b) >= dist.world]
 
@@ -193,7 +175,6 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
     Returns the last metrics line; after --stop-after's step (a checkpoint: Checkpoints) with "stopped": True."""
     dist, device = run.dist, run.device
     plan = global_batches(pairs, args, dist, 0)
-    say_left_out(pairs, plan, args, run)
     total = args.max_steps or math.ceil(len(plan) / args.grad_accum) * args.epochs
     warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     engine = wrap_for_training(model, args, dist)  # before the optimizer: FSDP replaces the parameters
@@ -219,7 +200,8 @@ def train(args, model, pairs, tok, ref, run: Run) -> dict:
             batch = [t.to(device) for t in D.collate([pairs[i] for i in idx], tok.pad_id, args.pack_to)]
             chosen_lengths = torch.tensor([float(len(pairs[i].chosen)) for i in idx], device=device)
             nll_mask = torch.tensor([float(in_nll_term(pairs[i], args.method)) for i in idx], device=device)
-            with accumulating(engine, args, dist, last=k == len(micro) - 1), autocast(device, args.dtype):
+            sync = engine is model or k == len(micro) - 1  # DDP all-reduces gradients on the last micro-batch only
+            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(device, args.dtype):
                 chosen, rejected = sequence_logps(engine, batch, 2 * len(idx))[0].chunk(2)  # collate: chosen first
                 r = ref[idx].to(device)                     # (B, 2)
                 parts = clo_loss(chosen, rejected, r[:, CHOSEN], r[:, REJECTED], chosen_lengths, nll_mask,
@@ -255,7 +237,8 @@ def main(argv=None):
     claim_run_folder(args, run)                              # a new run: what an earlier one left goes; args.json
     rows = rows or translated_rows(args, items, run)         # + (x_l, y_l) by the MT model
     pairs = cross_lingual_pairs(args, rows, run)             # x_en: y_en > y_l and x_l: y_l > y_en
-    tokenized = tokenize(args, pairs, tok, run)
+    tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)  # token ids, each response cut to --max-len
+    record_pairs(args, run, tokenized, report, tok)          # said; none left, or other pairs on --resume: refused
     ref = reference_table(args, model, tokenized, tok, run)  # log pi_ref(y|x) of every response, once
     wrapped = set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
     say_training(args, model, wrapped, tokenized, run)
@@ -265,21 +248,9 @@ def main(argv=None):
     return finish(run, last)
 
 
-def load_policy(args, run: Run, device=None):
-    """The model to train, on `device` (default: this rank's; first its memory is said: say_memory), in --dtype."""
-    if device is None:
-        say_memory(args, run)
-    model, tok = M.load_model(run.model_folder, args.dtype, device or run.device, float32_weights(args.tune, args.dtype))
-    tok.date = run.date
-    if tok.dated and device is None:
-        run.log(f"chat template: writes the date (strftime_now): {tok.date}, this run's (args.json; kept on --resume)")
-    return model, tok
-
-
 def translated_rows(args, items, run: Run) -> list[dict]:
-    """One row per item with en_* and <lang>_* fields, translated by rank 0 into the run's cache (resumable), which
-    the other ranks then read."""
-    cache, load = os.path.join(run.out, "translations.jsonl"), translator_loader(args, run)
+    """One row per item (en_*, <lang>_* fields), translated by rank 0 into the run's resumable cache; others read it."""
+    cache, load = os.path.join(run.out, "translations.jsonl"), lambda: load_translator(args, run)
     rows = D.translate_items(items, args.langs, cache, load, num_beams=args.num_beams, log=run.log,
                              progress=args.progress) if run.dist.is_main else None
     run.dist.barrier()
@@ -294,18 +265,8 @@ def cross_lingual_pairs(args, rows, run: Run) -> list[dict]:
     return pairs
 
 
-def tokenize(args, pairs, tok, run: Run) -> list[D.TokenizedPair]:
-    tokenized, report = D.tokenize_pairs(pairs, tok, args.max_len)
-    say_pairs(args, report, run)
-    if not tokenized:
-        raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
-    record_pairs(run, tokenized, tok)                        # --resume: other pairs than the checkpoint's: refused
-    return tokenized
-
-
 def reference_table(args, model, tokenized, tok, run: Run) -> torch.Tensor:
-    """log pi_ref of every pair's chosen and rejected response (P, 2); with --resume, the saved table when it was
-    computed for these pairs, model and numerics."""
+    """log pi_ref (P, 2) of every pair; --resume: the saved table, if computed for these pairs, model and numerics."""
     ref = load_reference(run) if args.resume else None
     if ref is None:
         per_unit = 2 * len(args.langs) if args.pairing == "items" else 1  # pairs per --batch-size unit
@@ -315,25 +276,10 @@ def reference_table(args, model, tokenized, tok, run: Run) -> torch.Tensor:
     return ref
 
 
-def save_outputs(args, model, last, run: Run):
-    """The adapter (PEFT layout) and/or the merged checkpoint, then summary.json, which marks the run finished."""
-    model.eval()
-    model = unsharded(args, model, run)                      # FSDP: gathered, and whole on rank 0 only
-    if run.dist.is_main:
-        if args.tune == "lora":
-            save_adapter(run.out, model, args)
-        if args.merge or args.tune != "lora":
-            save_merged(os.path.join(run.out, "merged"), model, model.source, args.dtype)
-        mark_finished(args, run, last)                       # summary.json; then the checkpoint goes
-
-
 # ======================================================================================================================
 # Plumbing: torchrun, the run folder, checkpoints, export, the command line. Nothing below is the paper's method.
 # ======================================================================================================================
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# torchrun: PyTorch's DDP or FSDP2 (fully_shard); one process = the same code with world = 1
+# torchrun (DDP, or FSDP2's fully_shard; one process: world = 1); precision (--dtype bfloat16: mixed precision)
 
 
 @dataclass
@@ -341,9 +287,7 @@ class Dist:
     rank: int = 0
     world: int = 1
 
-    @property
-    def is_main(self):
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (a no-op alone)."""
@@ -371,18 +315,15 @@ def setup_distributed(args) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
-    import datetime
     if args.device.startswith("cuda"):  # this rank's GPU: "cuda" means it from now on (Run.device names it)
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # long enough for rank 0 to translate the data while the others wait at a barrier
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                                         timeout=datetime.timedelta(minutes=args.dist_timeout))
+    timeout = datetime.timedelta(minutes=args.dist_timeout)  # long enough for rank 0 to translate while others wait
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=timeout)
     return Dist(torch.distributed.get_rank(), world)
 
 
 def wrap_for_training(model, args, dist: Dist):
-    """DDP (trainable parameters replicated, gradients averaged) or, with --fsdp, FSDP2 (each decoder layer's
-    parameters sharded across ranks, gathered per layer on use). Alone: the model itself."""
+    """DDP (gradients averaged) or, with --fsdp, FSDP2 (decoder layers sharded); alone, or FSDP: the model itself."""
     if torch.device(args.device).type == "cpu":
         return_freed_memory_to_os()
     if dist.world == 1:
@@ -398,11 +339,9 @@ def wrap_for_training(model, args, dist: Dist):
 
 
 def return_freed_memory_to_os(threshold=1 << 20):
-    """CPU training: every allocation of `threshold` bytes (1 MiB) or more gets its own memory mapping, which goes back
-    to the OS when the tensor is freed. glibc's own threshold rises after each large free (up to 32 MiB), so a training
-    step's per-layer activations and temporaries (1-20 MiB each) come from its heap, which keeps what they free and
-    cannot reuse it for other sizes: peak RSS about twice the live tensors (README, Measured: Training). Left alone
-    where MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES' mmap_threshold is set (the user's) and off glibc (no mallopt)."""
+    """CPU training: allocations of `threshold` bytes (1 MiB) or more get their own mapping, returned to the OS when
+    freed (glibc's own threshold rises to 32 MiB, so 1-20 MiB activations stayed in its heap: peak RSS ~2x the live
+    tensors). A user's MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES mmap_threshold is kept; off glibc, nothing is done."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
@@ -410,25 +349,16 @@ def return_freed_memory_to_os(threshold=1 << 20):
         mallopt(-3, threshold)  # M_MMAP_THRESHOLD (malloc.h); a fixed value also stops glibc raising it
 
 
-def accumulating(engine, args, dist: Dist, last: bool):
-    """DDP all-reduces gradients only on a step's last micro-batch (FSDP and one process: on every one)."""
-    return contextlib.nullcontext() if last or dist.world == 1 or args.fsdp else engine.no_sync()
-
-
 def unsharded(args, model, run):
-    """The trained model whole, for export: itself, or under FSDP (every rank takes part in gathering the shards) an
-    unsharded copy rebuilt on rank 0 from the gathered weights (None on the other ranks)."""
+    """The model whole, for export: itself; under FSDP (all ranks gather) a copy rebuilt on rank 0 (None elsewhere)."""
     if not (args.fsdp and run.dist.world > 1):
         return model
     trained = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
     if not run.dist.is_main:
         return None
-    model, _ = load_policy(args, run, "cpu")
+    model = M.load_model(run.model_folder, args.dtype, "cpu", float32_weights(args.tune, args.dtype))[0]
     set_trainable(model, args.tune, args.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for n, t in trained.items():
-            params[n].copy_(t)
+    model.load_state_dict(trained, strict=False)  # copies into the parameters, in their dtype
     return model
 
 
@@ -444,45 +374,31 @@ def finish(run: Run, last: dict) -> dict:
     return last
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Precision: --dtype bfloat16 is mixed precision (bf16 frozen weights and matmuls, fp32 trained tensors and AdamW)
-
-
 def autocast(device, dtype="float32"):
-    """The forward pass's precision for --dtype: bf16 autocast (on CUDA and on CPU) for bfloat16: matmuls and
-    attention in bf16 with fp32 accumulation, everything else (RMSNorm, rotary embedding, residual stream, the
-    log-softmax in sequence_logps, the loss and its reductions) in fp32. float32: autocast off, exact fp32."""
-    kind = torch.device(device).type
-    if M.DTYPES.get(dtype, dtype) == torch.bfloat16:
-        return torch.autocast(kind, dtype=torch.bfloat16)
-    return torch.autocast(kind, enabled=False)
+    """--dtype's forward pass: bfloat16: bf16 autocast (matmuls, attention; the rest and the loss: fp32); else off."""
+    bf16 = M.DTYPES.get(dtype, dtype) == torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if bf16 else None, enabled=bf16)
 
 
 def float32_weights(tune: str, dtype: str):
-    """(name, parameter) -> whether a run holds it in fp32 (for model.load_model): all under float32; under bfloat16
-    (mixed precision, as PEFT trains) the trained ones (Adam's updates are far below bf16's 8-bit mantissa: a bf16 1.0
-    cannot take a step under 0.004) and the 1-D ones (norms, biases: KBs; fp32 norms keep the residual stream in fp32,
-    see LlamaForCausalLM.hidden_states); the frozen rest in bf16, as autocast casts them at every matmul anyway."""
+    """(name, parameter) -> held in fp32? All under float32; under bfloat16 the trained ones (a bf16 1.0 cannot take an
+    Adam step under 0.004) and 1-D ones (norms: an fp32 residual stream); the frozen rest in bf16 (autocast casts)."""
     return lambda name, p: dtype == "float32" or p.dim() == 1 or is_trained(tune, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The run folder: every file written atomically, every piece of saved state tagged with the settings it belongs to
 
-
 RUN = {"out": None, "checkpoint": None}  # what a stopped run leaves: for the one line of Ctrl-C or a full disk
 
 
 def save_tensors(path: str, tensors: dict, metadata: dict | None = None):
-    from safetensors.torch import save_file
-    D.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    D.write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
-# What saved state depends on. The reference table: the model, the tokens of the pairs (which --data, --num-samples,
-# --translations, --lang, --max-len and the translation cache decide) and the numerics (dtype, device). A checkpoint:
-# that plus everything that shapes the updates and the batch plan, and the English items (checked before translating).
-# Not here, since they change nothing or only float rounding: --no-pack, --grad-checkpoint, --fsdp, --merge,
-# --save-every, --save-minutes, --progress.
+# What saved state depends on. The reference table: the model, the pairs' tokens and the numerics. A checkpoint: that,
+# what shapes the updates and the batch plan, and the English items (checked before translating). Not here (they change
+# nothing, or only float rounding): --no-pack, --grad-checkpoint, --fsdp, --merge, --save-*, --progress.
 REFERENCE_SETTINGS = ("model", "model_files", "dtype", "device", "lang", "max_len", "pairs")
 
 TRAINING_SETTINGS = REFERENCE_SETTINGS + (
@@ -493,41 +409,23 @@ TRAINING_SETTINGS = REFERENCE_SETTINGS + (
 # How a difference in each setting is said; any other key is its flag: "--max-len 1024, now 64"
 SAID = {"items": "other English items (--data, --num-samples or the --translations file changed)",
         "pairs": "other training pairs (their tokens differ: --data, --num-samples, --translations or the translation "
-                 "cache changed)",
-        "model_files": "other files in --model (config.json or weights changed since)",
+                 "cache changed)", "model_files": "other files in --model (config.json or weights changed since)",
         "world": "{old} ranks, now {new}"}
 BEFORE = {"pairing": "pairs"}  # what a record made before a setting existed trained with
 
 
-def model_identity(folder: str) -> str:
-    """A cheap identity of a checkpoint folder: name, size and modification time of config.json and of each weight
-    file (a hub snapshot's files are links to content-addressed blobs: the blob names change with the weights)."""
+def run_settings(args, model_folder: str, world: int, date: str | None = None) -> dict:
+    """The settings saved state is checked against on --resume (but "items" and "pairs"). model_files: the name, size
+    and mtime of config.json and each weight file (a hub snapshot links to blobs named by their content)."""
     h = hashlib.sha256()
-    config = [os.path.join(folder, "config.json")] * os.path.exists(os.path.join(folder, "config.json"))
-    for path in config + M.safetensors_files(folder):
+    config = [os.path.join(model_folder, "config.json")] * os.path.exists(os.path.join(model_folder, "config.json"))
+    for path in config + M.safetensors_files(model_folder):
         st = os.stat(path)
         h.update(f"{os.path.basename(os.path.realpath(path))} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def run_settings(args, model_folder: str, world: int, date: str | None = None) -> dict:
-    """The settings that saved state is checked against on --resume (all but "items" and "pairs", added once read)."""
-    s = {"model": os.path.realpath(model_folder), "model_files": model_identity(model_folder),
+    s = {"model": os.path.realpath(model_folder), "model_files": h.hexdigest()[:16],
          "device": torch.device(args.device).type, "lang": list(args.langs), "world": world, "date": date}
-    for key in TRAINING_SETTINGS:
-        if key in ("translator", "num_beams") and args.translations:
-            continue
-        if key not in s and key not in ("items", "pairs"):
-            s[key] = getattr(args, key)
-    return s
-
-
-def pairs_digest(pairs) -> str:
-    """sha256 of every token id and target flag of the tokenized pairs, in order (rows of the reference table)."""
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps([p.index, p.in_target_lang, p.prompt, p.chosen, p.rejected]).encode())
-    return h.hexdigest()[:16]
+    skip = [*s, "items", "pairs"] + ["translator", "num_beams"] * bool(args.translations)
+    return s | {key: getattr(args, key) for key in TRAINING_SETTINGS if key not in skip}
 
 
 def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
@@ -538,9 +436,8 @@ def setting_differences(old: dict | None, new: dict, keys) -> list[str]:
 
     def show(v):
         return ",".join(map(str, v)) if isinstance(v, list) else ("on" if v else "off") if isinstance(v, bool) else v
-    return [SAID.get(key, f"--{key.replace('_', '-')} {{old}}, now {{new}}").format(old=show(old[key]),
-                                                                                   new=show(new[key]))
-            for key in keys if key in old and key in new and old[key] != new[key]]
+    return [SAID.get(k, f"--{k.replace('_', '-')} {{old}}, now {{new}}").format(old=show(old[k]), new=show(new[k]))
+            for k in keys if k in old and k in new and old[k] != new[k]]
 
 
 def refuse_if_changed(what: str, old: dict | None, new: dict, keys):
@@ -552,10 +449,8 @@ def refuse_if_changed(what: str, old: dict | None, new: dict, keys):
 
 @dataclass
 class Run:
-    """The run's own record, which the pipeline's steps share: the folder, the ranks, this rank's device, the folder
-    --model resolved to, the date the chat template writes (the run's, on --resume too), the log (rank 0 prints), the
-    settings saved state is checked against, and what --resume found: a checkpoint's progress, or a finished run's
-    final metrics (summary.json)."""
+    """What the steps share: the folder, ranks, log (rank 0 prints), settings saved state is checked against, device,
+    --model's folder, the date the chat template writes; --resume: a checkpoint's progress, or summary.json's final."""
     out: str
     dist: Dist
     log: object
@@ -569,10 +464,8 @@ class Run:
 
 
 def check_run_folder(args, items) -> Run:
-    """Before any weight loads, and writing nothing: the ranks, --model resolved (a hub id fetched), the run's
-    settings and, with --resume, what --out holds checked against them: summary.json (a finished run: said, nothing
-    to do) or the newest complete checkpoint (the pairs are checked once tokenized: record_pairs). A setting that
-    differs raises ValueError naming it."""
+    """Before any weight loads, writing nothing: the ranks, --model resolved (a hub id fetched), the settings; with
+    --resume, summary.json (finished) or the newest checkpoint checked against them (ValueError naming what differs)."""
     dist = setup_distributed(args)
     device = f"cuda:{torch.cuda.current_device()}" if dist.world > 1 and args.device.startswith("cuda") else args.device
     RUN.update(out=args.out, checkpoint=None)
@@ -584,15 +477,14 @@ def check_run_folder(args, items) -> Run:
     items_digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
     run = Run(args.out, dist, log, {**run_settings(args, folder, dist.world, date), "items": items_digest}, device,
               folder, date)
-    checked = [k for k in TRAINING_SETTINGS if k not in ("items", "pairs")]
-    if args.resume and os.path.exists(os.path.join(args.out, "summary.json")):
+    if args.resume and os.path.exists(os.path.join(args.out, "summary.json")):  # "pairs" comes later: record_pairs
         done = M.read_json(os.path.join(args.out, "summary.json"))
-        refuse_if_changed(args.out, done.get("settings"), run.settings, checked)
-        log(f"{args.out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume to "
-            "train it again, or use a new --out.")
+        refuse_if_changed(args.out, done.get("settings"), run.settings, [k for k in TRAINING_SETTINGS if k != "items"])
+        log(f"{args.out} is finished ({done.get('steps')} steps; see summary.json): nothing to resume. Drop --resume "
+            "to train it again, or use a new --out.")
         run.finished = done.get("final", {})
     elif args.resume and (found := find_checkpoint(args.out, log, fix=False)):
-        refuse_if_changed(args.out, found[1].get("settings"), run.settings, checked + ["items"])
+        refuse_if_changed(args.out, found[1].get("settings"), run.settings, TRAINING_SETTINGS)
         if 0 < args.stop_after <= found[1]["step"]:  # else it would run one more step and stop there
             raise ValueError(f"--stop-after {args.stop_after}: the checkpoint is already at step {found[1]['step']}; "
                              "give a later step, or drop --stop-after.")
@@ -601,13 +493,9 @@ def check_run_folder(args, items) -> Run:
 
 
 def claim_run_folder(args, run: Run):
-    """After the model has loaded, before anything is written to --out: a new run removes what an earlier run left
-    (checkpoint, metrics, summary; a checkpoint that goes is said) and writes args.json. --resume puts a checkpoint
-    that a kill left mid-save into place, and writes args.json only when it found no checkpoint (nothing trained with
-    the old settings yet) or none is there. The translation cache is always kept."""
+    """After the model loads: a new run removes an earlier one's checkpoint (said), metrics and summary, and writes
+    args.json; --resume puts a checkpoint a kill left mid-save in place, args.json only if none was found or missing."""
     out, args_path = run.out, os.path.join(run.out, "args.json")
-    saved = {**{k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")},
-             "model_folder": run.model_folder, "date": run.date}
     if args.resume and run.checkpoint is None:
         run.log(f"--resume: no checkpoint in {out}: starting at step 0")
     if run.dist.is_main:
@@ -618,38 +506,47 @@ def claim_run_folder(args, run: Run):
                 run.log(f"{out}: removing the checkpoint (step {found[1]['step']}) of an earlier run there; to "
                         "continue that run instead, stop this one and add --resume")
             remove_checkpoints(out)
-            for name in ("summary.json", "metrics.jsonl"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out, name))
+        for name in ("summary.json", "metrics.jsonl") if run.checkpoint is None else ():  # a run from step 0
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, name))
         if not args.resume or run.checkpoint is None or not os.path.exists(args_path):
-            D.save_json(args_path, saved)
+            D.save_json(args_path, {**{k: v for k, v in vars(args).items() if k not in ("stop_after", "resume")},
+                                    "model_folder": run.model_folder, "date": run.date})
     run.dist.barrier()
 
 
-def record_pairs(run: Run, tokenized, tok):
-    """The tokenized pairs' digest, into the run's settings; --resume from a checkpoint that trained other pairs (known
-    only now, after translation and tokenization): refused."""
-    run.settings["pairs"] = pairs_digest(tokenized)
+def record_pairs(args, run: Run, tokenized, report: dict, tok):
+    """What became of the pairs (said, and in summary.json); their digest (every token id and target flag, in order)
+    into the settings. No pairs left, or --resume from a checkpoint that trained other pairs: refused."""
+    r = run.report
+    r.update(report, pairs=report["pairs"] + r["dropped_flagged"])
+    run.log(f"pairs: {r['kept']} kept of {r['pairs']} ({r['dropped_flagged']} dropped for a flagged translation, "
+            f"{r['dropped_empty']} for empty text, {r['dropped_long_prompt']} for a prompt over half of --max-len "
+            f"{args.max_len}, {r['truncated']} responses truncated; {r['boundary_moved']} with a token across the "
+            "prompt/response boundary, scored as response)")
+    if not tokenized:
+        raise ValueError("no training pairs left after tokenization; raise --max-len or check the data.")
+    h = hashlib.sha256()
+    for p in tokenized:
+        h.update(json.dumps([p.index, p.in_target_lang, p.prompt, p.chosen, p.rejected]).encode())
+    run.settings["pairs"] = h.hexdigest()[:16]
     old = (run.checkpoint or {}).get("settings") or {}
     if run.checkpoint and tok.dated and "date" not in old and old.get("pairs") not in (None, run.settings["pairs"]):
         raise ValueError(f"--resume: {run.out} was made by an older clo, which did not record the date the chat "
                          f"template writes (strftime_now), and its pairs differ from today's ({tok.date}); use a "
                          "new --out (or drop --resume) to start over.")
-    if run.checkpoint:
-        refuse_if_changed(run.out, old, run.settings, ["pairs"])
+    refuse_if_changed(run.out, old, run.settings, ["pairs"])  # no checkpoint: nothing to compare
 
 
-def translator_loader(args, run: Run):
+def load_translator(args, run: Run):
     """The translator, loaded when the cache lacks a translation (rank 0 only: the others read its cache)."""
-    def get_translator():
-        if not run.dist.is_main:
-            raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
-        try:
-            return D.load_translator(args.translator, args.dtype, run.device)
-        except Exception as e:
-            raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
-                             "with pre-translated data to train without an MT model.") from e
-    return get_translator
+    if not run.dist.is_main:
+        raise RuntimeError(f"rank {run.dist.rank}: translations missing from the cache that rank 0 wrote.")
+    try:
+        return D.load_translator(args.translator, args.dtype, run.device)
+    except Exception as e:
+        raise ValueError(f"--translator {args.translator}: could not load it ({e}). Pass --translations FILE "
+                         "with pre-translated data to train without an MT model.") from e
 
 
 def save_reference(ref, run: Run):
@@ -659,14 +556,12 @@ def save_reference(ref, run: Run):
 
 
 def load_reference(run: Run):
-    """--resume: the reference table a run computed before, when it is whole and was computed for these pairs, model
-    and numerics; else None (recomputed, and said: other pairs only when no setting explains them)."""
+    """The saved reference table, if whole and computed for these pairs, model and numerics; else None, and why."""
     path, settings, log = os.path.join(run.out, "reference_logps.safetensors"), run.settings, run.log
     if not os.path.exists(path):
         return None
-    from safetensors import safe_open
     try:
-        with safe_open(path, framework="pt") as f:
+        with safetensors.safe_open(path, framework="pt") as f:
             old = json.loads((f.metadata() or {}).get("settings", "null"))
             logps = f.get_tensor("logps")
     except Exception:
@@ -675,8 +570,7 @@ def load_reference(run: Run):
     diffs = setting_differences(old, settings, REFERENCE_SETTINGS[:-1]) or setting_differences(old, settings, ["pairs"])
     if diffs:
         log(f"{path}: computed with {'; '.join(diffs)}: recomputing it")
-        return None
-    return logps
+    return None if diffs else logps
 
 
 def remove_checkpoints(out: str):
@@ -687,32 +581,20 @@ def remove_checkpoints(out: str):
 def stopped_run_note() -> str:
     """The sentence saying what a run stopped by Ctrl-C or a full disk leaves, for exit_on_error's one line."""
     if RUN["checkpoint"]:
-        folder, step = RUN["checkpoint"]
-        return f"kept: {folder} (step {step}); continue with --resume"
+        return "kept: {} (step {}); continue with --resume".format(*RUN["checkpoint"])
     if RUN["out"]:
         return (f"no checkpoint in {RUN['out']} yet: --resume will start at step 0 (finished translations are kept "
                 "in its cache)")
     return ""
 
 
-def mark_finished(args, run: Run, last: dict):
-    """summary.json, which marks the run finished (check_run_folder), then its checkpoint goes; the final lines."""
-    summary = {"run": run.out, "steps": last.get("step"), "final": last, "pairs": run.report,
-               "ranks": run.dist.world, "settings": run.settings}
-    D.save_json(os.path.join(run.out, "summary.json"), summary)
-    remove_checkpoints(run.out)
-    RUN["checkpoint"] = None
-    run.log(final_message(args, run.out, last))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# The loop's bookkeeping: checkpoints by steps, by minutes and --stop-after; resume; the metrics line; reports
+# The loop's bookkeeping: checkpoints (a temporary folder, renamed into place), resume, the metrics line, reports
 
 
 class Checkpoints:
-    """The loop's checkpoints, in --out/checkpoint. restore() before the loop: --resume's checkpoint. after_step()
-    after each optimizer step: a save every --save-every steps (default: a quarter of the run), every --save-minutes
-    (the ranks agree: every rank takes part in a save), and after step --stop-after, which ends the run (True)."""
+    """--out/checkpoint. restore(): --resume's, before the loop. after_step(): a save every --save-every steps (default:
+    a quarter of the run), every --save-minutes (the ranks agree), and after step --stop-after, which ends the run."""
 
     def __init__(self, args, run: Run, model, optimizer, total: int):
         self.args, self.run, self.model, self.optimizer, self.total = args, run, model, optimizer, total
@@ -720,10 +602,8 @@ class Checkpoints:
         self.every = math.ceil(total / 4) if args.save_every is None else args.save_every
 
     def restore(self) -> tuple[int, int]:
-        """(step, batches done): the checkpoint's, restored into the model and optimizer, or (0, 0). metrics.jsonl
-        keeps the lines of the steps up to it (the later ones are redone)."""
-        run, step, done = self.run, 0, 0
-        metrics = os.path.join(run.out, "metrics.jsonl")
+        """(step, batches done): the checkpoint's, restored, or (0, 0); metrics.jsonl keeps the lines up to it."""
+        run, step, done, metrics = self.run, 0, 0, os.path.join(self.run.out, "metrics.jsonl")
         if run.checkpoint is not None:
             progress = load_checkpoint(self.folder, self.model, self.optimizer, run.dist, run.log)
             step, done = progress["step"], progress["batches_done"]
@@ -732,8 +612,6 @@ class Checkpoints:
                 rows = D.read_jsonl(metrics, own=True, log=run.log)  # a torn last line is dropped and said
                 D.write_jsonl(metrics, [{k: v for k, v in r.items() if k != "_line"} for r in rows
                                         if r.get("step", 0) <= step])
-        elif run.dist.is_main and os.path.exists(metrics):
-            os.remove(metrics)
         cadence = [f"every {self.every} steps"] * bool(self.every) + [
             f"every {self.args.save_minutes:g} minutes"] * bool(self.args.save_minutes)
         run.log(f"checkpoints: {' and '.join(cadence) or 'none'} ({self.total} steps in all), in {self.folder}")
@@ -762,117 +640,9 @@ class Checkpoints:
         return stop
 
 
-class StepLog:
-    """The metrics line of each optimizer step: into metrics.jsonl (rank 0) and the progress bar; returned."""
-
-    def __init__(self, args, run: Run, step: int, total: int, batches_per_epoch: int):
-        from tqdm import tqdm
-        self.run, self.batches_per_epoch, self.path = run, batches_per_epoch, os.path.join(run.out, "metrics.jsonl")
-        self.bar = tqdm(total=total, initial=step, desc=f"{args.method} training",
-                        disable=not (args.progress and run.dist.is_main))
-        self.t0, self.pairs_seen = time.perf_counter(), 0
-
-    def __call__(self, step, batches_done, summed, in_step, lr, grad_norm) -> dict:
-        """summed: the step's (loss, nll, pair loss, reward acc, margin), summed over micro-batches and ranks."""
-        self.pairs_seen += len(in_step)
-        loss, nll, pair_loss, acc, margin = summed.tolist()
-        n_target = sum(p.in_target_lang for p in in_step)
-        last = {"step": step, "epoch": round(batches_done / self.batches_per_epoch, 3), "loss": round(loss, 5),
-                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
-                "margin": round(margin, 5), "en_pairs": len(in_step) - n_target, "target_pairs": n_target, "lr": lr,
-                "grad_norm": round(grad_norm, 4),
-                "pairs_per_s": round(self.pairs_seen / (time.perf_counter() - self.t0), 3)}
-        if self.run.dist.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-        self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
-        self.bar.update(1)
-        return last
-
-
-def stop_if_not_finite(parts, step: int, checkpoint: str):
-    if not torch.isfinite(parts.loss):
-        raise FloatingPointError(
-            f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair loss "
-            f"{parts.pair_loss.item()}). Training stopped; the last good checkpoint is {checkpoint} (if one was "
-            "written). Try a lower --lr, or --dtype float32.")
-
-
-def say_training(args, model, wrapped, tokenized, run: Run):
-    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
-            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
-                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
-
-
-def say_left_out(pairs, plan, args, run: Run):
-    left_out = len(pairs) - sum(len(g) for b in plan for g in b)
-    if left_out:  # every rank must take part in every step
-        run.log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer {args.pairing} "
-                f"than the {run.dist.world} ranks (use a --batch-size that divides the {args.pairing}, or fewer "
-                "ranks, to keep them)")
-
-
-def say_memory(args, run: Run):
-    """The dtype, and the bytes of weights, gradients and AdamW state (training_bytes), before any weight loads."""
-    shards = run.dist.world if args.fsdp else 1
-    cfg = M.LlamaConfig.from_hf(M.read_json(os.path.join(run.model_folder, "config.json")))
-    need = training_bytes(cfg, args.tune, args.dtype, args.lora_targets, args.lora_r, shards)
-    gib = {k: f"{v / 2 ** 30:.2f} GiB" if v >= 2 ** 30 else f"{v / 2 ** 20:.1f} MiB"
-           for k, v in {**need, "all": sum(need.values())}.items()}
-    run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision: frozen weights in bf16, trained "
-            "ones, their gradients and AdamW state in fp32, bf16 autocast" if args.dtype == "bfloat16" else ""))
-    run.log(f"memory{' per rank' * (shards > 1)}: weights {gib['weights']}, gradients {gib['gradients']}, AdamW "
-            f"state {gib['optimizer']}; {gib['all']} in all, activations not counted")
-
-
-def say_translation_flags(args, rows, run: Run):
-    flags = D.translation_flags(rows, args.langs)
-    if flags["flagged"]:
-        run.log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence "
-                f"cut at the MT model's input limit or output cap, {flags['degenerate']} degenerate after a retry; "
-                f"marked in {args.translations or os.path.join(run.out, 'translations.jsonl')}): " + ("kept (--keep-flagged)" if args.keep_flagged else
-                                                                "left out of the pairs (--keep-flagged keeps them)"))
-    run.report.update(translation_flags=flags, dropped_flagged=0 if args.keep_flagged else 2 * flags["flagged"])
-
-
-def say_pairs(args, report: dict, run: Run):
-    report["pairs"] += run.report["dropped_flagged"]
-    run.report.update(report)
-    r = run.report
-    run.log(f"pairs: {r['kept']} kept of {r['pairs']} ({r['dropped_flagged']} dropped for a flagged translation, "
-            f"{r['dropped_empty']} for empty text, {r['dropped_long_prompt']} for a prompt over half of --max-len "
-            f"{args.max_len}, {r['truncated']} responses truncated; {r['boundary_moved']} with a token across the "
-            "prompt/response boundary, scored as response)")
-
-
-def training_bytes(cfg: M.LlamaConfig, tune: str, dtype: str, targets=ATTENTION_PROJECTIONS, r: int = 16,
-                   shards: int = 1) -> dict[str, int]:
-    """Bytes of a run's weights, gradients and AdamW state (two moments and a 4-byte step per trained tensor), per
-    rank, before any weight is loaded: counted on a weightless (meta-device) copy held and made trainable as the
-    run's model is (float32_weights, set_trainable). shards: FSDP's ranks, each holding
-    ceil(rows / shards) rows of every tensor; 1 for one process and DDP. Activations, FSDP's gathered layer and the
-    allocator's slack come on top. Raises ValueError on LoRA targets that name no linear layer."""
-    with torch.device("meta"):
-        model = M.build_on_meta(M.LlamaForCausalLM, cfg, M.DTYPES[dtype], "meta",
-                                float32=float32_weights(tune, dtype))
-        set_trainable(model, tune, targets, r, 2.0 * r, 0.0)
-    def size(p):
-        return -(-p.shape[0] // shards) * (p.numel() // max(1, p.shape[0])) * p.element_size() if p.dim() else 4
-    trained = [p for p in model.parameters() if p.requires_grad]
-    return {"weights": sum(map(size, model.parameters())), "gradients": sum(map(size, trained)),
-            "optimizer": sum(2 * size(p) + 4 for p in trained)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON in a temporary folder, renamed into place
-
-
-def save_checkpoint(folder, model, optimizer, step, batches_done, dist=None, settings=None):
-    """Trainable weights, AdamW state, each rank's random state (CPU, and CUDA on a GPU: rng/cpu/RANK, rng/cuda/RANK),
-    progress and the run's settings. Every rank holds the same weights and AdamW state (FSDP: gathered here); rank 0
-    writes, into folder.tmp, then swaps it in with two renames (see find_checkpoint for what a kill between them
-    leaves)."""
-    dist = dist or Dist()
+def save_checkpoint(folder, model, optimizer, step, batches_done, dist: Dist, settings: dict):
+    """Trainable weights, AdamW state (FSDP: gathered), each rank's random state (rng/cpu/RANK, rng/cuda/RANK), progress
+    and settings; rank 0 writes folder.tmp, swapped in by two renames (find_checkpoint: what a kill between leaves)."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"param/{n}": full_tensor(p.detach()).cpu().contiguous().clone() for n, p in model.named_parameters()
                if p.requires_grad}
@@ -905,30 +675,15 @@ def save_checkpoint(folder, model, optimizer, step, batches_done, dist=None, set
     shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpoint_progress(folder: str) -> dict | None:
-    """progress.json of a complete checkpoint folder, or None: it is missing, torn, or state.safetensors is not
-    whole (safetensors checks that the file covers every tensor its header names)."""
-    from safetensors import safe_open
-    try:
-        progress = M.read_json(os.path.join(folder, "progress.json"))
-        int(progress["step"])
-        with safe_open(os.path.join(folder, "state.safetensors"), framework="pt"):
-            pass
-        return progress
-    except Exception:
-        return None
-
-
 def find_checkpoint(out: str, log=print, fix: bool = True) -> tuple[str, dict] | None:
-    """The newest complete checkpoint, wherever a kill left it: checkpoint/, checkpoint.tmp/ (killed after writing a
-    new one, before its rename) or checkpoint.old/ (killed between the two renames of a save). With `fix` (rank 0),
-    the one found is moved to checkpoint/ and the leftovers removed. Returns (checkpoint folder, progress) or None."""
-    base = os.path.join(out, "checkpoint")
-    found = []
+    """The newest complete checkpoint: checkpoint/, .tmp/ (a kill before its rename) or .old/ (between the renames);
+    with `fix` (rank 0) moved to checkpoint/, the leftovers removed. Returns (checkpoint folder, progress) or None."""
+    base, found = os.path.join(out, "checkpoint"), []
     for order, path in enumerate((base, base + ".tmp", base + ".old")):
-        progress = checkpoint_progress(path)
-        if progress is not None:
-            found.append((progress["step"], -order, path, progress))
+        with contextlib.suppress(Exception):  # complete: progress.json whole, and safetensors finds every tensor
+            progress = M.read_json(os.path.join(path, "progress.json"))  # its header names in state.safetensors
+            with safetensors.safe_open(os.path.join(path, "state.safetensors"), framework="pt"):
+                found.append((int(progress["step"]), -order, path, progress))
     if not found:
         return None
     _, _, path, progress = max(found)
@@ -942,21 +697,15 @@ def find_checkpoint(out: str, log=print, fix: bool = True) -> tuple[str, dict] |
     return (base if fix else path), progress
 
 
-def laid_out_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """A full tensor from a checkpoint, on ref's device, and sharded as ref is when ref is an FSDP DTensor."""
-    if hasattr(ref, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements)
-    return full.to(ref.device)
-
-
-def load_checkpoint(folder, model, optimizer, dist=None, log=print):
-    """Restores what save_checkpoint wrote, into a plain, DDP-wrapped or FSDP-sharded model and its optimizer, and this
-    rank's random state (check_run_folder refused another number of ranks); an older checkpoint's one "rng/cpu" goes
-    to every rank, as before."""
-    dist = dist or Dist()
-    from safetensors.torch import load_file
-    tensors = load_file(os.path.join(folder, "state.safetensors"))
+def load_checkpoint(folder, model, optimizer, dist: Dist, log):
+    """Restores what save_checkpoint wrote into a plain, DDP or FSDP model, its optimizer and this rank's random state
+    (another number of ranks was refused); an older checkpoint's one "rng/cpu" goes to every rank, as before."""
+    def laid_out_like(full, ref):  # a full tensor on ref's device, sharded as ref is if an FSDP DTensor
+        if hasattr(ref, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements)
+        return full.to(ref.device)
+    tensors = safetensors.torch.load_file(os.path.join(folder, "state.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, t in tensors.items():
@@ -965,11 +714,8 @@ def load_checkpoint(folder, model, optimizer, dist=None, log=print):
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = next(n for n, q in params.items() if q is p)
-            state = {}
-            for k in ("step", "exp_avg", "exp_avg_sq"):
-                t = tensors.get(f"optim/{k}/{name}")
-                if t is not None:
-                    state[k] = t.reshape(()) if k == "step" else laid_out_like(t, p)
+            got = {k: tensors.get(f"optim/{k}/{name}") for k in ("step", "exp_avg", "exp_avg_sq")}
+            state = {k: laid_out_like(t, p) if k != "step" else t.reshape(()) for k, t in got.items() if t is not None}
             if state:
                 optimizer.state[p] = state
     device, old = next(model.parameters()).device, "rng/cpu" in tensors  # old: rank 0's CPU state alone, for all
@@ -982,8 +728,113 @@ def load_checkpoint(folder, model, optimizer, dist=None, log=print):
     return M.read_json(os.path.join(folder, "progress.json"))
 
 
+class StepLog:
+    """The metrics line of each optimizer step: into metrics.jsonl (rank 0) and the progress bar; returned."""
+
+    def __init__(self, args, run: Run, step: int, total: int, batches_per_epoch: int):
+        self.run, self.batches_per_epoch, self.path = run, batches_per_epoch, os.path.join(run.out, "metrics.jsonl")
+        self.bar = tqdm(total=total, initial=step, desc=f"{args.method} training",
+                        disable=not (args.progress and run.dist.is_main))
+        self.t0, self.pairs_seen = time.perf_counter(), 0
+
+    def __call__(self, step, batches_done, summed, in_step, lr, grad_norm) -> dict:
+        """summed: the step's (loss, nll, pair loss, reward acc, margin), summed over micro-batches and ranks."""
+        self.pairs_seen += len(in_step)
+        loss, nll, pair_loss, acc, margin = summed.tolist()
+        n_target = sum(p.in_target_lang for p in in_step)
+        last = {"step": step, "epoch": round(batches_done / self.batches_per_epoch, 3), "loss": round(loss, 5),
+                "nll": round(nll, 5), "pair_loss": round(pair_loss, 5), "reward_acc": round(acc, 5),
+                "margin": round(margin, 5), "en_pairs": len(in_step) - n_target, "target_pairs": n_target, "lr": lr,
+                "grad_norm": round(grad_norm, 4),
+                "pairs_per_s": round(self.pairs_seen / (time.perf_counter() - self.t0), 3)}
+        if self.run.dist.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
+        self.bar.update(1)
+        return last
+
+
+def stop_if_not_finite(parts, step: int, checkpoint: str):
+    if not torch.isfinite(parts.loss):
+        raise FloatingPointError(f"step {step + 1}: the loss is {parts.loss.item()} (nll {parts.nll.item()}, pair "
+                                 f"loss {parts.pair_loss.item()}). Training stopped; the last good checkpoint is "
+                                 f"{checkpoint} (if one was written). Try a lower --lr, or --dtype float32.")
+
+
+def say_training(args, model, wrapped, tokenized, run: Run):
+    """What trains, on how many pairs and ranks; and the pairs that train's batch plan leaves out."""
+    run.log(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters ({args.tune}: "
+            f"{len(wrapped)} tensors/modules), {len(tokenized)} pairs" + (
+                f", {run.dist.world} ranks ({'FSDP' if args.fsdp else 'DDP'})" if run.dist.world > 1 else ""))
+    left_out = len(tokenized) - sum(len(g) for b in global_batches(tokenized, args, run.dist, 0) for g in b)
+    if left_out:  # every rank must take part in every step
+        run.log(f"{left_out} pair(s) left out of every epoch: the last length-grouped batch has fewer {args.pairing} "
+                f"than the {run.dist.world} ranks (use a --batch-size that divides the {args.pairing}, or fewer "
+                "ranks, to keep them)")
+
+
+def load_policy(args, run: Run):
+    """The model to train, in --dtype (float32_weights); first its dtype and memory (training_bytes) are said."""
+    shards = run.dist.world if args.fsdp else 1
+    cfg = M.LlamaConfig.from_hf(M.read_json(os.path.join(run.model_folder, "config.json")))
+    need = training_bytes(cfg, args.tune, args.dtype, args.lora_targets, args.lora_r, shards)
+    gib = {k: f"{v / 2 ** 30:.2f} GiB" if v >= 2 ** 30 else f"{v / 2 ** 20:.1f} MiB"
+           for k, v in {**need, "all": sum(need.values())}.items()}
+    run.log(f"dtype: {args.dtype} ({args.dtype_reason})" + (": mixed precision: frozen weights in bf16, trained "
+            "ones, their gradients and AdamW state in fp32, bf16 autocast" if args.dtype == "bfloat16" else ""))
+    run.log(f"memory{' per rank' * (shards > 1)}: weights {gib['weights']}, gradients {gib['gradients']}, AdamW "
+            f"state {gib['optimizer']}; {gib['all']} in all, activations not counted")
+    model, tok = M.load_model(run.model_folder, args.dtype, run.device, float32_weights(args.tune, args.dtype))
+    tok.date = run.date
+    if tok.dated:
+        run.log(f"chat template: writes the date (strftime_now): {tok.date}, this run's (args.json; kept on --resume)")
+    return model, tok
+
+
+def say_translation_flags(args, rows, run: Run):
+    flags = D.translation_flags(rows, args.langs)
+    if flags["flagged"]:
+        kept = "kept (--keep-flagged)" if args.keep_flagged else "left out of the pairs (--keep-flagged keeps them)"
+        run.log(f"translation problems: {flags['flagged']} item translations flagged ({flags['cut']} with a sentence "
+                f"cut at the MT model's input limit or output cap, {flags['degenerate']} degenerate after a retry; "
+                f"marked in {args.translations or os.path.join(run.out, 'translations.jsonl')}): {kept}")
+    run.report.update(translation_flags=flags, dropped_flagged=0 if args.keep_flagged else 2 * flags["flagged"])
+
+
+def training_bytes(cfg: M.LlamaConfig, tune: str, dtype: str, targets=ATTENTION_PROJECTIONS, r: int = 16,
+                   shards: int = 1) -> dict[str, int]:
+    """Bytes per rank of weights, gradients and AdamW state (two moments and a 4-byte step per trained tensor), on a
+    weightless copy held and made trainable as the run's is. shards: FSDP's ranks (each holds ceil(rows / shards) rows
+    of every tensor). Activations and FSDP's gathered layer come on top. ValueError: LoRA targets naming no layer."""
+    with torch.device("meta"):
+        model = M.build_on_meta(M.LlamaForCausalLM, cfg, M.DTYPES[dtype], "meta", float32=float32_weights(tune, dtype))
+        set_trainable(model, tune, targets, r, 2.0 * r, 0.0)
+    def size(p):
+        return -(-p.shape[0] // shards) * (p.numel() // max(1, p.shape[0])) * p.element_size() if p.dim() else 4
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {"weights": sum(map(size, model.parameters())), "gradients": sum(map(size, trained)),
+            "optimizer": sum(2 * size(p) + 4 for p in trained)}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Output: a PEFT adapter, and a merged Hugging Face checkpoint
+# Output (a PEFT adapter, a merged Hugging Face checkpoint, the final lines) and the command line
+
+
+def save_outputs(args, model, last, run: Run):
+    """The adapter and/or the merged checkpoint, then summary.json (finished); the checkpoint goes; the last lines."""
+    model.eval()
+    model = unsharded(args, model, run)  # FSDP: gathered, and whole on rank 0 only
+    if run.dist.is_main:
+        if args.tune == "lora":
+            save_adapter(run.out, model, args)
+        if args.merge or args.tune != "lora":
+            save_merged(os.path.join(run.out, "merged"), model, model.source, args.dtype)
+        D.save_json(os.path.join(run.out, "summary.json"), {"run": run.out, "steps": last.get("step"), "final": last,
+                    "pairs": run.report, "ranks": run.dist.world, "settings": run.settings})
+        remove_checkpoints(run.out)
+        RUN["checkpoint"] = None
+        run.log(final_message(args, run.out, last))
 
 
 def save_adapter(out, model, args):
@@ -1000,115 +851,76 @@ def save_adapter(out, model, args):
 
 
 def save_merged(folder, model, source, dtype=None):
-    """A full checkpoint transformers loads: weights (adapters folded in), config, tokenizer and template files. Each
-    tensor in the dtype `source` stores it in (bf16 release: bf16 merged/, config saying so), in fp32 for dtype float32
-    (a float32 run's update is kept): a frozen one is the source's, bit for bit (not mixed precision's bf16 copy); a
-    trained one, or a base weight plus its adapter (W + scaling B A in fp32), is rounded to it once. Merged in place (as
-    eval.py merges in memory). An adapted lm_head of a model with tied embeddings is written untied (M.merge_lora)."""
-    from safetensors import safe_open
+    """A full checkpoint transformers loads, each tensor in `source`'s dtype (fp32 for dtype float32: its update kept),
+    config saying so: a frozen one bit for bit; a trained one, or a base weight plus its adapter (W + scaling B A in
+    fp32), rounded to it once. Merged in place (as eval.py does); a tied model's adapted lm_head is written untied."""
     os.makedirs(folder, exist_ok=True)
     deltas = {f"{n}.weight": m.delta() for n, m in M.lora_modules(model).items()}
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
     M.merge_lora(model)
-    state = {}
-    for path in M.safetensors_files(source):
-        with safe_open(path, framework="pt") as st:
-            state.update({k: st.get_tensor(k).to(torch.float32 if dtype == "float32" else None) for k in st.keys()})
+    wide = torch.float32 if dtype == "float32" else None  # frozen tensors widened exactly
+    state = {k: t.to(wide) for f in M.safetensors_files(source) for k, t in safetensors.torch.load_file(f).items()}
     if "lm_head.weight" in deltas:  # a tied checkpoint has no lm_head of its own: the embedding is its base
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    for key, t in trained.items():
-        state[key] = t.to("cpu", state[key].dtype)
-    for key, d in deltas.items():
-        state[key] = (state[key].float() + d.cpu()).to(state[key].dtype)
+    state |= {key: t.to("cpu", state[key].dtype) for key, t in trained.items()}
+    state |= {key: (state[key].float() + d.cpu()).to(state[key].dtype) for key, d in deltas.items()}
     save_tensors(os.path.join(folder, "model.safetensors"), {k: v.contiguous() for k, v in state.items()},
                  {"format": "pt"})
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
+    for name in M.HUB_FILES:  # config, tokenizer and chat template files
         if os.path.exists(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), folder)
     config = M.read_json(os.path.join(folder, "config.json"))
-    # merge_lora may have untied an adapted lm_head from the embedding: the checkpoint then holds both matrices, and
-    # a loader that still tied them would drop the merged lm_head
+    # an lm_head merge_lora untied is a matrix of its own: a loader that still tied it would drop it
     config["tie_word_embeddings"] = config.get("tie_word_embeddings", False) and model.config.tie_word_embeddings
     for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:  # transformers v5, v4
         config[key] = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     D.save_json(os.path.join(folder, "config.json"), config)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
 def command_line() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Cross-Lingual Optimization: move an English chat model to a language.",
                                 formatter_class=D.HelpWithDefaults)
-    p.add_argument("--model", required=True, help="chat model to adapt: a local checkpoint folder "
-                   "(config.json, *.safetensors, tokenizer.json) or a hub id")
+    p.add_argument("--model", required=True, help="chat model to adapt: a local checkpoint folder or a hub id")
     p.add_argument("--lang", required=True, help="target language(s), ISO 639-1 or FLORES-200: ko, or ko,sw")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<lang>-<method>)")
-    p.add_argument("--data", default=None, help="English SFT data: Alpaca JSON/JSONL, chat JSONL, or 'oasst1' "
-                   "(default: the English side of --translations, else the Alpaca seed tasks in samples/)")
-    p.add_argument("--num-samples", type=int, default=None, help="use the first N items (paper: 3200 or 6400; "
-                   "default: all)")
-    p.add_argument("--translations", default=None, help="pre-translated parallel JSONL (en_instruction, "
-                   "en_response, <lang>_instruction, <lang>_response): no MT model is used (default: none, the "
-                   "data is translated by --translator)")
-    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB checkpoint "
-                   "(folder or hub id) that translates the English data when --translations is not given")
+    p.add_argument("--out", help="run folder (default: runs/<model>-<lang>-<method>)")
+    p.add_argument("--data", help="English data: Alpaca/chat JSON(L) or oasst1 (default: --translations', or samples/)")
+    p.add_argument("--num-samples", type=int, help="use the first N items (paper: 3200 or 6400; default: all)")
+    p.add_argument("--translations", help="parallel JSONL of pre-translated data: no MT model (default: none)")
+    p.add_argument("--translator", default="facebook/nllb-200-distilled-600M", help="M2M100/NLLB folder or hub id")
     p.add_argument("--num-beams", type=int, default=4, help="translation beam width")
-    p.add_argument("--keep-flagged", action="store_true", help="train also on items whose translation was flagged "
-                   "(a sentence cut at the MT model's input limit, or degenerate output); default: left out")
-    p.add_argument("--method", default="clo", choices=tuple(METHODS), help="clo: the paper's loss; clo-en-nll: "
-                   "with NLL on English answers too; sft (both languages), sft-en, sft-target, dpo: its baselines on "
-                   "the same pairs (clo.METHODS)")
+    p.add_argument("--keep-flagged", action="store_true", help="also train on flagged translations (cut, degenerate)")
+    p.add_argument("--method", default="clo", choices=tuple(METHODS), help="the loss (clo.METHODS): clo is the paper's")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature of the pair term")
-    p.add_argument("--lam", type=float, default=None, help="weight of the NLL term, 1 - lam on the pair term "
-                   "(default 0.5; clo and clo-en-nll only: the others fix it)")
-    p.add_argument("--tune", default="attn", choices=("attn", "lora", "full"), help="what trains: the full "
-                   "attention projections Q/K/V/O (the paper's choice), LoRA on --lora-targets (small GPUs), or "
-                   "every weight")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16; --tune lora only)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale: alpha / r (default 32)")
-    p.add_argument("--lora-dropout", type=float, default=None, help="dropout on LoRA's input, 0 to <1 (default 0)")
-    p.add_argument("--lora-targets", default=None, help="comma-separated names of the linear layers that get LoRA "
-                   "(default q_proj,k_proj,v_proj,o_proj; also gate_proj, up_proj, down_proj, lm_head)")
-    p.add_argument("--pairing", default="items", choices=("items", "pairs"), help="items: micro-batches of whole "
-                   "items, all pairs of each (our reading of the paper's batch-based loss); pairs: pairs one by one")
+    p.add_argument("--lam", type=float, help="NLL term's weight (default 0.5; clo, clo-en-nll only: the others fix it)")
+    p.add_argument("--tune", default="attn", choices=("attn", "lora", "full"), help="attention Q/K/V/O, LoRA, or all")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16; --tune lora only)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale: alpha / r (default 32)")
+    p.add_argument("--lora-dropout", type=float, help="dropout on LoRA's input, 0 to <1 (default 0)")
+    p.add_argument("--lora-targets", help="LoRA's linear layers, comma-separated (default q_proj,k_proj,v_proj,o_proj)")
+    p.add_argument("--pairing", default="items", choices=("items", "pairs"), help="whole items, or pairs one by one")
     p.add_argument("--epochs", type=int, default=3, help="passes over the pairs")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run --epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank, items per micro-batch (--pairing items, "
-                   "default 2: 4 pairs per target language) or pairs (--pairing pairs, default 4)")
+    p.add_argument("--batch-size", type=int, help="items per micro-batch and rank (default 2; --pairing pairs: 4)")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 for lora, 5e-6 for "
-                   "attn/full)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 for lora, 5e-6 for attn/full)")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup: a fraction of steps (<1) or a step count")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + response (see data.py)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory")
-    p.add_argument("--no-pack", dest="pack", action="store_false", help="one sequence per row, right-padded, "
-                   "instead of packing a batch's sequences into rows of up to --max-len tokens")
+    p.add_argument("--no-pack", dest="pack", action="store_false", help="right-padded rows of one sequence, no packing")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order, LoRA init and dropout")
-    p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="auto: bfloat16 on CUDA and on CPUs with "
-                   "native bf16 matmul, else float32 (model.default_dtype). Training in bfloat16 is mixed precision: "
-                   "frozen weights in bf16, trained ones and AdamW state in fp32, bf16 autocast; the translator runs "
-                   "in bf16 weights")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
-                   "cuda:N; the default is cuda where torch finds a GPU")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: a quarter of "
-                   "the run's steps, so a killed run loses at most a quarter of its training; 0: not by steps)")
-    p.add_argument("--save-minutes", type=float, default=30.0, help="also checkpoint when this many minutes have "
-                   "passed since the last one (0: not by time)")
-    p.add_argument("--resume", action="store_true", help="continue a stopped or killed run in --out from its last "
-                   "checkpoint; refused, naming the setting, if a setting it depends on differs")
-    p.add_argument("--stop-after", type=int, default=0, help="save a checkpoint and exit normally after N steps; "
-                   "continue later with --resume (0: run to the end)")
-    p.add_argument("--merge", action="store_true", help="--tune lora: also write a full merged checkpoint to "
-                   "RUN_DIR/merged (attn and full always write it)")
+    p.add_argument("--dtype", default="auto", choices=M.DTYPE_CHOICES, help="auto: bf16 where the hardware has it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: a quarter of the run's steps; "
+                   "0: not by steps)")
+    p.add_argument("--save-minutes", type=float, default=30.0, help="also checkpoint every M minutes (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue the stopped or killed run in --out")
+    p.add_argument("--stop-after", type=int, default=0, help="checkpoint and exit after step N, for --resume (0: no)")
+    p.add_argument("--merge", action="store_true", help="--tune lora: also write RUN_DIR/merged (attn and full do)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs still print)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
-    p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others "
-                   "(rank 0 translates while the others wait)")
+    p.add_argument("--dist-timeout", type=float, default=180.0, help="minutes a rank may wait for the others")
     return p
 
 
@@ -1126,23 +938,19 @@ def parse_args(argv=None):
                          f"--tune lora, or drop {flag}.")
     defaults = {"lam": lam if lam is not None else 0.5, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
                 "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
-                "lr": 1e-4 if a.tune == "lora" else 5e-6}  # clo's choices (README: options and defaults)
-    for k, v in defaults.items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+                "lr": 1e-4 if a.tune == "lora" else 5e-6,  # clo's choices (README: options and defaults)
+                "out": os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")}
+    vars(a).update({k: v for k, v in defaults.items() if getattr(a, k) is None})
     a.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     a.pack_to = a.max_len if a.pack else None
-    if a.out is None:
-        a.out = os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")
     check_args(a)  # before the dtype, which reads --device
     a.dtype, a.dtype_reason = M.resolve_dtype(a.dtype, a.device)
     return a
 
 
 def check_args(a):
-    """The checks that need no data and no weights, before any work: nothing is written and nothing loaded when one
-    fails (the --data and --translations files are read whole next, by read_data). Raises ValueError, one line naming
-    the option, value (file) and what to do. A local --model folder is checked by M.check_checkpoint_folder, its
-    --lora-targets on a weightless copy; a hub id is not looked up here (check_run_folder fetches it)."""
+    """The checks that need no data and no weights: nothing is written or loaded when one fails. Raises ValueError,
+    one line naming the option, value (file) and what to do. A hub --model is not looked up here (check_run_folder)."""
     at_least = {"--epochs": (a.epochs, 1), "--batch-size": (a.batch_size, 1), "--grad-accum": (a.grad_accum, 1),
                 "--max-len": (a.max_len, 1), "--num-beams": (a.num_beams, 1), "--lora-r": (a.lora_r, 1),
                 "--num-samples": (a.num_samples, 1), "--max-steps": (a.max_steps, 0), "--stop-after": (a.stop_after, 0),
@@ -1151,8 +959,8 @@ def check_args(a):
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ValueError(f"{flag} {value}: must be at least {low}.")
-    above_zero = {"--lr": a.lr, "--beta": a.beta, "--lora-alpha": a.lora_alpha, "--dist-timeout": a.dist_timeout}
-    for flag, value in above_zero.items():
+    for flag, value in {"--lr": a.lr, "--beta": a.beta, "--lora-alpha": a.lora_alpha,
+                        "--dist-timeout": a.dist_timeout}.items():
         if not value > 0:
             raise ValueError(f"{flag} {value}: must be above 0.")
     if not 0 <= a.lam <= 1:
@@ -1205,28 +1013,21 @@ def read_data(args) -> tuple[list[dict], list[dict] | None]:
 
 
 def final_message(args, out: str, last: dict) -> str:
-    """The lines a finished run ends with (rank 0): the final numbers, where each output is, and what to run next,
-    as TRL's and torchtune's trainers end (a stopped run's line: Checkpoints.after_step). `last`: train()'s last
-    metrics line."""
-    q = shlex.quote
-    merged = os.path.join(out, "merged")
-    lines = [f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
-             f"margin {last.get('margin')}  nll {last.get('nll')}"]
-    if args.tune == "lora":
-        lines.append(f"  adapter:  {os.path.join(out, 'adapter_model.safetensors')} + adapter_config.json (PEFT "
-                     f"LoRA on {args.model})")
-    if args.merge or args.tune != "lora":
-        lines.append(f"  merged:   {merged}/ (a full checkpoint: config.json, model.safetensors, tokenizer)")
-    lines.append(f"  metrics:  {os.path.join(out, 'metrics.jsonl')} (one line per step); summary: "
-                 f"{os.path.join(out, 'summary.json')}; pairs trained on: {os.path.join(out, 'pairs.jsonl')}")
-    lines.append(f"next: python eval.py --models base={q(args.model)} {args.method}={q(out)} --langs "
-                 f"{','.join(args.langs)} --out {q(out + '-eval')}")
-    if args.merge or args.tune != "lora":
-        lines.append(f"  transformers: AutoModelForCausalLM.from_pretrained({merged!r})")
-    if args.tune == "lora":
-        lines.append(f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({args.model!r}), "
-                     f"{out!r})")
-    return "\n".join(lines)
+    """The lines a finished run ends with (rank 0): train's last metrics, where each output is, what to run next."""
+    q, merged, lora = shlex.quote, os.path.join(out, "merged"), args.tune == "lora"
+    full = args.merge or not lora  # merged/ was written
+    return "\n".join(
+        [f"done: {out}  step {last.get('step')}  loss {last.get('loss')}  reward acc {last.get('reward_acc')}  "
+         f"margin {last.get('margin')}  nll {last.get('nll')}"]
+        + [f"  adapter:  {os.path.join(out, 'adapter_model.safetensors')} + adapter_config.json (PEFT LoRA on "
+           f"{args.model})"] * lora
+        + [f"  merged:   {merged}/ (a full checkpoint: config.json, model.safetensors, tokenizer)"] * full
+        + [f"  metrics:  {os.path.join(out, 'metrics.jsonl')} (one line per step); summary: "
+           f"{os.path.join(out, 'summary.json')}; pairs trained on: {os.path.join(out, 'pairs.jsonl')}",
+           f"next: python eval.py --models base={q(args.model)} {args.method}={q(out)} --langs "
+           f"{','.join(args.langs)} --out {q(out + '-eval')}"]
+        + [f"  transformers: AutoModelForCausalLM.from_pretrained({merged!r})"] * full
+        + [f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({args.model!r}), {out!r})"] * lora)
 
 
 if __name__ == "__main__":
