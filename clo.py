@@ -890,7 +890,7 @@ def command_line() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=4, help="translation beam width")
     p.add_argument("--keep-flagged", action="store_true", help="also train on flagged translations (cut, degenerate)")
     p.add_argument("--method", default="clo", choices=tuple(METHODS), help="the loss (clo.METHODS): clo is the paper's")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature of the pair term")
+    p.add_argument("--beta", type=float, help="DPO temperature of the pair term (default 0.1; not for sft methods)")
     p.add_argument("--lam", type=float, help="NLL term's weight (default 0.5; clo, clo-en-nll only: the others fix it)")
     p.add_argument("--tune", default="attn", choices=("attn", "lora", "full"), help="attention Q/K/V/O, LoRA, or all")
     p.add_argument("--lora-r", type=int, help="LoRA rank (default 16; --tune lora only)")
@@ -932,11 +932,13 @@ def parse_args(argv=None):
                                        if getattr(a, k) is not None]
     if lam is not None and a.lam is not None:  # a setting that would be silently ignored is refused
         raise ValueError(f"--lam {a.lam}: --method {a.method} fixes lam at {lam:g}; drop --lam, or use --method clo.")
+    if lam == 1.0 and a.beta is not None:  # SFT: the pair term has weight 0
+        raise ValueError(f"--beta {a.beta}: --method {a.method} has no pair term (lam 1); drop --beta.")
     if lora and a.tune != "lora":
         flag = "--" + lora[0].replace("_", "-")
         raise ValueError(f"{flag} {getattr(a, lora[0])}: --tune {a.tune} trains full weights, without LoRA; add "
                          f"--tune lora, or drop {flag}.")
-    defaults = {"lam": lam if lam is not None else 0.5, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
+    defaults = {"lam": lam if lam is not None else 0.5, "beta": 0.1, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
                 "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
                 "lr": 1e-4 if a.tune == "lora" else 5e-6,  # clo's choices (README: options and defaults)
                 "out": os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")}

@@ -317,14 +317,14 @@ def plan(a):
 
 
 def train_args(a, method: str) -> list[str]:
-    """The clo.py options after `--` for one run: --lam only where the method leaves lambda free (clo.METHODS; sft
-    and dpo fix it and refuse --lam)."""
-    if clo.METHODS[method][0] is None:
-        return a.train_args
+    """The clo.py options after `--` for one run: --lam only where the method leaves lambda free, --beta only where
+    it has a pair term (clo.METHODS; clo.py refuses a setting the method would ignore)."""
+    lam = clo.METHODS[method][0]
+    dropped = ([] if lam is None else ["--lam"]) + (["--beta"] if lam == 1.0 else [])
     out, skip = [], False
     for arg in a.train_args:
-        if skip or arg == "--lam" or arg.startswith("--lam="):
-            skip = arg == "--lam"
+        if skip or arg in dropped or arg.split("=")[0] in dropped:
+            skip = arg in dropped
             continue
         out.append(arg)
     return out

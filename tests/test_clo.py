@@ -74,11 +74,13 @@ def test_each_method_trains_what_its_table_row_says():
         assert parts.loss.item() == pytest.approx(loss, abs=1e-6), method
         assert parts.nll.item() == pytest.approx(nll, abs=1e-6), method
     assert clo.parse_args(["--model", "m", "--lang", "ko"]).lam == 0.5  # clo's default lam
+    assert clo.parse_args(["--model", "m", "--lang", "ko", "--method", "sft"]).beta == 0.1  # logged, unused
 
 
 @pytest.mark.parametrize("argv,said", [
     (["--method", "sft", "--lam", "0.3"], "--lam 0.3: --method sft fixes lam at 1; drop --lam, or use --method clo."),
     (["--method", "dpo", "--lam", "0.5"], "--lam 0.5: --method dpo fixes lam at 0; drop --lam, or use --method clo."),
+    (["--method", "sft-en", "--beta", "0.2"], "--beta 0.2: --method sft-en has no pair term (lam 1); drop --beta."),
     (["--lora-r", "8"], "--lora-r 8: --tune attn trains full weights, without LoRA; add --tune lora, or drop "
                         "--lora-r."),
     (["--tune", "full", "--lora-targets", "q_proj"], "--lora-targets q_proj: --tune full trains full weights, "

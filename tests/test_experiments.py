@@ -215,14 +215,14 @@ def test_lam_reaches_only_the_methods_that_leave_it_free(tmp_path):
     and each run's command is one clo.py accepts."""
     a = X.parse_args(["--model", "M", "--lang", "sw", "--data", "oasst1", "--sizes", "8", "--seeds", "0",
                       "--methods", "sft,sft+dpo,clo", "--out", str(tmp_path), "--mc", "--translator", "T",
-                      "--", "--lam", "0.3", "--lr=1e-4"])
+                      "--", "--lam", "0.3", "--beta=0.2", "--lr=1e-4"])
     argv = {name: cmd for name, _, _, _, cmd in X.plan(a)}
-    assert argv["clo-n8-s0"][-3:] == ["--lam", "0.3", "--lr=1e-4"]
+    assert argv["clo-n8-s0"][-4:] == ["--lam", "0.3", "--beta=0.2", "--lr=1e-4"]
     for name in ("sft-n8-s0", "sftdpo-n8-s0"):
         assert "--lam" not in argv[name] and argv[name][-1] == "--lr=1e-4"
     for name, cmd in argv.items():  # what clo.py's own rule says of each command, before any file is read
-        lam_given = "--lam" in cmd
-        assert lam_given == (X.clo.METHODS[cmd[cmd.index("--method") + 1]][0] is None), name
+        lam = X.clo.METHODS[cmd[cmd.index("--method") + 1]][0]
+        assert ("--lam" in cmd) == (lam is None) and ("--beta=0.2" in cmd) == (lam != 1.0), name
 
 
 def test_translations_shared_across_the_grid(tmp_path):
