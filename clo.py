@@ -840,7 +840,8 @@ def save_outputs(args, model, last, run: Run):
 def save_adapter(out, model, args):
     """adapter_model.safetensors + adapter_config.json in peft's layout (peft and vLLM load them as they are)."""
     save_tensors(os.path.join(out, "adapter_model.safetensors"), M.lora_state_dict(model), {"format": "pt"})
-    base = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model  # a hub id stays an id
+    local = M.is_local_path(args.model)  # a hub id stays an id; --model ~/m becomes its absolute path
+    base = os.path.abspath(os.path.expanduser(args.model)) if local else args.model
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
               "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
               "target_modules": sorted(set(args.lora_targets)), "bias": "none", "fan_in_fan_out": False,
@@ -938,8 +939,8 @@ def parse_args(argv=None):
         flag = "--" + lora[0].replace("_", "-")
         raise ValueError(f"{flag} {getattr(a, lora[0])}: --tune {a.tune} trains full weights, without LoRA; add "
                          f"--tune lora, or drop {flag}.")
-    defaults = {"lam": lam if lam is not None else 0.5, "beta": 0.1, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0,
-                "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
+    defaults = {"lam": lam if lam is not None else 0.5, "beta": 0.1, "lora_r": 16, "lora_alpha": 32.0,
+                "lora_dropout": 0.0, "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
                 "lr": 1e-4 if a.tune == "lora" else 5e-6,  # clo's choices (README: options and defaults)
                 "out": os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")}
     vars(a).update({k: v for k, v in defaults.items() if getattr(a, k) is None})

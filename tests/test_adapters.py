@@ -196,3 +196,19 @@ def test_cli_refuses_embed_tokens_target_before_any_work(tied_dir, tmp_path):
     assert r.stderr.strip().splitlines() == [
         "error: LoRA target 'embed_tokens' (model.embed_tokens, Embedding) is not a linear layer: clo puts LoRA on "
         "nn.Linear layers only (q_proj, ..., down_proj, lm_head)."]
+
+
+def test_adapter_names_a_home_relative_base_by_its_absolute_path(llama_dir, tmp_path, monkeypatch):
+    """--model ~/m is a local folder: adapter_config.json must name it by its absolute path, never as the hub id
+    "~/m" (the old rule, os.path.isdir on the unexpanded path, wrote it as an id peft cannot resolve)."""
+    import argparse
+    import shutil
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(llama_dir, tmp_path / "m")
+    model, _ = M.load_model(str(tmp_path / "m"))
+    M.apply_lora(model, ["q_proj"], r=4, alpha=8)
+    args = argparse.Namespace(model="~/m", lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=["q_proj"])
+    out = tmp_path / "out"
+    out.mkdir()
+    clo.save_adapter(str(out), model, args)
+    assert json.load(open(out / "adapter_config.json"))["base_model_name_or_path"] == str(tmp_path / "m")
