@@ -748,8 +748,7 @@ class StepLog:
                 "grad_norm": round(grad_norm, 4),
                 "pairs_per_s": round(self.pairs_seen / (time.perf_counter() - self.t0), 3)}
         if self.run.dist.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            D.append_jsonl(self.path, [last])  # whole lines, fsynced: a kill never leaves half a line
         self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", margin=f"{margin:.3f}", nll=f"{nll:.3f}")
         self.bar.update(1)
         return last

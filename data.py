@@ -451,7 +451,7 @@ def translate_items(items: list[dict], langs: list[str], cache_path: str, transl
                 new.append(row)
                 key = (it["instruction"], it["response"])
                 cached[key] = {**cached.get(key, {}), **row}
-            _append_lines(cache_path, new)
+            append_jsonl(cache_path, new)
         bar.close()
     return [cached[(it["instruction"], it["response"])] for it in items]
 
@@ -638,7 +638,7 @@ def read_jsonl(path: str, own: bool = False, log=print) -> list[dict]:
     return [dict(row, _line=number) for number, row in numbered]
 
 
-def _append_lines(path: str, rows: list[dict]):
+def append_jsonl(path: str, rows: list[dict]):
     """Appends whole lines and fsyncs. A last line a crash left without its newline is cut off when it is partial, or
     given its newline when it is complete JSON (the kill fell just before the newline)."""
     with open(path, "ab+") as f:  # appends, whatever the position; truncate works at any

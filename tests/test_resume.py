@@ -310,7 +310,7 @@ def test_translations_file_without_final_newline_keeps_all_rows(setup, capsys, t
     cache.write_text(json.dumps(PARALLEL[0]) + "\n" + json.dumps(PARALLEL[1]))
     said = []
     assert len(D.read_translations(str(cache), own=True, log=said.append)) == 2 and not said
-    D._append_lines(str(cache), [PARALLEL[2]])
+    D.append_jsonl(str(cache), [PARALLEL[2]])
     assert [json.loads(l) for l in open(cache)] == PARALLEL
     cache.write_text(cache.read_text() + '{"en_instruction": "cut')
     assert len(D.read_translations(str(cache), own=True, log=said.append)) == 3
@@ -328,8 +328,8 @@ def test_rows_holding_line_separators_read_back_whole(tmp_path):
     user.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert [r for r in D.read_translations(str(user)).values()] == rows
     cache = tmp_path / "cache.jsonl"  # the run's own cache, written as translate_items writes it
-    D._append_lines(str(cache), rows[:2])
-    D._append_lines(str(cache), rows[2:])
+    D.append_jsonl(str(cache), rows[:2])
+    D.append_jsonl(str(cache), rows[2:])
     said = []
     assert list(D.read_translations(str(cache), own=True, log=said.append).values()) == rows and not said
     # an Alpaca JSON array (--data) with one inside a string
