@@ -344,7 +344,7 @@ def return_freed_memory_to_os(threshold=1 << 20):
     tensors). A user's MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES mmap_threshold is kept; off glibc, nothing is done."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if os.name == "posix" else None  # Windows: no CDLL(None)
     if mallopt is not None:
         mallopt(-3, threshold)  # M_MMAP_THRESHOLD (malloc.h); a fixed value also stops glibc raising it
 
@@ -939,7 +939,8 @@ def parse_args(argv=None):
         raise ValueError(f"{flag} {getattr(a, lora[0])}: --tune {a.tune} trains full weights, without LoRA; add "
                          f"--tune lora, or drop {flag}.")
     defaults = {"lam": lam if lam is not None else 0.5, "beta": 0.1, "lora_r": 16, "lora_alpha": 32.0,
-                "lora_dropout": 0.0, "lora_targets": ",".join(ATTENTION_PROJECTIONS), "batch_size": 2 if a.pairing == "items" else 4,
+                "lora_dropout": 0.0, "lora_targets": ",".join(ATTENTION_PROJECTIONS),
+                "batch_size": 2 if a.pairing == "items" else 4,
                 "lr": 1e-4 if a.tune == "lora" else 5e-6,  # clo's choices (README: options and defaults)
                 "out": os.path.join("runs", f"{os.path.basename(a.model.rstrip('/'))}-{'_'.join(a.langs)}-{a.method}")}
     vars(a).update({k: v for k, v in defaults.items() if getattr(a, k) is None})
