@@ -317,13 +317,12 @@ def plan(a):
 
 
 def train_args(a, method: str) -> list[str]:
-    """The clo.py options after `--` for one run: --lam only where the method leaves lambda free, --beta only where
-    it has a pair term (clo.METHODS; clo.py refuses a setting the method would ignore)."""
-    lam = clo.METHODS[method][0]
-    dropped = ([] if lam is None else ["--lam"]) + (["--beta"] if lam == 1.0 else [])
+    """The clo.py options after `--` for one run, less those the method ignores (clo.ignored_flags: clo.py refuses
+    them)."""
+    dropped = clo.ignored_flags(method)
     out, skip = [], False
     for arg in a.train_args:
-        if skip or arg in dropped or arg.split("=")[0] in dropped:
+        if skip or arg.split("=")[0] in dropped:
             skip = arg in dropped
             continue
         out.append(arg)
