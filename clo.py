@@ -861,6 +861,8 @@ def save_merged(folder, model, source, dtype=None):
     M.merge_lora(model)
     wide = torch.float32 if dtype == "float32" else None  # frozen tensors widened exactly
     state = {k: t.to(wide) for f in M.safetensors_files(source) for k, t in safetensors.torch.load_file(f).items()}
+    if "model.embed_tokens.weight" not in state:  # a tied checkpoint that stores its matrix as lm_head.weight only
+        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
     if "lm_head.weight" in deltas:  # a tied checkpoint has no lm_head of its own: the embedding is its base
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     state |= {key: t.to("cpu", state[key].dtype) for key, t in trained.items()}
