@@ -339,9 +339,9 @@ def wrap_for_training(model, args, dist: Dist):
 
 
 def return_freed_memory_to_os(threshold=3 << 20):
-    """CPU training: allocations of `threshold` bytes (3 MiB) or more get their own mapping, returned to the OS when
-    freed (glibc's own threshold rises to 32 MiB, so 1-20 MiB activations stayed in its heap: peak RSS ~2x the live
-    tensors). Not lower: each mapping is page faults (1 MiB: 0.35x TRL's peak RSS but 30% system time; README,
+    """CPU training: allocations of `threshold` bytes (3 MiB) or more that no free heap chunk fits get their own
+    mapping, returned to the OS when freed (glibc's own threshold rises to the largest mapping freed, up to 32 MiB, so
+    1-20 MiB activations stayed in its heap: peak RSS ~2x the live tensors). Not lower: each mapping is page faults (1 MiB: 0.35x TRL's peak RSS but 30% system time; README,
     Measured). A user's MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES mmap_threshold is kept; off glibc, nothing is done."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return

@@ -113,12 +113,13 @@ def peak_gib(device):
 
 def train_clo(cfg, device, pairs, steps, dtype, tune="lora"):
     """clo's training step as clo.train runs it: reference pass, then steps; (tokens/s, peak GiB, last loss)."""
-    reset_peak(device)  # the peak includes the weights
-    model = random_llama(cfg, device, M.DTYPES[dtype])
+    model = random_llama(cfg, "cpu", M.DTYPES[dtype])  # built on CPU: no passing fp32 copy in the device's peak
     with torch.no_grad():  # held as clo.load_policy holds it: frozen weights in --dtype, trained and 1-D ones in fp32
         for name, p in model.named_parameters():
             if clo.float32_weights(tune, dtype)(name, p):
                 p.data = p.data.float()
+    reset_peak(device)  # the peak includes the weights
+    model.to(device)
     tokens = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in pairs)
     pack_to = 2 * max(len(p.prompt) + len(p.chosen) for p in pairs)
     ref = clo.reference_logps(model, pairs, len(pairs), 0, device, progress=False, pack_to=pack_to, dtype=dtype)
