@@ -340,8 +340,8 @@ def wrap_for_training(model, args, dist: Dist):
 
 def return_freed_memory_to_os(threshold=3 << 20):
     """CPU training: allocations of `threshold` bytes (3 MiB) or more that no free heap chunk fits get their own
-    mapping, returned to the OS when freed (glibc's own threshold rises to the largest mapping freed, up to 32 MiB, so
-    1-20 MiB activations stayed in its heap: peak RSS ~2x the live tensors). Not lower: each mapping is page faults (1 MiB: 0.35x TRL's peak RSS but 30% system time; README,
+    mapping, returned to the OS when freed (glibc's own threshold follows the largest mapping freed, up to 32 MiB: 1-20
+    MiB activations stayed in its heap, peak RSS ~2x the live tensors). Not lower: a mapping costs page faults (README,
     Measured). A user's MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES mmap_threshold is kept; off glibc, nothing is done."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
@@ -1039,7 +1039,7 @@ def final_message(args, out: str, last: dict) -> str:
            f"{args.model})"] * lora
         + [f"  merged:   {merged}/ (a full checkpoint: config.json, model.safetensors, tokenizer)"] * full
         + [f"  metrics:  {os.path.join(out, 'metrics.jsonl')} (one line per step); summary: "
-           f"{os.path.join(out, 'summary.json')}; pairs trained on: {os.path.join(out, 'pairs.jsonl')}",
+           f"{os.path.join(out, 'summary.json')}; every pair built: {os.path.join(out, 'pairs.jsonl')}",
            f"next: python eval.py --models base={q(args.model)} {args.method}={q(out)} --langs "
            f"{','.join(args.langs)} --out {q(out + '-eval')}"]
         + [f"  transformers: AutoModelForCausalLM.from_pretrained({merged!r})"] * full
