@@ -86,7 +86,7 @@ def run_trl(model_path, n, batch, steps, max_len, grad_checkpoint, dtype, trl_de
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))  # PEFT: adapters in fp32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=M.DTYPES[dtype])  # PEFT: adapters in fp32
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
              "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in make_pairs(n)]
@@ -138,7 +138,7 @@ def main():
         if r.returncode != 0:
             sys.exit(f"{which} failed:\n{r.stderr[-3000:]}")
         results[which] = json.loads(r.stdout.strip().splitlines()[-1])
-    rate = matmul_gflops(getattr(torch, a.dtype))
+    rate = matmul_gflops(M.DTYPES[a.dtype])
     ours, trl = results["ours"], results["trl"]
     pairs = a.batch * a.steps
     achieved = ours["flops"] / ours["seconds"] / 1e9

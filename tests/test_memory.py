@@ -275,8 +275,8 @@ print(libc.mallinfo2().hblkhd - mapped)  # bytes of the argv[2] MiB tensor that 
 def heap_probe(mode, env=None, mib=4):
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("not glibc >= 2.33 (no mallinfo2 to read the heap with)")
-    out = subprocess.run([sys.executable, "-c", HEAP_PROBE.format(root=ROOT), mode, str(mib)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=120)
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE.format(root=ROOT), mode, str(mib)], capture_output=True,
+                         text=True, env={**os.environ, **(env or {})}, timeout=120)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.split()[-1])
 
